@@ -1,0 +1,49 @@
+"""Errors ckptctl reports as one line and an exit code, never a traceback.
+
+Exit codes (documented in README.md):
+  0  success
+  1  the operation failed (bad data, a failed check, an aborted confirmation)
+  2  bad command-line usage
+  3  a path, bucket or object does not exist
+  4  access denied or no credentials
+  5  the path exists but is not a checkpoint tree (or not the kind of path the command needs)
+  6  resolve-resume: SkyRL would fail to resume (or there is nothing usable to resume)
+"""
+
+from __future__ import annotations
+
+
+class CkptctlError(Exception):
+    """Base class: ``str(error)`` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+
+class UsageError(CkptctlError):
+    exit_code = 2
+
+
+class NotFoundError(CkptctlError):
+    exit_code = 3
+
+
+class AccessDeniedError(CkptctlError):
+    exit_code = 4
+
+
+class NotACheckpointError(CkptctlError):
+    exit_code = 5
+
+
+class NotResumableError(CkptctlError):
+    exit_code = 6
+
+
+class StorageError(CkptctlError):
+    """The store answered with an error that is neither 'missing' nor 'denied'."""
+
+    exit_code = 1
+
+
+class AbortedError(CkptctlError):
+    exit_code = 1
