@@ -1,0 +1,177 @@
+"""The ``ckptctl`` command line: parses arguments, calls the library, renders the result.
+
+Heavy libraries (torch, transformers, megatron) are imported only inside the commands that
+read tensors, so ``--help``, ``list``, ``prune`` and ``resolve-resume`` start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ckptctl import __version__
+from ckptctl.errors import CkptctlError, UsageError
+from ckptctl.output import Output, human_bytes, print_error
+
+app = typer.Typer(
+    name="ckptctl",
+    help="Inspect and manage SkyRL-layout training checkpoints on local disk, S3 and GCS.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+PathArg = Annotated[str, typer.Argument(help="Checkpoint tree: a local path, s3://bucket/prefix or gs://bucket/prefix.",
+                                        show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document for scripts instead of tables.")]
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--endpoint-url", metavar="URL", envvar="CKPTCTL_ENDPOINT_URL",
+    help="S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).")]
+
+
+def handle_errors(func):
+    """Known errors become one line on stderr and their exit code; nothing prints a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CkptctlError as exc:
+            print_error(str(exc))
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug or an unforeseen backend error: still one line
+            if os.environ.get("CKPTCTL_DEBUG"):
+                raise
+            print_error(f"unexpected {type(exc).__name__}: {exc} (set CKPTCTL_DEBUG=1 for a traceback)")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ckptctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Inspect and manage SkyRL-layout training checkpoints on local disk, S3 and GCS.
+
+    Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 access denied / no credentials,
+    5 not a checkpoint tree, 6 not resumable.
+    """
+
+
+@app.command("list")
+@handle_errors
+def list_command(path: PathArg, json_output: JsonOpt = False, endpoint_url: EndpointOpt = None) -> None:
+    """List the steps of a checkpoint (or HF export) tree: backend, world size, size, completeness."""
+    from ckptctl.ops.listing import list_checkpoints
+    from ckptctl.render import render_tree
+
+    out = Output(json_output)
+    out.result(list_checkpoints(path, endpoint_url=endpoint_url), render_tree)
+
+
+@app.command("prune")
+@handle_errors
+def prune_command(
+    path: PathArg,
+    keep: Annotated[int, typer.Option("--keep", "-k", min=0, help="Keep the newest N complete checkpoints.")],
+    keep_every: Annotated[Optional[int], typer.Option("--keep-every", min=1, metavar="K",
+                                                      help="Also keep every step divisible by K.")] = None,
+    drop_optimizer: Annotated[bool, typer.Option(
+        "--drop-optimizer", help="For steps not kept, delete only the optimizer files (FSDP).")] = False,
+    include_in_progress: Annotated[bool, typer.Option(
+        "--include-in-progress",
+        help="Allow deleting incomplete steps newer than the newest complete one (a save may be running).")] = False,
+    include_above_pointer: Annotated[bool, typer.Option(
+        "--include-above-pointer",
+        help="Allow deleting steps above the pointer (stale from an older run).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; delete nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Delete all but the newest N complete checkpoints (never the pointer target or newest complete)."""
+    from ckptctl.ops.prune import prune
+    from ckptctl.render import render_prune
+
+    out = Output(json_output)
+    if not dry_run and not yes and not sys.stdin.isatty():
+        # Decide before listing anything: a script must say --yes (or --dry-run) explicitly.
+        raise UsageError("refusing to delete without confirmation: not on a terminal; pass --yes or --dry-run")
+
+    def confirm(plan) -> bool:
+        if yes:
+            return True
+        render_prune(out.err, _as_dry_run(plan))
+        return typer.confirm(f"Delete {len(plan.files_to_delete)} files ({human_bytes(plan.bytes_freed)})?",
+                             default=False, err=True)
+
+    result = prune(path, keep=keep, keep_every=keep_every, drop_optimizer=drop_optimizer,
+                   include_in_progress=include_in_progress, include_above_pointer=include_above_pointer,
+                   dry_run=dry_run, confirm=confirm, endpoint_url=endpoint_url)
+    out.result(result, render_prune)
+
+
+def _as_dry_run(plan):
+    from ckptctl.ops.prune import PruneResult
+
+    return PruneResult(plan=plan, deleted_files=0, dry_run=True)
+
+
+@app.command("resolve-resume")
+@handle_errors
+def resolve_resume_command(
+    path: Annotated[Optional[str], typer.Argument(
+        help="Checkpoint tree (trainer.ckpt_path); needed for --mode latest.", show_default=False)] = None,
+    mode: Annotated[str, typer.Option("--mode", help="trainer.resume_mode: latest, from_path or none.")] = "latest",
+    resume_path: Annotated[Optional[str], typer.Option(
+        "--resume-path", metavar="P", help="trainer.resume_path (a global_step_N directory) for from_path.")] = None,
+    ckpt_interval: Annotated[Optional[int], typer.Option(
+        "--ckpt-interval", metavar="N", help="trainer.ckpt_interval, for SkyRL's consistency check.")] = None,
+    fallback: Annotated[bool, typer.Option(
+        "--fallback", help="When the chosen step is unusable, name the newest complete one.")] = False,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Print what a SkyRL restart would load, by SkyRL's rules, and check that it is usable.
+
+    Exit 0 when training can start (from scratch, the chosen step, or with --fallback the
+    fallback step); exit 6 with SkyRL's reason when it would fail.
+    """
+    from ckptctl.ops.resume import resolve_resume
+    from ckptctl.render import render_resolution
+
+    out = Output(json_output)
+    res = resolve_resume(path, mode=mode, resume_path=resume_path, ckpt_interval=ckpt_interval,
+                         fallback=fallback, endpoint_url=endpoint_url)
+    out.result(res, render_resolution)
+    if not res.resumable:
+        if not json_output:
+            print_error(f"not resumable: {res.reason}")
+        raise typer.Exit(6)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The SkyRL checkpoint tree: steps, the pointer file, components, and what "complete" means.
+
+Everything here is decided from ONE recursive listing of the tree (names, sizes, mtimes) plus
+the pointer file; no tensor file is opened. The only other read is ``fsdp_config.json`` for
+the documented single-file FSDP layout, whose file names do not carry the world size.
+
+"Complete" has one definition, used by every command:
+- a model component is complete when every file its backend needs is present and non-empty
+  (FSDP: a model file for each rank 0..W-1, and optimizer/extra-state files either for every
+  rank or for none; Megatron: ``.metadata``, ``metadata.json`` and at least one ``.distcp``;
+  HF export: ``config.json`` and every weight shard the shard names promise);
+- a training step is complete when it has a complete ``policy/``, every other model component
+  is complete, and ``trainer_state.pt`` is present and non-empty (it is written after the
+  models, so it is the closest thing SkyRL has to a commit marker);
+- an export step (``{export_path}/global_step_N/policy/``) is complete when its components are.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ckptctl.errors import NotACheckpointError
+from ckptctl.storage import FileEntry, Store
+
+POINTER_FILE = "latest_ckpt_global_step.txt"
+STEP_PREFIX = "global_step_"
+MODEL_COMPONENTS = ("policy", "critic")
+STEP_FILES = ("data.pt", "trainer_state.pt", "fully_async_state.pt")
+
+STEP_DIR_RE = re.compile(r"^global_step_(\d+)$")
+FSDP_RANK_FILE_RE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
+DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+HF_SHARD_RE = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
+FSDP_SINGLE_FILES = {"model": "model_state.pt", "optim": "optimizer_state.pt", "extra_state": "lr_scheduler_state.pt"}
+
+# Backends, as shown to users and in --json.
+FSDP = "fsdp"
+FSDP_SINGLE = "fsdp-single-file"
+MEGATRON = "megatron"
+HF = "hf"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class Component:
+    """One model component directory (``policy/`` or ``critic/``) of a step."""
+
+    name: str
+    path: str  # relative to the tree root
+    backend: str
+    files: list[FileEntry]  # paths relative to the component directory
+    world_size: int | None = None
+    has_optimizer: bool = False
+    has_hf_config: bool = False
+    has_lora: bool = False
+    nesting: str = ""  # "dist_ckpt" for verl's Megatron layout
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def optimizer_files(self) -> list[str]:
+        """Files holding only optimizer state (what ``prune --drop-optimizer`` removes)."""
+        if self.backend == FSDP:
+            return [f.path for f in self.files if f.name.startswith("optim_world_size_")]
+        if self.backend == FSDP_SINGLE:
+            return [f.path for f in self.files if f.path == FSDP_SINGLE_FILES["optim"]]
+        return []  # Megatron keeps optimizer state inside the same .distcp files as weights
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "backend": self.backend,
+            "world_size": self.world_size,
+            "complete": self.complete,
+            "problems": list(self.problems),
+            "has_optimizer": self.has_optimizer,
+            "has_hf_config": self.has_hf_config,
+            "has_lora": self.has_lora,
+            "nesting": self.nesting or None,
+            "files": len(self.files),
+            "bytes": self.bytes,
+        }
+
+
+@dataclass
+class Step:
+    """One ``global_step_N`` directory."""
+
+    step: int
+    name: str  # directory name, relative to the tree root
+    files: list[FileEntry]  # every file of the step, paths relative to the step directory
+    components: dict[str, Component]
+    export: bool = False
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def mtime(self) -> datetime | None:
+        times = [f.mtime for f in self.files if f.mtime is not None]
+        return max(times) if times else None
+
+    @property
+    def policy(self) -> Component | None:
+        return self.components.get("policy")
+
+    @property
+    def backend(self) -> str:
+        return self.policy.backend if self.policy else UNKNOWN
+
+    @property
+    def world_size(self) -> int | None:
+        return self.policy.world_size if self.policy else None
+
+    @property
+    def has_optimizer(self) -> bool:
+        """False when optimizer files were dropped (a model-only checkpoint SkyRL cannot resume)."""
+        models = [c for c in self.components.values() if c.backend in (FSDP, FSDP_SINGLE)]
+        return all(c.has_optimizer for c in models)
+
+    def has_file(self, name: str) -> bool:
+        return any(f.path == name for f in self.files)
+
+    def to_dict(self) -> dict:
+        mtime = self.mtime
+        return {
+            "step": self.step,
+            "name": self.name,
+            "complete": self.complete,
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+            "backend": self.backend,
+            "world_size": self.world_size,
+            "components": [c.to_dict() for c in self.components.values()],
+            "step_files": [n for n in STEP_FILES if self.has_file(n)],
+            "has_optimizer": self.has_optimizer,
+            "bytes": self.bytes,
+            "files": len(self.files),
+            "mtime": mtime.isoformat() if mtime else None,
+        }
+
+
+@dataclass
+class Pointer:
+    """What ``latest_ckpt_global_step.txt`` says."""
+
+    present: bool
+    raw: str | None = None
+    step: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"present": self.present, "raw": self.raw, "step": self.step, "error": self.error}
+
+
+@dataclass
+class Tree:
+    """A checkpoint root (``trainer.ckpt_path``) or an export root (``trainer.export_path``)."""
+
+    url: str
+    kind: str  # "checkpoints" or "export"
+    pointer: Pointer
+    steps: list[Step]  # ascending by step
+    unparsable: list[str]  # top-level directories named global_step_* that carry no step number
+    files: list[FileEntry]
+
+    def step(self, number: int) -> Step | None:
+        return next((s for s in self.steps if s.step == number), None)
+
+    @property
+    def pointer_target(self) -> Step | None:
+        return self.step(self.pointer.step) if self.pointer.step is not None else None
+
+    @property
+    def newest_complete(self) -> Step | None:
+        complete = [s for s in self.steps if s.complete]
+        return complete[-1] if complete else None
+
+    @property
+    def above_pointer(self) -> list[Step]:
+        if self.pointer.step is None:
+            return []
+        return [s for s in self.steps if s.step > self.pointer.step]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def warnings(self) -> list[str]:
+        """What a person should know before trusting this tree, one line each."""
+        out: list[str] = []
+        if self.kind == "checkpoints":
+            p = self.pointer
+            if not p.present:
+                if self.steps:
+                    out.append(f"no {POINTER_FILE}: SkyRL's resume_mode=latest would start from scratch")
+            elif p.error:
+                out.append(f"{POINTER_FILE} is unusable: {p.error}")
+            elif self.pointer_target is None:
+                out.append(f"{POINTER_FILE} points to step {p.step}, but {STEP_PREFIX}{p.step}/ does not exist")
+            elif not self.pointer_target.complete:
+                out.append(f"{POINTER_FILE} points to step {p.step}, which is incomplete: "
+                           + "; ".join(self.pointer_target.problems))
+            above = self.above_pointer
+            if above:
+                names = ", ".join(s.name for s in above)
+                out.append(f"step directories above the pointer ({p.step}): {names} "
+                           "(stale from an older run, or a save still being written)")
+        for name in self.unparsable:
+            out.append(f"unparsable step directory name: {name} (SkyRL's int() on it would fail)")
+        return out
+
+    def to_dict(self) -> dict:
+        newest = self.newest_complete
+        return {
+            "url": self.url,
+            "kind": self.kind,
+            "pointer": self.pointer.to_dict(),
+            "pointer_target": self.pointer.step if self.pointer_target else None,
+            "newest_complete": newest.step if newest else None,
+            "steps": [s.to_dict() for s in self.steps],
+            "unparsable": list(self.unparsable),
+            "warnings": self.warnings(),
+            "bytes": self.bytes,
+            "files": len(self.files),
+        }
+
+
+# -- components ---------------------------------------------------------------------------
+
+def _zero_byte_problems(files: list[FileEntry]) -> list[str]:
+    return [f"zero-byte file {f.path}" for f in files if f.size == 0]
+
+
+def _rank_list(ranks: list[int]) -> str:
+    return ",".join(str(r) for r in sorted(ranks))
+
+
+def _classify_fsdp_per_rank(comp: Component) -> None:
+    by_kind: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for f in comp.files:
+        m = FSDP_RANK_FILE_RE.match(f.path)
+        if m:
+            by_kind[m.group(1)][int(m.group(2))].add(int(m.group(3)))
+    sizes = sorted({w for kinds in by_kind.values() for w in kinds})
+    if len(sizes) > 1:
+        comp.problems.append(f"rank files from several world sizes: {', '.join(map(str, sizes))}")
+    world = sizes[-1]
+    comp.world_size = world
+    for kind in ("model", "optim", "extra_state"):
+        ranks = by_kind.get(kind, {}).get(world, set())
+        if kind != "model" and not ranks:
+            continue  # absent for every rank: not saved (or dropped), which is consistent
+        missing = sorted(set(range(world)) - ranks)
+        if missing:
+            comp.problems.append(f"missing {kind} rank files {_rank_list(missing)} of world size {world}")
+        extra = sorted(r for r in ranks if r >= world)
+        if extra:
+            comp.problems.append(f"{kind} rank files {_rank_list(extra)} beyond world size {world}")
+    comp.has_optimizer = bool(by_kind.get("optim", {}).get(world))
+
+
+def _classify_fsdp_single(comp: Component, store: Store) -> None:
+    names = {f.path for f in comp.files}
+    comp.has_optimizer = FSDP_SINGLE_FILES["optim"] in names
+    if "fsdp_config.json" in names:
+        comp.world_size = read_fsdp_config_world_size(store, posixpath.join(comp.path, "fsdp_config.json"))
+
+
+def read_fsdp_config_world_size(store: Store, rel: str) -> int | None:
+    """World size from ``fsdp_config.json`` (SkyRL's and verl's variants), or None."""
+    try:
+        config = json.loads(store.read_bytes(rel))
+        return int(config["world_size"])
+    except Exception:
+        return None  # a broken config does not change what the file names say
+
+
+def _classify_megatron(comp: Component, prefix: str) -> None:
+    inner = [f for f in comp.files if f.path.startswith(prefix)]
+    names = {f.path[len(prefix):] for f in inner}
+    ranks = [int(m.group(1)) for n in names if (m := DISTCP_RE.match(n))]
+    comp.world_size = max(ranks) + 1 if ranks else None
+    comp.has_optimizer = True  # interleaved with the weights; cannot be told from names
+    if "metadata.json" not in names:
+        comp.problems.append(f"missing {prefix}metadata.json (written last by rank 0: save did not finish)")
+    if ".metadata" not in names:
+        comp.problems.append(f"missing {prefix}.metadata (torch DCP index)")
+    if not ranks:
+        comp.problems.append(f"no {prefix}*.distcp data files")
+
+
+def _classify_hf(comp: Component) -> None:
+    names = {f.path for f in comp.files}
+    if "config.json" not in names:
+        comp.problems.append("missing config.json")
+    shards = [HF_SHARD_RE.match(n) for n in names]
+    totals = {int(m.group(2)) for m in shards if m}
+    if totals:
+        total = max(totals)
+        present = {int(m.group(1)) for m in shards if m and int(m.group(2)) == total}
+        missing = sorted(set(range(1, total + 1)) - present)
+        if missing:
+            comp.problems.append(f"missing weight shards {_rank_list(missing)} of {total}")
+        if "model.safetensors.index.json" not in names:
+            comp.problems.append("missing model.safetensors.index.json")
+        comp.world_size = None
+
+
+def classify_component(store: Store, name: str, path: str, files: list[FileEntry]) -> Component:
+    """Decide the backend and completeness of one model component from its file list."""
+    comp = Component(name=name, path=path, backend=UNKNOWN, files=files)
+    top = {f.path for f in files if "/" not in f.path}
+    comp.has_hf_config = any(f.path == "huggingface/config.json" for f in files)
+    comp.has_lora = any(f.path.startswith("lora_adapter/") for f in files)
+    nested = {f.path.split("/", 1)[1] for f in files if f.path.startswith("dist_ckpt/")}
+
+    if any(FSDP_RANK_FILE_RE.match(n) for n in top):
+        comp.backend = FSDP
+        _classify_fsdp_per_rank(comp)
+    elif FSDP_SINGLE_FILES["model"] in top:
+        comp.backend = FSDP_SINGLE
+        _classify_fsdp_single(comp, store)
+    elif {".metadata", "metadata.json"} & top or any(DISTCP_RE.match(n) for n in top):
+        comp.backend = MEGATRON
+        _classify_megatron(comp, "")
+    elif {".metadata", "metadata.json"} & nested or any(DISTCP_RE.match(n) for n in nested):
+        comp.backend = MEGATRON
+        comp.nesting = "dist_ckpt"
+        _classify_megatron(comp, "dist_ckpt/")
+    elif any(n.endswith(".safetensors") for n in top):
+        comp.backend = HF
+        _classify_hf(comp)
+    else:
+        comp.problems.append("no model files recognised (FSDP rank files, Megatron .distcp, or safetensors)")
+    comp.problems.extend(_zero_byte_problems(files))
+    return comp
+
+
+# -- steps and trees ----------------------------------------------------------------------
+
+def classify_step(store: Store, name: str, number: int, files: list[FileEntry]) -> Step:
+    """Build a :class:`Step` from the files below ``name`` (paths relative to the step dir).
+
+    ``store`` is rooted at the step's parent; ``name`` is the step directory's name in it.
+    """
+    grouped: dict[str, list[FileEntry]] = defaultdict(list)
+    for f in files:
+        head, _, rest = f.path.partition("/")
+        if head in MODEL_COMPONENTS and rest:
+            grouped[head].append(FileEntry(rest, f.size, f.mtime))
+    components = {
+        comp: classify_component(store, comp, posixpath.join(name, comp), grouped[comp])
+        for comp in MODEL_COMPONENTS if grouped.get(comp)
+    }
+    step = Step(step=number, name=name, files=files, components=components)
+    names = {f.path: f for f in files}
+    step.export = bool(components) and all(c.backend == HF for c in components.values()) \
+        and not any(n in names for n in STEP_FILES)
+    if "policy" not in components:
+        step.problems.append("no policy/ directory")
+    for comp in components.values():
+        step.problems.extend(f"{comp.name}: {p}" for p in comp.problems)
+    if not step.export:
+        state = names.get("trainer_state.pt")
+        if state is None:
+            step.problems.append("missing trainer_state.pt")
+        elif state.size == 0:
+            step.problems.append("zero-byte trainer_state.pt")
+        if "data.pt" not in names:
+            step.notes.append("no data.pt: the data loader would restart from the beginning")
+        elif names["data.pt"].size == 0:
+            step.problems.append("zero-byte data.pt")
+        if components and not step.has_optimizer:
+            step.notes.append("model-only: optimizer state was not saved or was dropped")
+    return step
+
+
+def parse_pointer(text: str) -> Pointer:
+    raw = text.strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        return Pointer(present=True, raw=raw, error=f"holds {shown!r}, not a step number")
+    if value < 0:
+        return Pointer(present=True, raw=raw, error=f"holds a negative step {value}")
+    return Pointer(present=True, raw=raw, step=value)
+
+
+def parse_step_name(name: str) -> int | None:
+    m = STEP_DIR_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def scan_tree(store: Store) -> Tree:
+    """Discover the checkpoint (or export) tree rooted at ``store``: one listing, one pointer read."""
+    files = store.walk()
+    by_top: dict[str, list[FileEntry]] = defaultdict(list)
+    top_files: dict[str, FileEntry] = {}
+    for f in files:
+        head, _, rest = f.path.partition("/")
+        if rest:
+            by_top[head].append(FileEntry(rest, f.size, f.mtime))
+        else:
+            top_files[head] = f
+
+    pointer = Pointer(present=False)
+    if POINTER_FILE in top_files:
+        pointer = parse_pointer(store.read_text(POINTER_FILE))
+
+    steps: list[Step] = []
+    unparsable: list[str] = []
+    for name in sorted(by_top):
+        if not name.startswith(STEP_PREFIX):
+            continue
+        number = parse_step_name(name)
+        if number is None:
+            unparsable.append(name)
+            continue
+        steps.append(classify_step(store, name, number, by_top[name]))
+    steps.sort(key=lambda s: s.step)
+
+    if not steps and not pointer.present:
+        hint = ""
+        if parse_step_name(store.name) is not None or any(n in top_files for n in STEP_FILES) \
+                or any(c in by_top for c in MODEL_COMPONENTS):
+            hint = " (it looks like a single step directory: pass its parent)"
+        raise NotACheckpointError(
+            f"{store.url}: not a checkpoint tree: no {STEP_PREFIX}N directories and no {POINTER_FILE}{hint}")
+
+    kind = "export" if steps and all(s.export for s in steps) and not pointer.present else "checkpoints"
+    return Tree(url=store.url, kind=kind, pointer=pointer, steps=steps,
+                unparsable=sorted(set(unparsable)), files=files)
+
+
+def scan_step(store: Store) -> Step:
+    """Classify a single step directory given by its own URL (for ``--resume-path``)."""
+    files = store.walk()
+    number = parse_step_name(store.name)
+    parent = store.parent()
+    return classify_step(parent, store.name, number if number is not None else -1, files)
