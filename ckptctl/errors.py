@@ -27,6 +27,10 @@ class NotFoundError(CkptctlError):
     exit_code = 3
 
 
+class BucketNotFoundError(NotFoundError):
+    """The bucket itself is missing (a typo), not just a path inside it."""
+
+
 class AccessDeniedError(CkptctlError):
     exit_code = 4
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import fsspec
 
-from ckptctl.errors import AccessDeniedError, NotFoundError, StorageError, UsageError
+from ckptctl.errors import AccessDeniedError, BucketNotFoundError, NotFoundError, StorageError, UsageError
 
 #: Objects per bulk-delete request: the S3 DeleteObjects maximum; gcsfs batches on its own.
 DELETE_BATCH = 1000
@@ -219,7 +219,11 @@ class Store:
             if not self.root.strip("/").count("/"):
                 # Bucket root: an empty bucket is valid, a missing one is not.
                 self._check_bucket()
-            found = self.fs.find(self.root, detail=True, withdirs=False)
+            try:
+                found = self.fs.find(self.root, detail=True, withdirs=False)
+            except FileNotFoundError:
+                self._check_bucket()
+                raise
             entries = []
             for full, info in found.items():
                 if info.get("type") == "directory" or full.endswith("/"):
@@ -240,7 +244,7 @@ class Store:
         except Exception:
             exists = True  # could not tell: let the listing itself report the problem
         if not exists:
-            raise NotFoundError(f"{self.protocol}://{bucket}: bucket not found")
+            raise BucketNotFoundError(f"{self.protocol}://{bucket}: bucket not found")
 
     def _walk_local(self) -> list[FileEntry]:
         root = self.root

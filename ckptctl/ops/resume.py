@@ -19,7 +19,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from ckptctl.errors import NotACheckpointError, NotFoundError, UsageError
+from ckptctl.errors import BucketNotFoundError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.storage import open_store
 from ckptctl.tree import POINTER_FILE, STEP_PREFIX, Step, Tree, scan_step, scan_tree
 
@@ -112,9 +112,9 @@ def _resolve_latest(res: Resolution, url: str, ckpt_interval: int | None, endpoi
     store = open_store(url, endpoint_url=endpoint_url)
     try:
         tree = scan_tree(store)
+    except BucketNotFoundError:
+        raise
     except NotFoundError:
-        if store.bucket and not store.exists(store.bucket):
-            raise
         res.action = SCRATCH
         res.warnings.append(f"{store.url} does not exist yet: SkyRL starts from scratch")
         return None
@@ -182,9 +182,9 @@ def _resolve_from_path(res: Resolution, resume_path: str | None, endpoint_url: s
     store = open_store(path, endpoint_url=endpoint_url)
     try:
         step = scan_step(store)
+    except BucketNotFoundError:
+        raise
     except NotFoundError:
-        if store.bucket and not store.exists(store.bucket):
-            raise
         res.action = FAIL
         res.skyrl_error = f"FileNotFoundError: Checkpoint path not found: {path}"
         return None
