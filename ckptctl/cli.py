@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -141,7 +141,8 @@ def _as_dry_run(plan):
 def resolve_resume_command(
     path: Annotated[Optional[str], typer.Argument(
         help="Checkpoint tree (trainer.ckpt_path); needed for --mode latest.", show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", help="trainer.resume_mode: latest, from_path or none.")] = "latest",
+    mode: Annotated[Literal["latest", "from_path", "none"], typer.Option(
+        "--mode", help="trainer.resume_mode.")] = "latest",
     resume_path: Annotated[Optional[str], typer.Option(
         "--resume-path", metavar="P", help="trainer.resume_path (a global_step_N directory) for from_path.")] = None,
     ckpt_interval: Annotated[Optional[int], typer.Option(
