@@ -97,7 +97,7 @@ def _to_datetime(info: dict) -> datetime | None:
         if value is None:
             continue
         if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
         if isinstance(value, (int, float)):
             return datetime.fromtimestamp(value, tz=timezone.utc)
         if isinstance(value, str):
@@ -296,6 +296,8 @@ class Store:
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file: one ranged GET on object stores."""
+        if end <= start:
+            return b""  # s3fs would send "bytes=s-(s-1)", which S3 ignores and answers whole
         with translate_errors(self.url_of(rel)):
             return self.fs.cat_file(self.full_path(rel), start=start, end=end)
 
@@ -323,14 +325,43 @@ class Store:
         with translate_errors(self.url):
             if self.is_local:
                 return self._delete_local(paths)
-            for start in range(0, len(paths), DELETE_BATCH):
-                self.fs.rm(paths[start:start + DELETE_BATCH])
+            if self.protocol == "s3":
+                return self._delete_s3(paths)
+            self.fs.rm(paths)  # gcsfs groups these into batch requests itself
         return len(paths)
+
+    def _delete_s3(self, paths: list[str]) -> int:
+        """DeleteObjects, 1000 keys a request, checking per-key errors that s3fs would ignore."""
+        from fsspec.asyn import sync
+
+        by_bucket: dict[str, list[str]] = {}
+        for path in paths:
+            bucket, key = path.split("/", 1)
+            by_bucket.setdefault(bucket, []).append(key)
+        deleted = 0
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), DELETE_BATCH):
+                batch = keys[start:start + DELETE_BATCH]
+                out = sync(self.fs.loop, self.fs._call_s3, "delete_objects", Bucket=bucket,
+                           Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                errors = out.get("Errors") or []
+                if errors:
+                    shown = ", ".join(e.get("Key", "?") for e in errors[:3])
+                    codes = {e.get("Code") for e in errors}
+                    cls = AccessDeniedError if "AccessDenied" in codes else StorageError
+                    raise cls(f"{self.url}: {len(errors)} of {len(batch)} deletions refused "
+                              f"({', '.join(sorted(c for c in codes if c))}: {shown})")
+                deleted += len(batch)
+        self.fs.invalidate_cache()
+        return deleted
 
     def _delete_local(self, paths: list[str]) -> int:
         parents = set()
         for path in paths:
-            os.remove(path)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass  # already gone: the same as on an object store
             parents.add(os.path.dirname(path))
         root = self.root.rstrip("/")
         # Deepest first, so a parent is tried after its children.

@@ -361,3 +361,35 @@ def test_usage_errors():
     assert code == 2 and "unsupported URL scheme" in err
     code, out, err = run("resolve-resume", "--mode", "bogus")
     assert code == 2 and "--mode" in err
+
+
+def test_no_credentials_is_a_one_line_error(no_aws_credentials):
+    code, out, err = run("list", "s3://ckptctl-test/run")
+    assert code == 4 and "no credentials" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("unknown_key", [False, True], ids=["denied-by-policy", "unknown-key"])
+def test_access_denied_lists_and_deletes_nothing(s3_denied, monkeypatch, unknown_key):
+    s3_denied.use(monkeypatch, unknown_key=unknown_key)
+    for args in (["list", s3_denied.url], ["prune", s3_denied.url, "--keep", "0", "--yes"],
+                 ["resolve-resume", s3_denied.url]):
+        code, out, err = run(*args)
+        assert code == 4, (args, code, err)
+        assert "access denied" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert s3_denied.list_keys() == sorted("ckpt/" + k for k in s3_denied.files)
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed console script: real process, exit codes, nothing on stderr on success."""
+    import subprocess
+    import sys
+
+    standard_tree(str(tmp_path))
+    exe = os.path.join(os.path.dirname(sys.executable), "ckptctl")
+    done = subprocess.run([exe, "list", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout)["newest_complete"] == 40
+    done = subprocess.run([exe, "resolve-resume", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert done.returncode == 0 and "start from scratch" in done.stdout
+    done = subprocess.run([exe, "prune", str(tmp_path), "--keep", "1"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr.startswith("ckptctl: error:")

@@ -1,0 +1,1 @@
+"""Generators of REAL checkpoint fixtures (written with the real libraries) for ckptctl tests."""
