@@ -1,0 +1,1 @@
+"""Session fixtures: real fsdp checkpoints, written once per test session (pytest plugin)."""
