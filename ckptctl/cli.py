@@ -170,6 +170,51 @@ def resolve_resume_command(
         raise typer.Exit(6)
 
 
+@app.command("inspect")
+@handle_errors
+def inspect_command(
+    path: Annotated[str, typer.Argument(
+        help="A tree, a global_step_N directory, a policy/critic component, or one file (local, s3://, gs://).",
+        show_default=False)],
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor: global shape, dtype, sharding.")] = False,
+    config: Annotated[bool, typer.Option("--config", help="Print the training config saved in trainer_state.pt.")] = False,
+    config_format: Annotated[Literal["yaml", "json"], typer.Option(
+        "--config-format", help="Format of --config output.")] = "yaml",
+    component: Annotated[Optional[str], typer.Option(
+        "--component", help="Only this model component (policy or critic).")] = None,
+    allow_global: Annotated[Optional[list[str]], typer.Option(
+        "--allow-global", metavar="MODULE.NAME",
+        help="Keep objects of this pickled class as plain data (never executed). Repeatable.")] = None,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state."""
+    from ckptctl.ops.inspect import inspect_path
+    from ckptctl.render import render_inspect
+
+    out = Output(json_output)
+    report = inspect_path(path, with_tensors=tensors, with_config=config, component=component,
+                          allow_globals=tuple(allow_global or ()), endpoint_url=endpoint_url)
+    if config and not json_output:
+        config_data = (report.trainer_state or {}).get("config")
+        if config_data is None:
+            raise UsageError(f"{report.url}: no saved training config (no trainer_state.pt with a config)")
+        render_config(config_data, config_format)
+        return
+    out.result(report, render_inspect)
+
+
+def render_config(config_data, fmt: str) -> None:
+    import json
+
+    if fmt == "json":
+        sys.stdout.write(json.dumps(config_data, indent=2, default=str) + "\n")
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(config_data, sort_keys=False, default_flow_style=False))
+
+
 def main() -> None:
     app()
 

@@ -12,9 +12,10 @@ import json
 import sys
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from rich.console import Console
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
 
 ERROR_PREFIX = "ckptctl: error: "
 
@@ -51,9 +52,26 @@ class Output:
 
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
-        # Off a terminal rich would wrap at 80 columns; pipes and logs read better wider.
-        self.out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 140)
-        self.err = Console(stderr=True, soft_wrap=True)
+        self._out: Console | None = None
+        self._err: Console | None = None
+
+    # rich is imported on first use: --help and --json never pay for it.
+    @property
+    def out(self) -> "Console":
+        if self._out is None:
+            from rich.console import Console
+
+            # Off a terminal rich would wrap at 80 columns; pipes and logs read better wider.
+            self._out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 140)
+        return self._out
+
+    @property
+    def err(self) -> "Console":
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, soft_wrap=True)
+        return self._err
 
     def result(self, result: Any, render: Callable[[Console, Any], None]) -> None:
         if self.json_mode:

@@ -88,3 +88,65 @@ def render_resolution(console: Console, res: Resolution) -> None:
         console.print(f"fallback: [bold]{res.fallback_path}[/bold] (step {res.fallback_step}) — launch with "
                       f"trainer.resume_mode=from_path trainer.resume_path={res.fallback_path}", highlight=False)
     console.print("resumable: " + ("[green]yes[/green]" if res.resumable else "[red]no[/red]"))
+
+
+def _kv(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_kv(v) for v in value) + "]"
+    return str(value)
+
+
+def _add_mapping(node, mapping: dict, skip: tuple[str, ...] = (), depth: int = 0) -> None:
+    for key, value in mapping.items():
+        if key in skip or value in (None, {}, []):
+            continue
+        if isinstance(value, dict) and depth < 3:
+            _add_mapping(node.add(f"[bold]{key}[/bold]"), value, depth=depth + 1)
+        else:
+            node.add(f"{key}: {_kv(value)}", highlight=False)
+
+
+def render_inspect(console: Console, report) -> None:
+    from rich.tree import Tree as RichTree
+
+    head = f"[bold]{report.url}[/bold]  ({report.kind}" + (f", step {report.step}" if report.step is not None else "") + ")"
+    root = RichTree(head, highlight=False)
+    if report.tree:
+        _add_mapping(root.add("[bold]tree[/bold]"), report.tree, skip=("warnings",))
+    for comp in report.components:
+        status = "[green]complete[/green]" if comp.complete else "[red]incomplete[/red]"
+        node = root.add(f"[bold]{comp.name}[/bold]  {comp.backend}, world size {comp.world_size or '-'}, {status}",
+                        highlight=False)
+        for problem in comp.problems:
+            node.add(f"[red]{problem}[/red]", highlight=False)
+        if comp.model_config:
+            _add_mapping(node.add("[bold]model config[/bold]"), comp.model_config)
+        stats = node.add("[bold]tensors[/bold]")
+        stats.add(f"parameters: {comp.parameters:,} ({human_bytes(comp.parameter_bytes)})", highlight=False)
+        stats.add("dtypes: " + ", ".join(f"{d} x{n}" for d, n in comp.dtypes.items()), highlight=False)
+        stats.add("count: " + ", ".join(f"{g} {n}" for g, n in comp.tensor_count.items()), highlight=False)
+        if comp.format:
+            _add_mapping(node.add("[bold]format[/bold]"), comp.format)
+        for warning in comp.warnings:
+            node.add(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if report.trainer_state:
+        _add_mapping(root.add("[bold]trainer state[/bold]"), report.trainer_state, skip=("config", "keys"))
+    if report.data_loader:
+        _add_mapping(root.add("[bold]data loader[/bold]"), report.data_loader, skip=("keys",))
+    if report.files:
+        _add_mapping(root.add("[bold]file[/bold]"), report.files)
+    console.print(root)
+    for comp in report.components:
+        if comp.tensors is not None:
+            table = Table(title=f"{comp.name} tensors", title_justify="left")
+            for col in ("name", "group", "shape", "dtype", "layout", "pieces"):
+                table.add_column(col)
+            for t in comp.tensors:
+                layout = t.layout + (f" {','.join(t.placements)}" if t.placements else "")
+                table.add_row(t.name, t.group, "x".join(map(str, t.shape)) or "scalar", t.dtype, layout,
+                              str(len(t.pieces)))
+            console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)

@@ -10,7 +10,7 @@
 __ckptctl_subcommands()
 {
     case "$1" in
-        'ckptctl') echo 'list prune resolve-resume' ;;
+        'ckptctl') echo 'list prune resolve-resume inspect' ;;
     esac
 }
 
@@ -22,6 +22,7 @@ __ckptctl_options()
         'ckptctl list') echo '--json --endpoint-url -h --help' ;;
         'ckptctl prune') echo '-k --keep --keep-every --drop-optimizer --include-in-progress --include-above-pointer -n --dry-run -y --yes --json --endpoint-url -h --help' ;;
         'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --json --endpoint-url -h --help' ;;
+        'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
     esac
 }
 
@@ -37,6 +38,10 @@ __ckptctl_nvalues()
         'ckptctl resolve-resume --resume-path') return 1 ;;
         'ckptctl resolve-resume --ckpt-interval') return 1 ;;
         'ckptctl resolve-resume --endpoint-url') return 1 ;;
+        'ckptctl inspect --config-format') return 1 ;;
+        'ckptctl inspect --component') return 1 ;;
+        'ckptctl inspect --allow-global') return 1 ;;
+        'ckptctl inspect --endpoint-url') return 1 ;;
     esac
     return 0
 }
@@ -46,6 +51,7 @@ __ckptctl_option_value()
 {
     case "$1 $2" in
         'ckptctl resolve-resume --mode') __ckptctl_words 'latest from_path none' "$3" ;;
+        'ckptctl inspect --config-format') __ckptctl_words 'yaml json' "$3" ;;
     esac
 }
 
@@ -56,6 +62,7 @@ __ckptctl_positional()
         'ckptctl list') __ckptctl_files "$2" ;;
         'ckptctl prune') __ckptctl_files "$2" ;;
         'ckptctl resolve-resume') __ckptctl_files "$2" ;;
+        'ckptctl inspect') __ckptctl_files "$2" ;;
     esac
 }
 

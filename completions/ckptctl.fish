@@ -9,7 +9,7 @@
 function __ckptctl_subcommands
     switch $argv[1]
         case 'ckptctl'
-            printf '%s\n' 'list' 'prune' 'resolve-resume'
+            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect'
     end
 end
 
@@ -38,6 +38,18 @@ function __ckptctl_nvalues
             echo 1
             return
         case 'ckptctl resolve-resume --endpoint-url'
+            echo 1
+            return
+        case 'ckptctl inspect --config-format'
+            echo 1
+            return
+        case 'ckptctl inspect --component'
+            echo 1
+            return
+        case 'ckptctl inspect --allow-global'
+            echo 1
+            return
+        case 'ckptctl inspect --endpoint-url'
             echo 1
             return
     end
@@ -89,6 +101,7 @@ complete -c ckptctl -f
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'list' -d 'List the steps of a checkpoint (or HF export) tree: backend, world size, size, completeness.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'prune' -d 'Delete all but the newest N complete checkpoints (never the pointer target or newest complete).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print what a SkyRL restart would load, by SkyRL\'s rules, and check that it is usable.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
@@ -120,3 +133,14 @@ complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l json -d 'Prin
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -s h -l help -d 'Show this message and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -F
+
+# ckptctl inspect
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l tensors -d 'List every tensor: global shape, dtype, sharding.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l config -d 'Print the training config saved in trainer_state.pt.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l config-format -x -a 'yaml json' -d 'Format of --config output.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l component -x -d 'Only this model component (policy or critic).'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l allow-global -x -d 'Keep objects of this pickled class as plain data (never executed). Repeatable.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l json -d 'Print a JSON document for scripts instead of tables.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -s h -l help -d 'Show this message and exit.'
+complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -F
