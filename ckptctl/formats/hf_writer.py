@@ -1,0 +1,986 @@
+"""Streaming writer of a Hugging Face model directory (safetensors + index + config + tokenizer).
+
+The output is what ``PreTrainedModel.save_pretrained`` writes, produced one tensor at a time
+so that a model far larger than RAM can be exported::
+
+    specs = [TensorSpec(name, shape, dtype) for ...]          # metadata only, e.g. TensorInfo
+    with HfModelWriter(dest_url, specs, max_shard_size=5 * 10**9, overwrite=False) as writer:
+        for spec in specs:
+            writer.add(spec.name, read_tensor(spec.name))     # the caller frees it afterwards
+        summary = writer.finish(config_dict, {"tokenizer.json": b"...", ...})
+
+Shard plan first, data second
+-----------------------------
+The writer needs every tensor's name, shape and dtype up front (:class:`TensorSpec`, or any
+object with ``name``/``shape``/``dtype`` such as :class:`~ckptctl.formats.base.TensorInfo`;
+every reader lists them without reading data). :func:`plan_shards` splits them exactly as
+``huggingface_hub.split_torch_state_dict_into_shards`` (what ``save_pretrained`` calls) does:
+greedy in the given order, a new shard when the next tensor would overflow
+``max_shard_size``, a tensor larger than ``max_shard_size`` alone in a shard that is placed
+*before* the shard being filled. So the number of shards is known before the first byte, the
+files get their final names (``model.safetensors``, or ``model-00001-of-0000N.safetensors``)
+from the start, and each shard's safetensors header (8-byte little-endian length, JSON with
+``dtype``/``shape``/``data_offsets`` and ``__metadata__ = {"format": "pt"}``, space-padded to
+a multiple of 8) is written when the shard is opened. Each tensor added is then streamed
+straight into its open shard: the writer never holds a shard's worth of tensors, only
+
+* locally: nothing (the tensor's own memory is written through a memoryview, no copy);
+* on S3/GCS: the upload buffer of at most two open shards (the one being filled and, for
+  an oversized tensor, its own), each under ``upload_block_size`` (default 16 MiB, raised for
+  very large files to stay under S3's 10,000 parts) plus one write chunk of the same size.
+
+``add`` must follow the plan's order (the order of ``specs``): the shapes and dtypes are
+checked against it. Tensor sizes are ``numel * element size``; ``save_pretrained`` uses the
+size of the tensor's *storage*, which is the same for ordinary parameters and differs only for
+views into a larger storage.
+
+Commit protocol
+---------------
+"Complete" means: ``config.json`` is present (loaders need it, and it is written last).
+
+Local directory ``D``:
+  1. Stale siblings ``.{name}.ckptctl-tmp-*`` of an earlier run that died are removed (only
+     those whose ``run.json`` names this host and a dead pid, or, without a ``run.json``,
+     older than an hour). If such a run died in the middle of its non-atomic replace (step 5,
+     fallback), the previous export it had moved aside is first renamed back to ``D``.
+  2. A non-empty ``D`` is refused (:class:`~ckptctl.errors.UsageError`) unless ``overwrite``.
+  3. Everything is written into a sibling ``.{name}.ckptctl-tmp-{random}/new/`` (same
+     filesystem), each file fsync'ed: shards, extra files, index, ``config.json``.
+  4. ``D`` missing or empty: one ``rename(new, D)`` — atomic.
+  5. ``D`` non-empty (``overwrite``): ``renameat2(new, D, RENAME_EXCHANGE)`` swaps the two
+     directories atomically (Linux >= 3.15 on ext4/xfs/btrfs/tmpfs...), so ``D`` is never
+     missing; the old export, now in the temp sibling, is deleted. Where the exchange is not
+     supported: ``rename(D, tmp/old)`` then ``rename(new, D)``: ``D`` is missing between two
+     syscalls; a crash there is repaired by step 1 of the next run (old export restored).
+  A kill at any moment thus leaves either the old ``D`` or the complete new one, plus at most
+  a temp sibling that the next run removes. ``abort()`` removes the temp sibling.
+
+Object store prefix ``P`` (S3, GCS; no rename there):
+  1. A non-empty ``P`` is refused unless ``overwrite`` — or unless it holds the marker object
+     ``.ckptctl-export-incomplete`` and no ``config.json``: that is an export by ckptctl that
+     was interrupted, replaced without asking.
+  2. Lazily, before the first data byte: the old ``config.json`` is deleted first (alone, so
+     the old export stops looking complete even if the next step is cut short), the marker is
+     written, then every other old object under ``P`` is deleted (one bulk delete): ``P``
+     then holds only objects of this run. (So on object stores, overwrite destroys the old
+     export when writing starts, not when it succeeds.)
+  3. Shards are streamed (multipart / resumable uploads: an interrupted upload leaves no
+     object, S3 keeps the parts of a killed multipart upload until a lifecycle rule such as
+     AbortIncompleteMultipartUpload removes them), then the extra files, then
+     ``model.safetensors.index.json``, then ``config.json``, then the marker is deleted.
+  A kill at any moment leaves no ``config.json`` (or the complete export, plus at worst the
+  marker if killed after ``config.json``). ``abort()`` deletes the objects written by this run
+  and the marker; uploads still open are cancelled.
+
+One writer per destination at a time: two concurrent exports to the same place are not
+detected (locally the second to commit is refused or replaces the first).
+
+:func:`verify_export` re-reads an export's headers with ranged reads (never whole shards) and
+checks names, shapes, dtypes, offsets and the index against what was expected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import posixpath
+import secrets
+import shutil
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
+
+from ckptctl.errors import CkptctlError, NotFoundError, UsageError
+from ckptctl.storage import Store, open_store, translate_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+#: Object-store marker of an export in progress (deleted after config.json is written).
+INCOMPLETE_MARKER = ".ckptctl-export-incomplete"
+#: The local temp sibling is ``.{name}{TMP_INFIX}{random}``; it holds ``run.json`` and ``new/``.
+TMP_INFIX = ".ckptctl-tmp-"
+RUN_INFO = "run.json"
+#: transformers 4.x's save_pretrained default ("5GB"); transformers 5 uses "50GB".
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
+_MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
+#: A temp sibling without run.json is only removed once it is this old (seconds).
+_STALE_WITHOUT_INFO_S = 3600
+_HEADER_PROBE = 64 * 1024
+_MAX_HEADER = 100 * 1000 * 1000  # safetensors' own limit
+
+# torch dtype name -> (safetensors dtype, element size)
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
+    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1),
+    "bool": ("BOOL", 1), "complex64": ("C64", 8),
+    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1),
+    "float8_e5m2": ("F8_E5M2", 1), "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
+    "float8_e8m0fnu": ("F8_E8M0", 1),
+}
+_FROM_ST = {st: name for name, (st, _) in _ST_DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# specs and the shard plan
+# ---------------------------------------------------------------------------------------------
+def normalize_dtype(dtype: Any) -> str:
+    """``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"`` / ``"BF16"`` -> ``"bfloat16"``."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        text = text[len("torch."):]
+    if text in _ST_DTYPES:
+        return text
+    if text in _FROM_ST:
+        return _FROM_ST[text]
+    raise UsageError(f"dtype {dtype!s} cannot be written to safetensors")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"`` (HF: decimal units)."""
+    if isinstance(size, bool):
+        raise UsageError(f"invalid size {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
+                 "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+        for unit, factor in units.items():
+            if text.endswith(unit):
+                number = text[: -len(unit)]
+                break
+        else:
+            unit, factor, number = "", 1, text
+        try:
+            value = int(float(number) * factor)
+        except ValueError:
+            raise UsageError(f"invalid size {size!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise UsageError(f"invalid size {size!r}: must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer must know about a tensor before its data arrives."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _ST_DTYPES[self.dtype][1]
+
+    @classmethod
+    def coerce(cls, obj: Any) -> "TensorSpec":
+        """From a TensorSpec, anything with ``name``/``shape``/``dtype`` (TensorInfo), or a
+        ``(name, shape, dtype)`` tuple."""
+        if isinstance(obj, TensorSpec):
+            return obj
+        if isinstance(obj, tuple) and len(obj) == 3:
+            name, shape, dtype = obj
+        else:
+            try:
+                name, shape, dtype = obj.name, obj.shape, obj.dtype
+            except AttributeError:
+                raise UsageError(f"not a tensor spec: {obj!r}") from None
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise UsageError(f"invalid tensor name {name!r}")
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise UsageError(f"{name}: negative dimension in shape {list(shape)}")
+        return cls(name, shape, normalize_dtype(dtype))
+
+
+def specs_from_state_dict(state_dict: Mapping[str, "torch.Tensor"]) -> list[TensorSpec]:
+    """Specs of an in-memory state dict, in its order."""
+    return [TensorSpec(k, tuple(v.shape), normalize_dtype(v.dtype)) for k, v in state_dict.items()]
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """``model.safetensors`` for one shard, else ``model-{index+1:05d}-of-{count:05d}.safetensors``."""
+    if count == 1:
+        return SAFE_WEIGHTS_NAME
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which tensor goes into which file, in file order; tensors of a shard in write order."""
+
+    max_shard_size: int
+    shards: tuple[tuple[TensorSpec, ...], ...]
+
+    @property
+    def files(self) -> list[str]:
+        return [shard_file_name(i, len(self.shards)) for i in range(len(self.shards))]
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.shards) > 1
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {spec.name: file for file, shard in zip(self.files, self.shards) for spec in shard}
+
+    @property
+    def total_size(self) -> int:
+        return sum(spec.nbytes for shard in self.shards for spec in shard)
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(spec.numel for shard in self.shards for spec in shard)
+
+    def shard_bytes(self) -> list[int]:
+        return [sum(s.nbytes for s in shard) for shard in self.shards]
+
+
+def plan_shards(specs: Iterable[Any], max_shard_size: int | str) -> ShardPlan:
+    """Split ``specs`` into shards like ``huggingface_hub.split_torch_state_dict_into_shards``."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_size = 0
+    seen: set[str] = set()
+    for obj in specs:
+        spec = TensorSpec.coerce(obj)
+        if spec.name in seen:
+            raise UsageError(f"tensor {spec.name!r} listed twice")
+        seen.add(spec.name)
+        size = spec.nbytes
+        if size > limit:
+            shards.append([spec])  # alone, and before the shard being filled (as HF does)
+            continue
+        if current_size + size > limit:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(spec)
+        current_size += size
+    if current:
+        shards.append(current)
+    if not shards:
+        raise UsageError("no tensors to write")
+    return ShardPlan(limit, tuple(tuple(s) for s in shards))
+
+
+def safetensors_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length plus the space-padded JSON header of a file holding ``specs`` in order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for spec in specs:
+        size = spec.nbytes
+        header[spec.name] = {"dtype": _ST_DTYPES[spec.dtype][0], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class HfWriteSummary:
+    dest: str
+    files: list[str]  # relative names, in the order they were completed
+    shard_files: list[str]
+    shard_count: int
+    tensor_count: int
+    total_size: int  # tensor data bytes (the index's metadata.total_size)
+    bytes_written: int  # every file, headers and JSON included
+    dtype_counts: dict[str, int]
+    replaced: str | None = None  # None, "export" (overwrite) or "interrupted" (a dead run's leftovers)
+    cleaned: list[str] = field(default_factory=list)  # stale temp siblings removed (local)
+    peak_buffered_bytes: int = 0  # most tensor bytes held in upload buffers at once (0 locally)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor bytes
+# ---------------------------------------------------------------------------------------------
+def _tensor_bytes(tensor: "torch.Tensor") -> memoryview:
+    """The tensor's little-endian bytes, without a copy for a contiguous CPU tensor."""
+    import torch
+
+    if sys.byteorder != "little":  # pragma: no cover
+        raise CkptctlError("writing safetensors on a big-endian host is not supported")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_complex():
+        t = t.resolve_conj()
+    t = t.resolve_neg().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# targets: where the files go and how they are committed
+# ---------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+#: Tests switch this off to exercise the two-rename fallback.
+_USE_EXCHANGE = True
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not _USE_EXCHANGE or not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dir_is_empty(path: str) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+class _LocalTarget:
+    """A local directory built in a temp sibling and renamed into place."""
+
+    def __init__(self, store: Store, overwrite: bool):
+        self.url = store.url
+        self.dest = os.path.realpath(store.local_path())
+        self.parent, self.name = os.path.split(self.dest)
+        if not self.name:
+            raise UsageError(f"{self.dest}: cannot export to a filesystem root")
+        self.overwrite = overwrite
+        self.run_dir: str | None = None
+        self.new_dir: str | None = None
+        self.replaced: str | None = None
+        self.cleaned = self._clean_stale()
+        if os.path.lexists(self.dest):
+            if not os.path.isdir(self.dest):
+                raise UsageError(f"{self.dest}: exists and is not a directory")
+            if not overwrite and not _dir_is_empty(self.dest):
+                raise UsageError(f"{self.dest}: destination is not empty (overwrite it with --overwrite)")
+
+    # -- stale temp siblings --------------------------------------------------------------
+    def _siblings(self) -> list[str]:
+        prefix = f".{self.name}{TMP_INFIX}"
+        try:
+            names = os.listdir(self.parent)
+        except FileNotFoundError:
+            return []
+        return [os.path.join(self.parent, n) for n in sorted(names) if n.startswith(prefix)]
+
+    @staticmethod
+    def _is_stale(run_dir: str) -> bool:
+        try:
+            with open(os.path.join(run_dir, RUN_INFO), "rb") as f:
+                info = json.loads(f.read())
+            host, pid = info["host"], int(info["pid"])
+        except FileNotFoundError:
+            try:
+                return time.time() - os.stat(run_dir).st_mtime > _STALE_WITHOUT_INFO_S
+            except OSError:
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return host == socket.gethostname() and not _pid_alive(pid)
+
+    def _clean_stale(self) -> list[str]:
+        cleaned = []
+        for run_dir in self._siblings():
+            if not os.path.isdir(run_dir) or not self._is_stale(run_dir):
+                continue
+            old = os.path.join(run_dir, "old")
+            if os.path.isdir(old) and not os.path.lexists(self.dest):
+                os.rename(old, self.dest)  # a replace died half-way: put the previous export back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cleaned.append(run_dir)
+        return cleaned
+
+    # -- writing --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        with translate_errors(self.url):
+            os.makedirs(self.parent, exist_ok=True)
+            while True:
+                run_dir = os.path.join(self.parent, f".{self.name}{TMP_INFIX}{secrets.token_hex(6)}")
+                try:
+                    os.mkdir(run_dir)
+                    break
+                except FileExistsError:
+                    continue
+            self.run_dir = run_dir
+            info = {"tool": "ckptctl", "host": socket.gethostname(), "pid": os.getpid(), "dest": self.dest,
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            with open(os.path.join(run_dir, RUN_INFO), "w", encoding="utf-8") as f:
+                json.dump(info, f)
+            self.new_dir = os.path.join(run_dir, "new")
+            os.mkdir(self.new_dir)
+
+    def _path(self, rel: str) -> str:
+        path = os.path.join(self.new_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def open(self, rel: str, size: int) -> IO[bytes]:
+        with translate_errors(self.url):
+            return open(self._path(rel), "wb")
+
+    def write(self, f: IO[bytes], data: memoryview | bytes) -> int:
+        with translate_errors(self.url):
+            f.write(data)
+        return 0  # nothing held in memory
+
+    def close(self, f: IO[bytes]) -> None:
+        with translate_errors(self.url):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+    def discard(self, f: IO[bytes]) -> None:
+        try:
+            f.close()
+        except OSError:
+            pass
+
+    def put(self, rel: str, data: bytes) -> None:
+        with translate_errors(self.url):
+            with open(self._path(rel), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        new, dest = self.new_dir, self.dest
+        with translate_errors(self.url):
+            for dirpath, _, _ in os.walk(new):
+                _fsync_dir(dirpath)
+            if os.path.lexists(dest) and not os.path.isdir(dest):
+                raise UsageError(f"{dest}: exists and is not a directory")
+            if not os.path.isdir(dest) or _dir_is_empty(dest):
+                try:
+                    os.rename(new, dest)  # atomic; replaces an empty directory
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
+                    raise
+            else:
+                if not self.overwrite:
+                    raise UsageError(f"{dest}: destination was filled by someone else meanwhile")
+                self.replaced = "export"
+                if not _rename_exchange(new, dest):
+                    old = os.path.join(self.run_dir, "old")
+                    os.rename(dest, old)
+                    try:
+                        os.rename(new, dest)
+                    except BaseException:
+                        os.rename(old, dest)
+                        raise
+            _fsync_dir(self.parent)
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old export
+        self.run_dir = self.new_dir = None
+
+    def abort(self) -> None:
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = self.new_dir = None
+
+
+class _ObjectStoreTarget:
+    """An S3/GCS prefix: data first, ``config.json`` last, a marker while incomplete."""
+
+    def __init__(self, store: Store, overwrite: bool, upload_block_size: int):
+        self.store = store
+        self.url = store.url
+        self.overwrite = overwrite
+        self.block_size = upload_block_size
+        self.written: list[str] = []
+        self.marker_written = False
+        self.replaced: str | None = None
+        self.cleaned: list[str] = []
+        existing = self._listing()
+        if existing and not overwrite:
+            if INCOMPLETE_MARKER in existing and CONFIG_NAME not in existing:
+                self.replaced = "interrupted"
+            else:
+                raise UsageError(f"{self.url}: destination is not empty ({len(existing)} objects; "
+                                 f"overwrite it with --overwrite)")
+
+    def _listing(self) -> list[str]:
+        try:
+            return [e.path for e in self.store.walk()]
+        except NotFoundError:
+            return []
+
+    def prepare(self) -> None:
+        existing = self._listing()
+        if existing and not self.replaced:
+            if not self.overwrite:
+                raise UsageError(f"{self.url}: destination was filled by someone else meanwhile")
+            self.replaced = "export"
+        if CONFIG_NAME in existing:
+            self.store.delete_many([CONFIG_NAME])  # first, alone: the old export stops looking complete
+        self.store.write_bytes(INCOMPLETE_MARKER, json.dumps({
+            "tool": "ckptctl", "host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())
+        self.marker_written = True
+        rest = [p for p in existing if p not in (CONFIG_NAME, INCOMPLETE_MARKER)]
+        if rest:
+            self.store.delete_many(rest)
+
+    def open(self, rel: str, size: int):
+        block = max(self.block_size, -(-size // _MAX_UPLOAD_PARTS // 2**20) * 2**20)
+        self.written.append(rel)
+        return self.store.open(rel, "wb", block_size=block)
+
+    def write(self, f, data: memoryview | bytes) -> int:
+        """Write in pieces of at most one block, so the upload buffer never exceeds two blocks."""
+        view = memoryview(data)
+        step = max(int(getattr(f, "blocksize", 0) or 0), 2**20)
+        peak = 0
+        with translate_errors(self.store.url_of(getattr(f, "path", ""))):
+            for start in range(0, len(view), step):
+                piece = view[start:start + step]
+                buffer = getattr(f, "buffer", None)
+                held = buffer.tell() if buffer is not None else 0
+                peak = max(peak, held + len(piece))
+                f.write(piece)
+        return peak
+
+    def close(self, f) -> None:
+        with translate_errors(self.store.url_of(getattr(f, "path", ""))):
+            f.close()
+
+    def discard(self, f) -> None:
+        """Cancel an open upload so that no partial object ever appears."""
+        try:
+            if not f.closed:
+                f.discard()
+        except Exception:
+            pass
+        try:
+            f.closed = True  # never let the file's own __del__ commit a partial object
+        except Exception:
+            pass
+
+    def put(self, rel: str, data: bytes) -> None:
+        self.written.append(rel)
+        self.store.write_bytes(rel, data)
+
+    def commit(self) -> None:
+        self.store.delete_many([INCOMPLETE_MARKER])
+        self.marker_written = False
+
+    def abort(self) -> None:
+        doomed = list(dict.fromkeys(self.written))
+        if self.marker_written:
+            doomed.append(INCOMPLETE_MARKER)  # last: if this fails, a rerun still sees "interrupted"
+        if doomed:
+            self.store.delete_many(doomed)
+        self.written = []
+        self.marker_written = False
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer
+# ---------------------------------------------------------------------------------------------
+_RESERVED = {CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, INCOMPLETE_MARKER}
+
+
+def _check_extra_name(rel: str, shard_files: set[str]) -> str:
+    if not isinstance(rel, str) or not rel or "\\" in rel or rel.startswith("/"):
+        raise UsageError(f"invalid extra file name {rel!r}")
+    norm = posixpath.normpath(rel)
+    if norm.startswith("../") or norm == ".." or norm == ".":
+        raise UsageError(f"invalid extra file name {rel!r}")
+    if norm in _RESERVED or norm in shard_files or norm == SAFE_WEIGHTS_NAME:
+        raise UsageError(f"extra file {rel!r} would replace a file the writer produces itself")
+    return norm
+
+
+def _config_bytes(config: Mapping[str, Any] | bytes | str) -> bytes:
+    if isinstance(config, bytes):
+        data = config
+    elif isinstance(config, str):
+        data = config.encode("utf-8")
+    else:
+        return (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        json.loads(data)
+    except ValueError as exc:
+        raise UsageError(f"config.json is not valid JSON: {exc}") from None
+    return data
+
+
+class HfModelWriter:
+    """Stream tensors into an HF model directory at ``dest_url``; see the module docstring.
+
+    ``specs``: every tensor, in the order :meth:`add` will receive them (TensorSpec,
+    TensorInfo or ``(name, shape, dtype)``). Use as a context manager, or call
+    :meth:`abort` on error: an exception inside the ``with`` block aborts.
+    """
+
+    def __init__(self, dest_url: str, specs: Iterable[Any], *, max_shard_size: int | str,
+                 overwrite: bool = False, endpoint_url: str | None = None, store: Store | None = None,
+                 upload_block_size: int = DEFAULT_UPLOAD_BLOCK_SIZE):
+        spec_list = [TensorSpec.coerce(s) for s in specs]
+        self.plan = plan_shards(spec_list, max_shard_size)
+        self.store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
+        if self.store.is_local:
+            self._target: Any = _LocalTarget(self.store, overwrite)
+        else:
+            self._target = _ObjectStoreTarget(self.store, overwrite, upload_block_size)
+        self.dest = self.store.url
+        self._files = self.plan.files
+        # Write order = the order of ``specs`` (a tensor larger than max_shard_size sits in an
+        # earlier file than its neighbours but arrives in between them).
+        shard_of = {spec.name: i for i, shard in enumerate(self.plan.shards) for spec in shard}
+        self._order = [(spec, shard_of[spec.name]) for spec in spec_list]
+        self._remaining = [len(shard) for shard in self.plan.shards]
+        self._open: dict[int, Any] = {}
+        self._next = 0
+        self._state = "new"  # new -> writing -> finished | aborted; "broken" after a failure
+        self._completed: list[str] = []
+        self._bytes_written = 0
+        self.peak_buffered_bytes = 0
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> "HfModelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state not in ("finished", "aborted"):
+            self.abort()
+
+    def __del__(self):
+        # An abandoned writer (the process is going down on an exception): cancel open
+        # uploads so that their file objects do not commit partial shards when collected,
+        # and drop the local temp directory. Completed objects stay (like after a kill).
+        try:
+            if getattr(self, "_state", "finished") not in ("finished", "aborted"):
+                for f in list(self._open.values()):
+                    self._target.discard(f)
+                self._open.clear()
+                if isinstance(self._target, _LocalTarget):
+                    self._target.abort()
+        except Exception:
+            pass
+
+    # -- writing --------------------------------------------------------------------------
+    @property
+    def tensors_added(self) -> int:
+        return self._next
+
+    def _start(self) -> None:
+        if self._state == "new":
+            self._state = "broken"
+            self._target.prepare()
+            self._state = "writing"
+        elif self._state != "writing":
+            raise UsageError(f"writer for {self.dest} is {self._state}; start a new one")
+
+    def add(self, name: str, tensor: "torch.Tensor") -> None:
+        """Stream one tensor into its shard; it must be the next one of the plan."""
+        if self._state not in ("new", "writing"):
+            raise UsageError(f"writer for {self.dest} is {self._state}; start a new one")
+        if self._next >= len(self._order):
+            raise UsageError(f"tensor {name!r}: all {len(self._order)} planned tensors were already added")
+        spec, shard = self._order[self._next]
+        if name != spec.name:
+            planned = any(s.name == name for s, _ in self._order)
+            raise UsageError(f"tensor {name!r} added out of order: expected {spec.name!r} next"
+                             if planned else f"tensor {name!r} is not in the plan (expected {spec.name!r})")
+        shape, dtype = tuple(tensor.shape), normalize_dtype(tensor.dtype)
+        if shape != spec.shape or dtype != spec.dtype:
+            raise UsageError(f"tensor {name!r}: got shape {list(shape)} {dtype}, "
+                             f"planned {list(spec.shape)} {spec.dtype}")
+        self._start()
+        self._state = "broken"
+        data = _tensor_bytes(tensor)
+        f = self._open.get(shard)
+        if f is None:
+            header = safetensors_header(self.plan.shards[shard])
+            f = self._target.open(self._files[shard], len(header) + sum(s.nbytes for s in self.plan.shards[shard]))
+            self._open[shard] = f
+            self._target.write(f, header)
+            self._bytes_written += len(header)
+        held = self._target.write(f, data)
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, held)
+        self._bytes_written += len(data)
+        del data
+        self._remaining[shard] -= 1
+        if self._remaining[shard] == 0:
+            self._target.close(self._open.pop(shard))
+            self._completed.append(self._files[shard])
+        self._next += 1
+        self._state = "writing"
+
+    def finish(self, config: Mapping[str, Any] | bytes | str, extra_files: Mapping[str, bytes] | None = None,
+               *, total_parameters: int | None = None) -> HfWriteSummary:
+        """Write extra files (tokenizer, generation_config.json), the index, ``config.json``
+        last, and commit. Returns what was written.
+
+        ``config``: a dict (written like ``PretrainedConfig.to_json_string``) or the file's bytes.
+        ``total_parameters`` goes into the index metadata; transformers writes
+        ``model.num_parameters()`` there, which leaves out persistent buffers: by default the
+        sum of all tensors' element counts (the same for models whose state dict holds only
+        parameters)."""
+        if self._next != len(self._order):
+            missing = len(self._order) - self._next
+            raise UsageError(f"{missing} planned tensor(s) not added yet (next: {self._order[self._next][0].name!r})")
+        shard_files = set(self._files)
+        extras = {_check_extra_name(rel, shard_files): bytes(data) for rel, data in (extra_files or {}).items()}
+        config_data = _config_bytes(config)
+        self._start()
+        self._state = "broken"
+        for rel in sorted(extras):
+            self._target.put(rel, extras[rel])
+            self._completed.append(rel)
+            self._bytes_written += len(extras[rel])
+        if self.plan.is_sharded:
+            params = self.plan.total_parameters if total_parameters is None else int(total_parameters)
+            index = {"metadata": {"total_parameters": params,
+                                  "total_size": self.plan.total_size},
+                     "weight_map": self.plan.weight_map}
+            data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+            self._target.put(SAFE_WEIGHTS_INDEX_NAME, data)
+            self._completed.append(SAFE_WEIGHTS_INDEX_NAME)
+            self._bytes_written += len(data)
+        self._target.put(CONFIG_NAME, config_data)
+        self._completed.append(CONFIG_NAME)
+        self._bytes_written += len(config_data)
+        self._target.commit()
+        self._state = "finished"
+        return HfWriteSummary(
+            dest=self.dest, files=list(self._completed), shard_files=list(self._files),
+            shard_count=len(self._files), tensor_count=len(self._order), total_size=self.plan.total_size,
+            bytes_written=self._bytes_written,
+            dtype_counts=dict(sorted(Counter(spec.dtype for spec, _ in self._order).items())),
+            replaced=self._target.replaced, cleaned=list(self._target.cleaned),
+            peak_buffered_bytes=self.peak_buffered_bytes)
+
+    def abort(self) -> None:
+        """Remove what this run wrote (local: the temp directory; cloud: its objects)."""
+        if self._state in ("finished", "aborted"):
+            return
+        for f in list(self._open.values()):
+            self._target.discard(f)
+        self._open.clear()
+        self._state = "aborted"
+        self._target.abort()
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------------------------
+def read_safetensors_header(store: Store, rel: str, size: int | None = None) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file, by ranged reads (usually one request)."""
+    if size is None:
+        size = store.size(rel)
+    if size < 8:
+        raise CkptctlError(f"{store.url_of(rel)}: {size} bytes, too short for safetensors")
+    head = store.read_range(rel, 0, min(size, _HEADER_PROBE))
+    length = int.from_bytes(head[:8], "little")
+    if length > _MAX_HEADER or 8 + length > size:
+        raise CkptctlError(f"{store.url_of(rel)}: invalid safetensors header length {length}")
+    if 8 + length > len(head):
+        head += store.read_range(rel, len(head), 8 + length)
+    try:
+        header = json.loads(head[8:8 + length])
+    except ValueError as exc:
+        raise CkptctlError(f"{store.url_of(rel)}: safetensors header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CkptctlError(f"{store.url_of(rel)}: safetensors header is not a JSON object")
+    return header, 8 + length
+
+
+def _expected_entry(value: Any) -> tuple[tuple[int, ...], str]:
+    if isinstance(value, tuple) and len(value) == 2:
+        shape, dtype = value
+    else:
+        shape, dtype = value.shape, value.dtype
+    return tuple(int(d) for d in shape), normalize_dtype(dtype)
+
+
+def _check_shard(rel: str, header: dict, data_start: int, size: int, problems: list[str]) -> dict[str, tuple]:
+    """Problems with one file's header; returns name -> (shape, dtype) of its tensors."""
+    found: dict[str, tuple] = {}
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or meta.get("format") != "pt":
+        problems.append(f"{rel}: __metadata__.format is not 'pt' (transformers refuses the file)")
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = _FROM_ST[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{rel}: {name}: malformed header entry")
+            continue
+        n = 1
+        for d in shape:
+            n *= d
+        if end - start != n * _ST_DTYPES[dtype][1]:
+            problems.append(f"{rel}: {name}: data_offsets span {end - start} bytes, shape/dtype need "
+                            f"{n * _ST_DTYPES[dtype][1]}")
+        spans.append((start, end, name))
+        found[name] = (shape, dtype)
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            problems.append(f"{rel}: {name}: data starts at {start}, expected {position} (gap or overlap)")
+        position = max(position, end)
+    if data_start + position != size:
+        problems.append(f"{rel}: file is {size} bytes, the header describes {data_start + position}")
+    return found
+
+
+def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
+                  endpoint_url: str | None = None, store: Store | None = None) -> list[str]:
+    """Problems with the HF export at ``dest_url`` (empty list: fine).
+
+    ``expected``: tensor name -> ``(shape, dtype)`` (or an object with ``shape``/``dtype``).
+    Reads the listing, ``config.json``, the index and each shard's header (ranged reads).
+    """
+    store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
+    problems: list[str] = []
+    try:
+        sizes = {e.path: e.size for e in store.walk()}
+    except NotFoundError:
+        return [f"{store.url}: not found"]
+    if CONFIG_NAME not in sizes:
+        problems.append("config.json is missing (incomplete export)")
+    else:
+        try:
+            json.loads(store.read_bytes(CONFIG_NAME))
+        except ValueError:
+            problems.append("config.json is not valid JSON")
+    if INCOMPLETE_MARKER in sizes:
+        problems.append(f"{INCOMPLETE_MARKER} is present (the export did not finish cleanly)")
+
+    weight_map: dict[str, str] | None = None
+    index_total: int | None = None
+    if SAFE_WEIGHTS_INDEX_NAME in sizes:
+        if SAFE_WEIGHTS_NAME in sizes:
+            problems.append(f"both {SAFE_WEIGHTS_NAME} and {SAFE_WEIGHTS_INDEX_NAME} are present")
+        try:
+            index = json.loads(store.read_bytes(SAFE_WEIGHTS_INDEX_NAME))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+            index_total = (index.get("metadata") or {}).get("total_size")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{SAFE_WEIGHTS_INDEX_NAME}: no valid weight_map")
+            weight_map = {}
+        referenced = set(weight_map.values())
+        for rel in sorted(referenced - set(sizes)):
+            problems.append(f"{rel}: listed in the index but missing")
+        for rel in sorted(p for p in sizes if p.endswith(".safetensors") and "/" not in p and p not in referenced):
+            problems.append(f"{rel}: not referenced by the index")
+        files = sorted(referenced & set(sizes))
+    elif SAFE_WEIGHTS_NAME in sizes:
+        files = [SAFE_WEIGHTS_NAME]
+    else:
+        return problems + [f"neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} is present"]
+
+    found: dict[str, tuple] = {}
+    data_bytes = 0
+    for rel in files:
+        try:
+            header, data_start = read_safetensors_header(store, rel, sizes[rel])
+        except CkptctlError as exc:
+            problems.append(str(exc))
+            continue
+        data_bytes += sizes[rel] - data_start
+        for name, entry in _check_shard(rel, header, data_start, sizes[rel], problems).items():
+            if name in found:
+                problems.append(f"{name}: stored in more than one file")
+            found[name] = entry
+            if weight_map is not None and weight_map.get(name) != rel:
+                where = weight_map.get(name)
+                problems.append(f"{name}: in {rel} but the index maps it to {where}" if where
+                                else f"{name}: in {rel} but missing from the index")
+    if weight_map is not None:
+        for name, rel in weight_map.items():
+            if rel in sizes and name not in found:
+                problems.append(f"{name}: the index maps it to {rel}, which does not hold it")
+        if index_total is not None and index_total != data_bytes:
+            problems.append(f"index total_size {index_total} != {data_bytes} bytes of tensor data")
+
+    if expected is not None:
+        want = {name: _expected_entry(v) for name, v in expected.items()}
+        for name in sorted(set(want) - set(found)):
+            problems.append(f"{name}: missing")
+        for name in sorted(set(found) - set(want)):
+            problems.append(f"{name}: not expected")
+        for name in sorted(set(want) & set(found)):
+            (shape, dtype), (got_shape, got_dtype) = want[name], found[name]
+            if got_shape != shape:
+                problems.append(f"{name}: shape {list(got_shape)}, expected {list(shape)}")
+            if got_dtype != dtype:
+                problems.append(f"{name}: dtype {got_dtype}, expected {dtype}")
+    return problems
+
+
+__all__ = [
+    "CONFIG_NAME", "DEFAULT_MAX_SHARD_SIZE", "INCOMPLETE_MARKER", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME",
+    "HfModelWriter", "HfWriteSummary", "ShardPlan", "TensorSpec", "normalize_dtype", "parse_size", "plan_shards",
+    "read_safetensors_header", "safetensors_header", "shard_file_name", "specs_from_state_dict", "verify_export",
+]
