@@ -1,0 +1,732 @@
+"""Megatron-core ``torch_dist`` checkpoints (torch DCP underneath), read through a Store.
+
+Layout of one component (SkyRL ``policy/``; verl nests the same files under ``dist_ckpt/``)::
+
+    metadata.json        {"sharded_backend": "torch_dist", ...}, written last by rank 0
+    .metadata            plain pickle of torch DCP ``Metadata``: per key its global shape,
+                         dtype and chunks, and per chunk (``MetadataIndex``) a ``_StorageInfo``
+                         (file, byte offset, length, transform descriptors)
+    __{rank}_{i}.distcp  data files; every tensor chunk is its OWN ``torch.save`` blob (a zip)
+                         at (offset, length) -- megatron-core's writer always passes
+                         ``SerializationFormat.TORCH_SAVE`` to torch's ``_write_item``; byte
+                         entries (ShardedObjects, ``_extra_state``) are torch.save'd bytes too
+    common.pt            rank 0's non-sharded state (torch.save): lr_scheduler, optimizer
+                         param_groups, rng (SkyRL), ...
+
+Metadata costs one read of ``.metadata`` and NO torch import: the pickle is decoded by
+:func:`ckptctl.formats.safe_load.load_pickle` with an allowlist (:data:`METADATA_GLOBALS`)
+that maps torch DCP's classes to small record classes defined here, ``torch.Size`` to
+``tuple`` and dtypes to their names. Nothing the pickle names is ever imported or called,
+apart from those records and plain builtins. A tensor is read with one ranged read per chunk
+and decoded with :func:`~ckptctl.formats.safe_load.load_pt` (``weights_only``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from ckptctl.errors import CkptctlError, NotFoundError
+from ckptctl.formats.base import MODEL, OPTIMIZER, OTHER, CheckpointReader, Piece, TensorInfo, dtype_size
+from ckptctl.formats.safe_load import CorruptCheckpointError, load_pickle, load_pt, to_plain
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ckptctl.storage import Store
+
+METADATA_FILE = ".metadata"
+METADATA_JSON = "metadata.json"
+COMMON_FILE = "common.pt"
+VERL_SUBDIR = "dist_ckpt"
+DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+ZIP_MAGIC = b"PK\x03\x04"
+
+_OPT_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+_OPT_STATE_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.state\.([^.]+)\.(.+)$")
+_PER_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_STACKED_PREFIX = "decoder.layers."
+_SHARD_SUFFIX_RE = re.compile(r"^(.*)/shard_[\d.]+_[\d.]+$")
+
+
+# -- the .metadata allowlist ------------------------------------------------------------------
+
+class _Record:
+    """Stand-in for a torch DCP dataclass: the pickle's state lands in ``__dict__``.
+
+    No ``__setstate__``: pickle's C BUILD copies a dict state straight into ``__dict__`` (fast,
+    and nothing runs). Missing fields read as None (older/newer torch may add or drop some).
+    """
+
+    _qualname = "?"
+
+    def __init__(self, *args, **kwargs):  # REDUCE-style construction: keep the arguments
+        if args:
+            self.__dict__["_args"] = args
+        if kwargs:
+            self.__dict__.update(kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{self._qualname} {self.__dict__}>"
+
+
+class _TensorProperties(_Record):
+    """``TensorProperties`` pickles its state as a tuple (dtype, layout, requires_grad, ...)."""
+
+    _FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif isinstance(state, tuple):
+            self.__dict__.update(zip(self._FIELDS, state))
+
+
+def _record(qualname: str, base: type = _Record) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (base,), {"_qualname": qualname})
+
+
+def _passthrough(value=None, *_):
+    """For enums and ``torch.serialization._get_layout``: keep the pickled value as data."""
+    return value
+
+
+def _path(*parts):
+    return "/".join(str(p) for p in parts)
+
+
+#: torch dtypes as they may appear in DCP metadata, mapped to ckptctl's dtype names.
+TORCH_DTYPES = {
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16", "int8": "int8", "int16": "int16",
+    "short": "int16", "int32": "int32", "int": "int32", "int64": "int64", "long": "int64", "uint8": "uint8",
+    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "bool": "bool", "complex64": "complex64",
+    "cfloat": "complex64", "complex128": "complex128", "cdouble": "complex128", "complex32": "complex32",
+    "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2", "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz", "float8_e8m0fnu": "float8_e8m0fnu",
+}
+
+_DCP = "torch.distributed.checkpoint"
+_RECORDS = (
+    f"{_DCP}.metadata.Metadata", f"{_DCP}.metadata.TensorStorageMetadata",
+    f"{_DCP}.metadata.BytesStorageMetadata", f"{_DCP}.metadata.ChunkStorageMetadata",
+    f"{_DCP}.metadata.MetadataIndex", f"{_DCP}.metadata.StorageMeta", f"{_DCP}.filesystem._StorageInfo",
+    f"{_DCP}.planner.SavePlan", f"{_DCP}.planner.WriteItem", f"{_DCP}.planner.TensorWriteData",
+    f"{_DCP}.planner.BytesIOWriteData",
+)
+
+#: The globals a DCP ``.metadata`` pickle may reference (found by experiment on torch 2.13 +
+#: megatron-core 0.16.1 saves), each mapped to harmless data builders.
+METADATA_GLOBALS: dict[str, Any] = {
+    **{q: _record(q) for q in _RECORDS},
+    f"{_DCP}.metadata.TensorProperties": _record(f"{_DCP}.metadata.TensorProperties", _TensorProperties),
+    f"{_DCP}.metadata._MEM_FORMAT_ENCODING": _passthrough,
+    f"{_DCP}.planner.WriteItemType": _passthrough,
+    "torch.serialization._get_layout": _passthrough,
+    "torch.Size": tuple,
+    "collections.OrderedDict": dict,
+    "pathlib.PosixPath": _path, "pathlib.PurePosixPath": _path, "pathlib._local.PosixPath": _path,
+    **{f"torch.{name}": canonical for name, canonical in TORCH_DTYPES.items()},
+}
+
+
+# -- data model -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A non-tensor entry (``BytesStorageMetadata``): a ShardedObject shard, ``_extra_state``, ..."""
+
+    name: str  # e.g. "rng_state/shard_0.0_2.1"
+    key: str  # without the "/shard_..." suffix: "rng_state"
+    file: str  # relative to the component directory
+    byte_offset: int
+    byte_length: int
+    rank: int | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _rank_of(file_name: str) -> int | None:
+    m = DISTCP_RE.match(file_name.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def _group_of(name: str) -> str:
+    if _OPT_RE.match(name):
+        return OPTIMIZER
+    if name.startswith("rng_state"):
+        return OTHER
+    return MODEL
+
+
+def _model_key(name: str) -> str:
+    """The model key an optimizer-state key belongs to (itself for model keys)."""
+    m = _OPT_STATE_RE.match(name)
+    return m.group(2) if m else name
+
+
+def _layer_axis(name: str) -> bool:
+    """True for stacked ``decoder.layers.X`` keys (leading num_layers axis)."""
+    key = _model_key(name)
+    return key.startswith(_STACKED_PREFIX) and not _PER_LAYER_RE.match(key)
+
+
+class MegatronReader(CheckpointReader):
+    """Reader of a Megatron ``torch_dist`` component (store rooted at ``policy/`` or ``critic/``).
+
+    ``nesting``: ``"dist_ckpt"`` (verl), ``""`` (SkyRL), or None to detect it (tries
+    ``.metadata``, then ``dist_ckpt/.metadata``). ``extra_stand_ins``: globals to keep as data
+    when ``common.pt`` references them (``--allow-global``).
+    """
+
+    backend = "megatron"
+
+    def __init__(self, store: "Store", *, nesting: str | None = None, extra_stand_ins: Iterable[str] = (),
+                 max_workers: int = 8):
+        super().__init__(store)
+        self.extra_stand_ins = tuple(extra_stand_ins)
+        self.max_workers = max_workers
+        self._nesting = nesting
+        self._metadata = None
+        self._infos: dict[str, TensorInfo] | None = None
+        self._objects: dict[str, ObjectInfo] | None = None
+        self._transforms: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._metadata_json: tuple[dict | None] | None = None
+
+    # -- locating and parsing .metadata -----------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        self._load_metadata()
+        return f"{self._nesting}/" if self._nesting else ""
+
+    @property
+    def nesting(self) -> str:
+        self._load_metadata()
+        return self._nesting or ""
+
+    def _rel(self, name: str) -> str:
+        return self.prefix + name
+
+    def _load_metadata(self):
+        if self._metadata is not None:
+            return self._metadata
+        candidates = [self._nesting] if self._nesting is not None else ["", VERL_SUBDIR]
+        data = None
+        for nest in candidates:
+            rel = f"{nest}/{METADATA_FILE}" if nest else METADATA_FILE
+            try:
+                data = self.store.read_bytes(rel)
+            except NotFoundError:
+                continue
+            self._nesting = nest
+            break
+        if data is None:
+            where = " or ".join(self.store.url_of(f"{n}/{METADATA_FILE}" if n else METADATA_FILE) for n in candidates)
+            raise NotFoundError(f"{where}: not found (no torch DCP index: not a Megatron torch_dist checkpoint, "
+                                "or the save did not finish)")
+        name = self.store.url_of(self._rel_raw(METADATA_FILE))
+        if not data:
+            raise CorruptCheckpointError(f"cannot read {name}: empty file")
+        md = load_pickle(data, METADATA_GLOBALS, name=name)
+        sdm = getattr(md, "state_dict_metadata", None) if isinstance(md, _Record) else None
+        if not isinstance(sdm, dict) or not isinstance(getattr(md, "storage_data", None), dict):
+            raise CorruptCheckpointError(f"cannot read {name}: not a torch DCP Metadata pickle "
+                                         f"(got {type(md).__name__})")
+        self._metadata = md
+        return md
+
+    def _rel_raw(self, name: str) -> str:
+        return f"{self._nesting}/{name}" if self._nesting else name
+
+    def _index(self) -> None:
+        if self._infos is not None:
+            return
+        md = self._load_metadata()
+        prefix = self.prefix
+        by_index: dict[tuple[str, Any], Any] = {}
+        for idx, info in md.storage_data.items():
+            offset = getattr(idx, "offset", None)
+            by_index[(idx.fqn, tuple(offset) if offset is not None else None)] = info
+        infos: dict[str, TensorInfo] = {}
+        objects: dict[str, ObjectInfo] = {}
+        for name, entry in md.state_dict_metadata.items():
+            chunks = getattr(entry, "chunks", None)
+            if chunks is None:  # BytesStorageMetadata
+                si = by_index.get((name, None))
+                if si is None:
+                    continue
+                m = _SHARD_SUFFIX_RE.match(name)
+                objects[name] = ObjectInfo(name, m.group(1) if m else name, prefix + si.relative_path,
+                                           int(si.offset), int(si.length), _rank_of(si.relative_path))
+                continue
+            if "._extra_state" in name:
+                continue
+            props = entry.properties
+            dtype = getattr(props, "dtype", None) if props is not None else None
+            pieces = []
+            for ch in chunks:
+                offsets, sizes = tuple(ch.offsets), tuple(ch.sizes)
+                si = by_index.get((name, offsets))
+                if si is None:
+                    raise CorruptCheckpointError(
+                        f"cannot read {self.store.url_of(self._rel_raw(METADATA_FILE))}: chunk {list(offsets)} of "
+                        f"{name} has no storage entry")
+                if si.transform_descriptors:
+                    self._transforms[(prefix + si.relative_path, int(si.offset))] = tuple(si.transform_descriptors)
+                pieces.append(Piece(prefix + si.relative_path, offsets, sizes, int(si.offset), int(si.length),
+                                    _rank_of(si.relative_path)))
+            infos[name] = TensorInfo(name=name, shape=tuple(entry.size), dtype=str(dtype) if dtype else "unknown",
+                                     group=_group_of(name), layout="dcp", pieces=pieces)
+        self._infos = infos
+        self._objects = objects
+
+    # -- the reader interface ---------------------------------------------------------------
+    def tensors(self) -> Iterator[TensorInfo]:
+        self._index()
+        return iter(self._infos.values())
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        self._index()
+        return dict(self._infos)
+
+    def objects(self) -> list[ObjectInfo]:
+        """Non-tensor entries (ShardedObjects such as ``rng_state``, ``_extra_state``)."""
+        self._index()
+        return list(self._objects.values())
+
+    def _info(self, name: str) -> TensorInfo:
+        self._index()
+        info = self._infos.get(name)
+        if info is None:
+            raise NotFoundError(f"{self.store.url}: no tensor named {name!r} in this Megatron checkpoint")
+        return info
+
+    def _fetch(self, ranges: list[tuple[str, int, int]]) -> Iterator[bytes]:
+        """The bytes of each (file, offset, length), one ranged read each, in order."""
+        if self.store.is_local or len(ranges) < 2 or self.max_workers < 2:
+            for rel, off, length in ranges:
+                yield self.store.read_range(rel, off, off + length)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(self.max_workers, len(ranges))) as pool:
+            yield from pool.map(lambda r: self.store.read_range(r[0], r[1], r[1] + r[2]), ranges)
+
+    def _decode(self, blob: bytes, piece: Piece, info: TensorInfo, torch_dtype) -> "torch.Tensor":
+        import torch
+
+        where = f"{self.store.url_of(piece.file)} (bytes {piece.byte_offset}+{piece.byte_length}, {info.name})"
+        if len(blob) != piece.byte_length:
+            raise CorruptCheckpointError(f"cannot read {where}: truncated ({len(blob)} of {piece.byte_length} bytes)")
+        descriptors = self._transforms.get((piece.file, piece.byte_offset))
+        if descriptors:
+            blob = _untransform(blob, descriptors, where)
+        numel = 1
+        for s in piece.sizes:
+            numel *= s
+        if blob[:4] == ZIP_MAGIC:
+            t = load_pt(blob, name=where)
+        elif len(blob) == numel * dtype_size(info.dtype) and dtype_size(info.dtype):
+            t = torch.frombuffer(bytearray(blob), dtype=torch_dtype).reshape(piece.sizes) if numel else \
+                torch.empty(piece.sizes, dtype=torch_dtype)
+        else:
+            raise CorruptCheckpointError(f"cannot read {where}: neither a torch.save blob nor raw tensor bytes")
+        if not isinstance(t, torch.Tensor):
+            raise CorruptCheckpointError(f"cannot read {where}: holds a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(piece.sizes):
+            raise CorruptCheckpointError(f"cannot read {where}: chunk shape {list(t.shape)}, metadata says "
+                                         f"{list(piece.sizes)}")
+        if t.dtype != torch_dtype:
+            raise CorruptCheckpointError(f"cannot read {where}: chunk dtype {t.dtype}, metadata says {info.dtype}")
+        return t
+
+    def read_tensor(self, name: str) -> "torch.Tensor":
+        """The global tensor, assembled from its chunks (one ranged read per chunk)."""
+        import torch
+
+        info = self._info(name)
+        torch_dtype = getattr(torch, info.dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
+        out = torch.empty(info.shape, dtype=torch_dtype)
+        covered = 0
+        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p in info.pieces])
+        for piece, blob in zip(info.pieces, blobs):
+            chunk = self._decode(blob, piece, info, torch_dtype)
+            region = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.sizes))
+            out[region] = chunk
+            covered += chunk.numel()
+        if covered != info.numel:
+            raise CorruptCheckpointError(f"{self.store.url}: the chunks of {name} cover {covered} of {info.numel} "
+                                         "elements")
+        return out
+
+    def read_object(self, name: str) -> Any:
+        """A non-tensor entry (e.g. ``rng_state/shard_0.0_2.1``), loaded with the safe loader."""
+        self._index()
+        obj = self._objects.get(name)
+        if obj is None:
+            raise NotFoundError(f"{self.store.url}: no object named {name!r} in this Megatron checkpoint")
+        blob = self.store.read_range(obj.file, obj.byte_offset, obj.byte_offset + obj.byte_length)
+        where = f"{self.store.url_of(obj.file)} (bytes {obj.byte_offset}+{obj.byte_length}, {name})"
+        if len(blob) != obj.byte_length:
+            raise CorruptCheckpointError(f"cannot read {where}: truncated")
+        return load_pt(blob, name=where, extra_stand_ins=self.extra_stand_ins)
+
+    # -- summary ------------------------------------------------------------------------------
+    def read_metadata_json(self) -> dict | None:
+        """``metadata.json`` (read once); None when absent (the save did not finish)."""
+        if self._metadata_json is None:
+            try:
+                value = json.loads(self.store.read_bytes(self._rel(METADATA_JSON)))
+            except NotFoundError:
+                value = None
+            except ValueError as exc:
+                raise CorruptCheckpointError(f"cannot read {self.store.url_of(self._rel(METADATA_JSON))}: "
+                                             f"not valid JSON ({exc})") from exc
+            self._metadata_json = (value,)
+        return self._metadata_json[0]
+
+    def read_common(self) -> Any:
+        """``common.pt`` (rank 0's non-sharded state) via the safe loader; None when absent."""
+        rel = self._rel(COMMON_FILE)
+        try:
+            local = self.store.local_path(rel)
+            if local is not None:
+                import os
+
+                if not os.path.exists(local):
+                    return None
+                source: Any = local
+            else:
+                source = self.store.read_bytes(rel)
+        except NotFoundError:
+            return None
+        return load_pt(source, name=self.store.url_of(rel), extra_stand_ins=self.extra_stand_ins)
+
+    def summary(self, *, common: bool = True, check_files: bool = True) -> dict[str, Any]:
+        """Plain-data facts: metadata.json, tensor statistics, inferred parallel layout,
+        optimizer format, and (``common``) lr_scheduler / param_groups / rng from ``common.pt``.
+        ``check_files``: one listing to check every chunk lies inside an existing file."""
+        self._index()
+        md = self._metadata
+        problems: list[str] = []
+        infos = list(self._infos.values())
+        out: dict[str, Any] = {"backend": self.backend, "nesting": self.nesting}
+        meta_json = self.read_metadata_json()
+        out["metadata_json"] = meta_json
+        if meta_json is None:
+            problems.append(f"missing {self._rel(METADATA_JSON)} (written last by rank 0: the save did not finish)")
+        elif meta_json.get("sharded_backend") not in (None, "torch_dist"):
+            problems.append(f"sharded_backend is {meta_json.get('sharded_backend')!r}, not torch_dist")
+        out["dcp_version"] = getattr(md, "version", None)
+        out["tensors"] = _tensor_stats(infos)
+        objs = list(self._objects.values())
+        out["objects"] = {"count": len(objs), "keys": sorted({o.key for o in objs})}
+        files = sorted({p.file for t in infos for p in t.pieces} | {o.file for o in objs})
+        ranks = sorted({r for f in files if (r := _rank_of(f)) is not None})
+        out["files"] = {"distcp": len(files), "data_bytes": sum(p.byte_length for t in infos for p in t.pieces)
+                        + sum(o.byte_length for o in objs)}
+        out["model"] = _model_shape_facts(infos)
+        out["parallel"] = _infer_parallel(infos, ranks)
+        out["optimizer"] = {"format_from_keys": _optimizer_format_from_keys(infos, objs)}
+        out["optimizer"]["format"] = out["optimizer"]["format_from_keys"]
+        out["optimizer"]["state_keys"] = sorted({m.group(1) for t in infos if (m := _OPT_STATE_RE.match(t.name))})
+        rng_objects = sorted(o.name for o in objs if o.key.startswith("rng_state"))
+        out["rng"] = {"present": bool(rng_objects), "where": "sharded objects" if rng_objects else None,
+                      "objects": rng_objects}
+        if common:
+            self._summarise_common(out, problems)
+        if check_files:
+            problems += self._check_files(files, infos, objs)
+        out["problems"] = problems
+        return out
+
+    def _summarise_common(self, out: dict, problems: list[str]) -> None:
+        try:
+            state = self.read_common()
+        except CkptctlError as exc:
+            out["common"] = {"error": str(exc)}
+            problems.append(str(exc))
+            return
+        if state is None:
+            out["common"] = None
+            problems.append(f"missing {self._rel(COMMON_FILE)}")
+            return
+        if not isinstance(state, dict):
+            out["common"] = {"type": type(state).__name__}
+            return
+        out["common"] = {"keys": sorted(map(str, state))}
+        if "lr_scheduler" in state:
+            out["lr_scheduler"] = _scalars(to_plain(state["lr_scheduler"]))
+        opt = state.get("optimizer")
+        if opt is not None:
+            sharding = _find_key(opt, "param_state_sharding_type")
+            groups = _find_key(opt, "param_groups")
+            o = out["optimizer"]
+            if isinstance(sharding, str):
+                o["format"] = sharding
+                o["format_source"] = "common.pt"
+            else:
+                o["format_source"] = "keys"
+            if isinstance(groups, list):
+                o["param_groups"] = [_summarise_group(g) for g in groups if isinstance(g, dict)]
+                steps = {g.get("step") for g in groups if isinstance(g, dict) and g.get("step") is not None}
+                if len(steps) == 1:
+                    o["step"] = _num(steps.pop())
+            common_step = _find_key(opt, "common_step")
+            if common_step is not None and "step" not in o:
+                o["step"] = _num(common_step)
+        else:
+            out["optimizer"].setdefault("format_source", "keys")
+        rng = state.get("rng")
+        if rng is not None:
+            out["rng"]["present"] = True
+            out["rng"]["where"] = "common.pt" if not out["rng"]["objects"] else "common.pt and sharded objects"
+            if isinstance(rng, dict):
+                out["rng"]["keys"] = sorted(map(str, rng))
+
+    def _check_files(self, files: list[str], infos: list[TensorInfo], objs: list[ObjectInfo]) -> list[str]:
+        try:
+            listing = {f.path: f.size for f in self.store.walk()}
+        except CkptctlError as exc:
+            return [f"could not list {self.store.url}: {exc}"]
+        need: dict[str, int] = defaultdict(int)
+        for t in infos:
+            for p in t.pieces:
+                need[p.file] = max(need[p.file], p.byte_offset + p.byte_length)
+        for o in objs:
+            need[o.file] = max(need[o.file], o.byte_offset + o.byte_length)
+        problems = []
+        missing = sorted(f for f in files if f not in listing)
+        if missing:
+            problems.append(f"missing data files named in {self._rel(METADATA_FILE)}: {', '.join(missing[:8])}"
+                            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        for f, end in sorted(need.items()):
+            if f in listing and listing[f] < end:
+                problems.append(f"{f} is truncated: {listing[f]} bytes, chunks need {end}")
+        return problems
+
+
+# -- helpers for summary ----------------------------------------------------------------------
+
+def _untransform(blob: bytes, descriptors: tuple[str, ...], where: str) -> bytes:
+    """Undo DCP stream transforms (e.g. ``stream.zstd/1``) with torch's own extension registry."""
+    import io
+
+    try:
+        from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+
+        stream = io.BytesIO(blob)
+        for ext in ExtensionRegistry().from_descriptor_list(list(descriptors)):
+            if isinstance(ext, StreamTransformExtension):
+                stream = ext.transform_from(stream)
+        return stream.read()
+    except Exception as exc:  # noqa: BLE001 - unknown descriptor, missing codec, bad data
+        raise CkptctlError(f"cannot read {where}: stored with transforms {list(descriptors)} "
+                           f"({type(exc).__name__}: {exc})") from exc
+
+
+def _tensor_stats(infos: list[TensorInfo]) -> dict[str, Any]:
+    by_group: dict[str, dict] = {}
+    for t in infos:
+        g = by_group.setdefault(t.group, {"tensors": 0, "params": 0, "bytes": 0, "chunks": 0, "dtypes": Counter()})
+        g["tensors"] += 1
+        g["params"] += t.numel
+        g["bytes"] += t.nbytes
+        g["chunks"] += len(t.pieces)
+        g["dtypes"][t.dtype] += 1
+    for g in by_group.values():
+        g["dtypes"] = dict(g["dtypes"])
+    return {"total": len(infos), "by_group": by_group}
+
+
+def _model_shape_facts(infos: list[TensorInfo]) -> dict[str, Any]:
+    model = {t.name: t for t in infos if t.group == MODEL}
+    stacked = [t for t in model.values() if _layer_axis(t.name)]
+    per_layer = {int(m.group(1)) for n in model if (m := _PER_LAYER_RE.match(n))}
+    out: dict[str, Any] = {"layer_keys": "stacked" if stacked else ("per_layer" if per_layer else None)}
+    if stacked:
+        out["num_layers"] = max(t.shape[0] for t in stacked if t.shape)
+    elif per_layer:
+        out["num_layers"] = max(per_layer) + 1
+    emb = model.get("embedding.word_embeddings.weight")
+    if emb is not None and len(emb.shape) == 2:
+        out["padded_vocab_size"], out["hidden_size"] = emb.shape
+        out["tied_embeddings"] = "output_layer.weight" not in model
+    return out
+
+
+def _split_counts(t: TensorInfo, dim: int) -> int:
+    """How many distinct chunk offsets along ``dim`` the first layer of ``t`` has."""
+    first = min((p.offsets[0] for p in t.pieces), default=0) if _layer_axis(t.name) else None
+    return len({p.offsets[dim] for p in t.pieces if first is None or p.offsets[0] == first})
+
+
+def _infer_parallel(infos: list[TensorInfo], ranks: list[int]) -> dict[str, Any]:
+    """TP from chunking, PP from which ranks wrote which layers, world size from file names."""
+    model = {t.name: t for t in infos if t.group == MODEL}
+    out: dict[str, Any] = {"writer_ranks": len(ranks), "world_size_min": (max(ranks) + 1) if ranks else None}
+    evidence: dict[str, Any] = {}
+
+    def find(suffix):
+        for n, t in model.items():
+            if n.endswith(suffix) and t.pieces and t.shape:
+                return t
+        return None
+
+    tp = None
+    # row-parallel (split on the last dim), column-parallel QKV (split on the output rows)
+    for suffix, dim in (("self_attention.linear_proj.weight", -1), ("self_attention.linear_qkv.weight", -2),
+                        ("mlp.linear_fc2.weight", -1), ("embedding.word_embeddings.weight", 0)):
+        t = find(suffix)
+        if t is None:
+            continue
+        n = _split_counts(t, dim if dim >= 0 else len(t.shape) + dim)
+        evidence[t.name] = n
+        if tp is None:
+            tp = n
+    fc1 = find("mlp.linear_fc1.weight")
+    if fc1 is not None:
+        n = _split_counts(fc1, len(fc1.shape) - 2)
+        evidence[fc1.name] = n
+        if tp and n == 2 * tp:
+            out["swiglu_fc1_chunks"] = n
+    out["tp"] = tp
+    out["tp_evidence"] = evidence
+    pp, pp_note = _infer_pp(infos, ranks, tp)
+    out["pp"] = pp
+    out["pp_note"] = pp_note
+    world = out["world_size_min"]
+    out["dp"] = world // (tp * pp) if world and tp and pp and world % (tp * pp) == 0 else None
+    return out
+
+
+def _layer_of(t: TensorInfo, piece: Piece) -> int | None:
+    key = _model_key(t.name)
+    m = _PER_LAYER_RE.match(key)
+    if m:
+        return int(m.group(1))
+    if key.startswith(_STACKED_PREFIX) and piece.offsets and piece.sizes and piece.sizes[0] == 1:
+        return piece.offsets[0]
+    return None
+
+
+def _infer_pp(infos: list[TensorInfo], ranks: list[int], tp: int | None) -> tuple[int | None, str]:
+    """The largest PP for which every decoder layer was written only by ranks of one stage,
+    stages own increasing contiguous layer ranges, the embedding by stage 0 and the output
+    layer / final norm by the last stage -- with Megatron's default rank order (tp-cp-ep-dp-pp:
+    stage = rank // (world / pp))."""
+    if not ranks or not tp:
+        return None, "no writer ranks or TP unknown"
+    world = max(ranks) + 1
+    writers: dict[int, set[int]] = defaultdict(set)
+    first_stage: set[int] = set()
+    last_stage: set[int] = set()
+    for t in infos:
+        key = _model_key(t.name)
+        for p in t.pieces:
+            if p.rank is None:
+                continue
+            layer = _layer_of(t, p)
+            if layer is not None:
+                writers[layer].add(p.rank)
+            elif key.startswith("embedding."):
+                first_stage.add(p.rank)
+            elif key.startswith("output_layer.") or key.startswith("decoder.final_layernorm."):
+                last_stage.add(p.rank)
+    if not writers:
+        return None, "no decoder layers found"
+    layers = sorted(writers)
+    if world % tp:
+        return None, f"world size {world} (from file names) not divisible by TP {tp}"
+    for pp in sorted((d for d in range(2, world // tp + 1) if (world // tp) % d == 0), reverse=True):
+        if pp > len(layers):
+            continue
+        per_stage = world // pp
+        stage_of_layer = []
+        ok = True
+        for layer in layers:
+            stages = {r // per_stage for r in writers[layer]}
+            if len(stages) != 1:
+                ok = False
+                break
+            stage_of_layer.append(stages.pop())
+        if not ok or stage_of_layer != sorted(stage_of_layer) or set(stage_of_layer) != set(range(pp)):
+            continue
+        if any(r // per_stage != 0 for r in first_stage) or any(r // per_stage != pp - 1 for r in last_stage):
+            continue
+        return pp, "from the ranks that wrote each decoder layer (default rank order tp-cp-ep-dp-pp assumed)"
+    return 1, "every layer's writers are consistent only with PP=1"
+
+
+def _optimizer_format_from_keys(infos: list[TensorInfo], objs: list[ObjectInfo]) -> str | None:
+    states = {m.group(1) for t in infos if (m := _OPT_STATE_RE.match(t.name))}
+    if any(".gbuf_idx_" in t.name for t in infos if t.group == OPTIMIZER):
+        return "dp_reshardable"
+    if any(o.key.endswith(".param_state") and _OPT_RE.match(o.key) for o in objs):
+        return "dp_zero_gather_scatter"
+    if "fp32_param" in states:
+        return "fully_sharded_model_space"
+    if "param" in states:
+        return "fully_reshardable"
+    if states:
+        return "non_distributed"
+    return None
+
+
+def _find_key(obj: Any, key: str, depth: int = 0) -> Any:
+    """The first value under ``key`` in nested dicts/lists (breadth-limited)."""
+    if depth > 4:
+        return None
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        values = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        values = obj
+    else:
+        return None
+    for v in values:
+        if isinstance(v, (dict, list, tuple)):
+            found = _find_key(v, key, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _num(v: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            return v.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _scalars(d: Any) -> Any:
+    if not isinstance(d, dict):
+        return d
+    return {str(k): v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))
+            or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v))}
+
+
+def _summarise_group(g: dict) -> dict:
+    out = _scalars(to_plain({k: _num(v) for k, v in g.items() if k != "params"}))
+    if "params" in g and isinstance(g["params"], (list, tuple)):
+        out["num_params"] = len(g["params"])
+    return out
+
+
+__all__ = ["MegatronReader", "ObjectInfo", "METADATA_GLOBALS"]
