@@ -189,6 +189,20 @@ def test_read_every_tensor_bit_identical(megatron_ckpts, name):
         assert torch.equal(got, want), key
 
 
+@pytest.mark.parametrize("name", ["tp2pp2", "perlayer"])
+def test_read_one_layer_of_a_stacked_tensor(megatron_ckpts, name):
+    """read_tensor(key, index) reads only the chunks holding tensor[index] (layer streaming)."""
+    c = megatron_ckpts[name]
+    reader = reader_for(c)
+    infos = reader.tensor_infos()
+    ref = c.reference_tensors()
+    for key in [k for k in ref if k in infos and len(infos[k].shape) >= 2]:
+        for index in range(infos[key].shape[0]):
+            assert torch.equal(reader.read_tensor(key, index), ref[key][index]), (key, index)
+    with pytest.raises(CkptctlError):
+        reader.read_tensor(next(iter(ref)), 10**6)
+
+
 def test_read_tensor_one_ranged_read_per_chunk(megatron_ckpts):
     c = megatron_ckpts["tp2pp2"]
     reader = reader_for(c)

@@ -349,24 +349,39 @@ class MegatronReader(CheckpointReader):
             raise CorruptCheckpointError(f"cannot read {where}: chunk dtype {t.dtype}, metadata says {info.dtype}")
         return t
 
-    def read_tensor(self, name: str) -> "torch.Tensor":
-        """The global tensor, assembled from its chunks (one ranged read per chunk)."""
+    def read_tensor(self, name: str, index: int | None = None) -> "torch.Tensor":
+        """The global tensor, assembled from its chunks (one ranged read per chunk).
+
+        With ``index``, only ``tensor[index]`` (along dim 0), reading only the chunks that hold
+        it: a stacked ``decoder.layers.*`` tensor can then be streamed one layer at a time.
+        """
         import torch
 
         info = self._info(name)
         torch_dtype = getattr(torch, info.dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
-        out = torch.empty(info.shape, dtype=torch_dtype)
+        pieces = info.pieces
+        shape = info.shape
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise CkptctlError(f"{self.store.url}: {name} has no index {index} along dim 0 (shape {shape})")
+            pieces = [p for p in pieces if p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+            shape = shape[1:]
+        out = torch.empty(shape, dtype=torch_dtype)
         covered = 0
-        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p in info.pieces])
-        for piece, blob in zip(info.pieces, blobs):
+        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p in pieces])
+        for piece, blob in zip(pieces, blobs):
             chunk = self._decode(blob, piece, info, torch_dtype)
-            region = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.sizes))
+            if index is not None:
+                chunk = chunk[index - piece.offsets[0]]
+                region = tuple(slice(o, o + s) for o, s in zip(piece.offsets[1:], piece.sizes[1:]))
+            else:
+                region = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.sizes))
             out[region] = chunk
             covered += chunk.numel()
-        if covered != info.numel:
-            raise CorruptCheckpointError(f"{self.store.url}: the chunks of {name} cover {covered} of {info.numel} "
+        if covered != out.numel():
+            raise CorruptCheckpointError(f"{self.store.url}: the chunks of {name} cover {covered} of {out.numel()} "
                                          "elements")
         return out
 

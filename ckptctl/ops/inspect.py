@@ -145,7 +145,11 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
                                "HF loaders (export-hf removes it)")
     if comp.backend == "unknown":
         return report
-    kwargs = {"extra_stand_ins": allow_globals} if comp.backend.startswith("fsdp") and allow_globals else {}
+    kwargs: dict[str, Any] = {}
+    if allow_globals and comp.backend != "hf":
+        kwargs["extra_stand_ins"] = allow_globals
+    if comp.backend == "megatron":
+        kwargs["nesting"] = comp.nesting
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
         tensors = list(reader.tensors())
         report.format = reader.summary()
