@@ -215,6 +215,38 @@ def render_config(config_data, fmt: str) -> None:
         sys.stdout.write(yaml.safe_dump(config_data, sort_keys=False, default_flow_style=False))
 
 
+@app.command("export-hf")
+@handle_errors
+def export_hf_command(
+    src: Annotated[str, typer.Argument(
+        help="A global_step_N directory, a policy/critic component, or a tree (its pointer target).",
+        show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Destination directory (local, s3://, gs://).",
+                                     show_default=False)],
+    component: Annotated[Literal["policy", "critic"], typer.Option(
+        "--component", help="Which model component to export.")] = "policy",
+    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(
+        "--dtype", help="auto keeps the source dtype; others cast explicitly.")] = "auto",
+    max_shard_size: Annotated[str, typer.Option(
+        "--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into the weights.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip re-reading the output afterwards.")] = False,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory."""
+    from ckptctl.ops.export import export_hf
+    from ckptctl.render import render_export
+
+    out_ = Output(json_output)
+    with out_.progress("exporting tensors", None) as advance:
+        summary = export_hf(src, out, component=component, dtype=dtype, max_shard_size=max_shard_size,
+                            overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify,
+                            endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total))
+    out_.result(summary, render_export)
+
+
 def main() -> None:
     app()
 

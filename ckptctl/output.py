@@ -94,17 +94,23 @@ class Output:
         return not self.json_mode and sys.stderr.isatty()
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        """Yields ``advance(n)``; draws a bar only on a terminal and never in --json mode."""
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        """Yields ``advance(n=1, total=None)``; draws a bar only on a terminal, never with --json."""
         if not self.interactive:
-            yield lambda n=1: None
+            yield lambda n=1, total=None: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+
+            def advance(n: int = 1, total: int | None = None) -> None:
+                if total is not None:
+                    bar.update(task, total=total)
+                bar.advance(task, n)
+
+            yield advance
 
 
 def print_error(message: str) -> None:

@@ -150,3 +150,21 @@ def render_inspect(console: Console, report) -> None:
             console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
+
+
+def render_export(console: Console, summary) -> None:
+    console.print(f"exported {summary.source} ({summary.backend}"
+                  + (f", step {summary.step}" if summary.step is not None else "") + f") -> [bold]{summary.destination}"
+                  "[/bold]", highlight=False)
+    dtypes = ", ".join(f"{d} x{n}" for d, n in summary.dtypes_written.items())
+    console.print(f"  architecture: {', '.join(summary.architecture) or '-'}", highlight=False)
+    console.print(f"  tensors: {summary.tensors}  shards: {summary.shards}  size: {human_bytes(summary.bytes)}  "
+                  f"dtype: {dtypes} ({'source dtype' if summary.dtype == 'source' else 'cast to ' + summary.dtype})",
+                  highlight=False)
+    console.print(f"  files: {', '.join(summary.files)}", highlight=False)
+    for name, why in summary.skipped.items():
+        console.print(f"  skipped {name}: {why}", highlight=False)
+    for warning in summary.warnings:
+        console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
+    console.print("  verified: " + ("[green]yes[/green]" if summary.verified else "no (--no-verify)")
+                  + f"   in {summary.seconds:.1f} s")

@@ -10,7 +10,7 @@
 __ckptctl_subcommands()
 {
     case "$1" in
-        'ckptctl') echo 'list prune resolve-resume inspect' ;;
+        'ckptctl') echo 'list prune resolve-resume inspect export-hf' ;;
     esac
 }
 
@@ -23,6 +23,7 @@ __ckptctl_options()
         'ckptctl prune') echo '-k --keep --keep-every --drop-optimizer --include-in-progress --include-above-pointer -n --dry-run -y --yes --json --endpoint-url -h --help' ;;
         'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --json --endpoint-url -h --help' ;;
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
+        'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --json --endpoint-url -h --help' ;;
     esac
 }
 
@@ -42,6 +43,11 @@ __ckptctl_nvalues()
         'ckptctl inspect --component') return 1 ;;
         'ckptctl inspect --allow-global') return 1 ;;
         'ckptctl inspect --endpoint-url') return 1 ;;
+        'ckptctl export-hf -o'|'ckptctl export-hf --out') return 1 ;;
+        'ckptctl export-hf --component') return 1 ;;
+        'ckptctl export-hf --dtype') return 1 ;;
+        'ckptctl export-hf --max-shard-size') return 1 ;;
+        'ckptctl export-hf --endpoint-url') return 1 ;;
     esac
     return 0
 }
@@ -52,6 +58,8 @@ __ckptctl_option_value()
     case "$1 $2" in
         'ckptctl resolve-resume --mode') __ckptctl_words 'latest from_path none' "$3" ;;
         'ckptctl inspect --config-format') __ckptctl_words 'yaml json' "$3" ;;
+        'ckptctl export-hf --component') __ckptctl_words 'policy critic' "$3" ;;
+        'ckptctl export-hf --dtype') __ckptctl_words 'auto bf16 fp16 fp32' "$3" ;;
     esac
 }
 
@@ -63,6 +71,7 @@ __ckptctl_positional()
         'ckptctl prune') __ckptctl_files "$2" ;;
         'ckptctl resolve-resume') __ckptctl_files "$2" ;;
         'ckptctl inspect') __ckptctl_files "$2" ;;
+        'ckptctl export-hf') __ckptctl_files "$2" ;;
     esac
 }
 

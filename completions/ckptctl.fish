@@ -9,7 +9,7 @@
 function __ckptctl_subcommands
     switch $argv[1]
         case 'ckptctl'
-            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect'
+            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect' 'export-hf'
     end
 end
 
@@ -50,6 +50,21 @@ function __ckptctl_nvalues
             echo 1
             return
         case 'ckptctl inspect --endpoint-url'
+            echo 1
+            return
+        case 'ckptctl export-hf -o' 'ckptctl export-hf --out'
+            echo 1
+            return
+        case 'ckptctl export-hf --component'
+            echo 1
+            return
+        case 'ckptctl export-hf --dtype'
+            echo 1
+            return
+        case 'ckptctl export-hf --max-shard-size'
+            echo 1
+            return
+        case 'ckptctl export-hf --endpoint-url'
             echo 1
             return
     end
@@ -102,6 +117,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'list' -d 'List the steps of
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'prune' -d 'Delete all but the newest N complete checkpoints (never the pointer target or newest complete).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print what a SkyRL restart would load, by SkyRL\'s rules, and check that it is usable.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'export-hf' -d 'Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
@@ -144,3 +160,16 @@ complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l json -d 'Print a JSO
 complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -s h -l help -d 'Show this message and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -F
+
+# ckptctl export-hf
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s o -l out -x -d 'Destination directory (local, s3://, gs://).'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l component -x -a 'policy critic' -d 'Which model component to export.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l dtype -x -a 'auto bf16 fp16 fp32' -d 'auto keeps the source dtype; others cast explicitly.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l max-shard-size -x -d 'Largest safetensors shard, e.g. 5GB or 500MB.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l overwrite -d 'Replace a non-empty destination.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l merge-lora -d 'Merge a LoRA adapter into the weights.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l no-verify -d 'Skip re-reading the output afterwards.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l json -d 'Print a JSON document for scripts instead of tables.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s h -l help -d 'Show this message and exit.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -F

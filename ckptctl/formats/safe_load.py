@@ -12,8 +12,17 @@ runs arbitrary code. ckptctl never does. Two entry points:
     :class:`PickledObject` that records the constructor arguments and state instead of
     creating the real object (OmegaConf containers in ``trainer_state.pt``, legacy
     ``ShardedTensor`` metadata). :func:`to_plain` turns them into dicts/lists.
+  * :data:`TENSOR_STAND_INS` — tensor subclasses kept as data: the unpickler builds an empty
+    wrapper tensor of the right global shape and dtype (a :class:`TensorStandIn`) and records
+    the pickled state instead of running the class's ``__setstate__`` (legacy ``ShardedTensor``,
+    whose ``__setstate__`` needs a live process group);
+  * ``builtins.getattr`` — only as :func:`stand_in_getattr`, which resolves attributes of
+    stand-in classes to more stand-ins (``ShardedTensor.ProcessGroupState``) and refuses
+    everything else.
   A caller may add stand-ins by name (``extra_stand_ins``, the CLI's ``--allow-global``):
   since a stand-in never calls anything, even a wrong name cannot run code.
+  :func:`unpickling` is the one context in which ckptctl unpickles torch data (``load_pt``
+  and :mod:`ckptctl.formats.torchzip` both use it).
 - :func:`load_pickle` — a plain pickle (torch DCP's ``.metadata``) through a
   ``pickle.Unpickler`` whose ``find_class`` returns only allowlisted globals.
 
@@ -23,9 +32,13 @@ Anything else is refused with :class:`UnsafeCheckpointError`, which names the gl
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import re
-from typing import Any, BinaryIO, Iterable, Mapping
+import struct
+import threading
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from ckptctl.errors import CkptctlError
 
@@ -60,10 +73,26 @@ STAND_INS = (
     "omegaconf.nodes.EnumNode",
     "omegaconf.nodes.ValueNode",
     "typing.Any",
+    # legacy ShardedTensor (FSDP1 SHARDED_STATE_DICT without a device mesh): its metadata
+    "torch.distributed._shard.sharded_tensor.shard.Shard",
+    "torch.distributed._shard.metadata.ShardMetadata",
+    "torch.distributed._shard.sharded_tensor.metadata.ShardedTensorMetadata",
+    "torch.distributed._shard.sharded_tensor.metadata.TensorProperties",
+    "torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING",
+    "torch.distributed._shard.sharding_spec.chunk_sharding_spec.ChunkShardingSpec",
+    "torch.distributed._shard.sharding_spec.api.EnumerableShardingSpec",
+    "torch.distributed.remote_device._remote_device",
+    "torch.distributed._shard.sharded_tensor.api.ShardedTensor.ProcessGroupState",  # via getattr
+)
+
+#: Tensor subclasses kept as data (see :class:`TensorStandIn`).
+TENSOR_STAND_INS = (
+    "torch.distributed._shard.sharded_tensor.api.ShardedTensor",
 )
 
 _UNSUPPORTED_RE = re.compile(
-    r"(?:unsupported global: GLOBAL\s+|unrecognized function\s+|but got <class ')([\w.<>]+)", re.IGNORECASE)
+    r"(?:unsupported global: GLOBAL\s+|unsupported GLOBAL\s+|unrecognized function\s+|but got <class ')([\w.<>]+)",
+    re.IGNORECASE)
 
 
 class UnsafeCheckpointError(CkptctlError):
@@ -97,6 +126,19 @@ class PickledObject:
     def __repr__(self) -> str:
         return f"<pickled {self.qualname}>"
 
+    @property
+    def fields(self) -> dict:
+        """The recorded state as one dict (``__dict__`` state and ``__slots__`` state merged)."""
+        return state_fields(self.state)
+
+
+def state_fields(state: Any) -> dict:
+    if isinstance(state, dict):
+        return dict(state)
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        return {**(state[0] or {}), **(state[1] or {})}
+    return {}
+
 
 _STAND_IN_CLASSES: dict[str, type] = {}
 
@@ -108,6 +150,63 @@ def stand_in(qualname: str) -> type:
         cls = type(f"StandIn[{qualname}]", (PickledObject,), {"qualname": qualname})
         _STAND_IN_CLASSES[qualname] = cls
     return cls
+
+
+_TENSOR_STAND_IN_CLASSES: dict[str, type] = {}
+
+
+def tensor_stand_in(qualname: str) -> type:
+    """The (cached) :class:`TensorStandIn` subclass standing in for the tensor class ``qualname``.
+
+    torch rebuilds a pickled tensor subclass with ``_rebuild_wrapper_subclass(cls, dtype, size,
+    ...)`` then ``obj.__setstate__(state)``: with this class as ``cls`` that gives an empty
+    wrapper tensor (no data, the global shape and dtype) whose ``state`` is the pickled state.
+    """
+    cls = _TENSOR_STAND_IN_CLASSES.get(qualname)
+    if cls is None:
+        import torch
+
+        def __setstate__(self, state):  # record only: never the real class's __setstate__
+            self.state = state
+
+        def __repr__(self):
+            return f"<pickled {qualname} {tuple(self.shape)} {self.dtype}>"
+
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # a wrapper without data
+            raise TypeError(f"{qualname} was kept as data (a stand-in without tensor data): cannot run {func}")
+
+        cls = type(f"TensorStandIn[{qualname}]", (torch.Tensor, TensorStandIn),
+                   {"qualname": qualname, "state": None, "__setstate__": __setstate__, "__repr__": __repr__,
+                    "__torch_dispatch__": classmethod(__torch_dispatch__)})
+        _TENSOR_STAND_IN_CLASSES[qualname] = cls
+    return cls
+
+
+class TensorStandIn:
+    """Marker base of the tensor stand-ins built by :func:`tensor_stand_in` (``isinstance`` tests)."""
+
+    qualname = "?"
+    state: Any = None
+
+
+class _RefusedGetattr(pickle.UnpicklingError):
+    pass
+
+
+def stand_in_getattr(obj: Any, name: Any) -> Any:
+    """``builtins.getattr`` as ckptctl's unpickler allows it: only on stand-in classes.
+
+    Returns the stand-in for ``<qualname>.<name>`` (e.g. ``ShardedTensor.ProcessGroupState``)
+    when that name is itself on the allowlist; any other target is refused, so a pickle cannot
+    reach a real attribute through it.
+    """
+    if isinstance(obj, type) and issubclass(obj, (PickledObject, TensorStandIn)) and isinstance(name, str):
+        qualname = f"{obj.qualname}.{name}"
+        if qualname in _STAND_IN_CLASSES:
+            return _STAND_IN_CLASSES[qualname]
+        raise _RefusedGetattr(f"Unsupported global: GLOBAL {qualname} (reached through getattr)")
+    raise _RefusedGetattr(f"Unsupported global: GLOBAL builtins.getattr (called on {type(obj).__name__}, "
+                          "not on a stand-in)")
 
 
 def _import_global(qualname: str) -> Any:
@@ -129,17 +228,74 @@ def _safe_globals(extra_stand_ins: Iterable[str]) -> list:
         out += [(getattr(numpy.dtypes, n), f"numpy.dtypes.{n}") for n in dir(numpy.dtypes) if n.endswith("DType")]
     except ImportError:
         pass
+    for qualname in TENSOR_STAND_INS:
+        out.append((tensor_stand_in(qualname), qualname))
     for qualname in (*STAND_INS, *extra_stand_ins):
-        out.append((stand_in(qualname), qualname))
+        if qualname not in TENSOR_STAND_INS:
+            out.append((stand_in(qualname), qualname))
+    out.append((stand_in_getattr, "builtins.getattr"))
     return out
 
 
-_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy",
-                      "pickle", "marshal", "ctypes", "code", "pty", "webbrowser", "builtins", "__builtin__")
+#: torch's allowlist is process-global (``safe_globals`` adds on enter and removes on exit), so
+#: concurrent loads must not interleave: every ckptctl unpickling holds this lock.
+_UNPICKLE_LOCK = threading.RLock()
+_MESH_LOG_FILTERED = False
+
+
+def _quiet_device_mesh_log() -> None:
+    """DeviceMesh.__setstate__ logs a warning when no process group exists (always, offline)."""
+    global _MESH_LOG_FILTERED
+    if not _MESH_LOG_FILTERED:
+        logging.getLogger("torch.distributed.device_mesh").addFilter(
+            lambda record: "pickling/unpickling of the DeviceMesh" not in record.getMessage())
+        _MESH_LOG_FILTERED = True
+
+
+@contextmanager
+def unpickling(extra_stand_ins: Iterable[str] = ()) -> Iterator[set[str]]:
+    """The context every ckptctl torch unpickling runs in; yields the allowed global names.
+
+    Imports ``torch.distributed.tensor`` (registers DTensor, DeviceMesh and placements as
+    safe), holds the unpickling lock, and adds ckptctl's allowlist (:func:`_safe_globals`).
+    """
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (registers DTensor, DeviceMesh, placements as safe)
+
+    _quiet_device_mesh_log()
+    allowed = _safe_globals(extra_stand_ins)
+    with _UNPICKLE_LOCK, torch.serialization.safe_globals(allowed):
+        yield {q for _, q in allowed}
+
+
+def culprits_in_pickle(data: bytes, allowed: Iterable[str]) -> list[str]:
+    """The globals a pickle (e.g. a ``data.pkl`` record) references beyond torch's and
+    ckptctl's allowlists, read statically (nothing is run)."""
+    import torch._weights_only_unpickler as wo
+
+    try:
+        found = wo.get_globals_in_pkl(io.BytesIO(data))
+    except Exception:
+        return []
+    known = set(wo._get_allowed_globals()) | set(allowed)
+    return sorted(g for g in found if g not in known)
+
+
+def explain_load_error(exc: Exception, name: str, culprits: list[str] = ()) -> CkptctlError:
+    """The ckptctl error for an exception raised while unpickling ``name``."""
+    return _explain(exc, name, culprits)
+
+
+_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "shutil", "socket",
+                      "importlib", "runpy", "pickle", "_pickle", "marshal", "ctypes", "code", "pty", "webbrowser",
+                      "builtins", "__builtin__", "io", "_io", "pathlib", "tempfile", "multiprocessing",
+                      "threading", "_thread", "signal", "asyncio", "urllib", "http", "ftplib", "smtplib",
+                      "tarfile", "zipfile", "dill", "cloudpickle", "torch.hub")
 
 
 def _looks_dangerous(qualnames: str) -> bool:
-    return any(q.strip().split(".")[0] in _DANGEROUS_MODULES for q in qualnames.split(","))
+    return any(q.strip().split(".")[0] in _DANGEROUS_MODULES or q.strip().startswith(("torch.hub.", "torch.load"))
+               for q in qualnames.split(","))
 
 
 def _culprits(source: Any, allowed: set[str]) -> list[str]:
@@ -154,19 +310,41 @@ def _culprits(source: Any, allowed: set[str]) -> list[str]:
         return []
 
 
+def _python3_name(qualname: str) -> str:
+    """What Python 3's unpickler would resolve a protocol-2 name to (``commands.Popen`` is
+    ``subprocess.Popen``, ``__builtin__.eval`` is ``builtins.eval``)."""
+    import _compat_pickle
+
+    module, _, name = qualname.rpartition(".")
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}" if module else name
+
+
 def _explain(exc: Exception, name: str, culprits: list[str] = ()) -> CkptctlError:
     text = str(exc)
     match = _UNSUPPORTED_RE.search(text)
     if match or culprits:
-        culprit = ", ".join(culprits[:3]) if culprits else match.group(1)
-        hint = ("" if _looks_dangerous(culprit) else
-                f"; if you trust it as plain data, pass --allow-global {culprit}")
+        names = list(culprits) if culprits else [match.group(1)]
+        names.sort(key=lambda q: not _looks_dangerous(_python3_name(q)))  # the dangerous ones first
+        shown = [q if _python3_name(q) == q else f"{q} (= {_python3_name(q)})" for q in names[:3]]
+        culprit = ", ".join(shown)
+        dangerous = any(_looks_dangerous(_python3_name(q)) for q in names)
+        hint = ("" if dangerous else
+                f"; if you trust it as plain data, pass --allow-global {', '.join(names[:3])}")
         return UnsafeCheckpointError(
             f"refusing to load {name}: it references {culprit}, which is not on ckptctl's allowlist "
             f"(unpickling it could run code){hint}")
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text.lower():
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-        return UnsafeCheckpointError(f"refusing to load {name}: {first[:200]}")
+        # torch wraps the unpickler's own words in a long explanation: keep those words
+        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+        detail = " ".join(detail.split()) or next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+        if detail.lower().startswith(("unsupported operand", "unsupported persistent")):  # cannot even parse it
+            return CorruptCheckpointError(f"cannot read {name}: corrupt, truncated or not a torch checkpoint "
+                                          f"({detail[:160]})")
+        return UnsafeCheckpointError(f"refusing to load {name}: {detail[:200]}")
     return CorruptCheckpointError(f"cannot read {name}: corrupt or truncated ({type(exc).__name__}: "
                                   f"{' '.join(text.split())[:160]})")
 
@@ -178,21 +356,20 @@ def load_pt(source: str | BinaryIO | bytes, *, name: str | None = None, mmap: bo
     ``source`` is a local path (memory-mapped when ``mmap``), a binary file object, or bytes.
     """
     import torch
-    import torch.distributed.tensor  # noqa: F401  (registers DTensor, DeviceMesh, placements as safe)
 
     label = name or (source if isinstance(source, str) else "checkpoint file")
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
         mmap = False
-    allowed = _safe_globals(extra_stand_ins)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with unpickling(extra_stand_ins) as allowed:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            TypeError, OSError) as exc:
+            TypeError, OSError, IndexError, AssertionError, OverflowError, struct.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        culprits = _culprits(source, {q for _, q in allowed}) if isinstance(exc, pickle.UnpicklingError) else []
+        allowed = {q for _, q in _safe_globals(extra_stand_ins)}
+        culprits = _culprits(source, allowed) if isinstance(exc, pickle.UnpicklingError) else []
         raise _explain(exc, label, culprits) from exc
 
 
@@ -232,9 +409,13 @@ def to_plain(obj: Any) -> Any:
             return to_plain(state["_content"])
         if q.startswith("omegaconf.nodes.") and isinstance(state, dict) and "_val" in state:
             return to_plain(state["_val"])
-        if isinstance(state, dict):
-            return {"__class__": q, **{k: to_plain(v) for k, v in state.items() if not k.startswith("_parent")}}
+        fields = state_fields(state)
+        if fields:  # __dict__ and/or __slots__ state
+            return {"__class__": q, **{k: to_plain(v) for k, v in fields.items() if not k.startswith("_parent")}}
         return {"__class__": q, "args": to_plain(list(obj.args)), "state": to_plain(state)}
+    if isinstance(obj, TensorStandIn):
+        return {"__class__": obj.qualname, "shape": list(obj.shape), "dtype": str(obj.dtype).replace("torch.", ""),
+                "state": to_plain(obj.state)}
     if isinstance(obj, dict):
         return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): to_plain(v)
                 for k, v in obj.items()}
