@@ -220,7 +220,7 @@ def test_bash_completes_the_cli(completion_dir):
     cases = [
         (["ckptctl", "pr"], ["prune"]),
         (["ckptctl", "prune", "--ke"], ["--keep", "--keep-every"]),
-        (["ckptctl", ""], ["list", "prune", "resolve-resume"]),
+        (["ckptctl", ""], sorted(typer.main.get_command(app).commands)),  # every subcommand
         (["ckptctl", "--"], ["--help", "--version"]),
         (["ckptctl", "prune", "--keep", ""], []),  # an integer: nothing to offer
         (["ckptctl", "prune", "--keep", "=", ""], []),

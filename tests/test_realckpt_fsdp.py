@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 import torch.distributed.tensor  # noqa: E402,F401  (lets weights_only=True rebuild DTensors)
 from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
 
-from realckpt import fsdp_writer as fw  # noqa: E402
+from realckpt import fsdp_writer as fw
+from realckpt.fsdp_fixtures import FSDP_VARIANTS, TREE_STEPS  # noqa: E402
 
 SKYRL_EXTRA_KEYS = {"lr_scheduler", "client_state", "tag", "fsdp_strategy", "world_size", "rank", "rng"}
 VERL_EXTRA_KEYS = {"lr_scheduler", "rng"}
@@ -27,60 +28,29 @@ NUMPY_RNG_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._re
 HF_FILES = {"huggingface/config.json", "huggingface/generation_config.json", "huggingface/tokenizer.json",
             "huggingface/tokenizer_config.json", "huggingface/chat_template.jinja"}
 
-# name -> kwargs of write_fsdp_component.  Comments: what each variant exercises.
-VARIANTS: dict[str, dict] = {
-    # single GPU: plain tensors
-    "w1": dict(world_size=1),
-    # the common case: 1-D ("fsdp",) mesh, even shards (vocab 1000 / 2)
-    "w2": dict(world_size=2),
-    # uneven shards (1000 -> 334/334/332, 64 -> 22/22/20), tied embeddings, qwen2 q/k/v biases
-    "w3_tied": dict(world_size=3, arch="qwen2", tie=True, seed=3),
-    # critic at W=3: value_head.weight [1, 64] -> [1, 64], [0, 64], [0, 64] (EMPTY shards);
-    # persistent buffers mean/std/inv_freq replicated on every rank
-    "critic_w3": dict(world_size=3, critic=True, seed=7),
-    # HSDP: 4 processes, mesh (2, 2) ("ddp", "fsdp"), placements (Replicate(), Shard(0))
-    "hsdp": dict(world_size=4, mesh="hsdp", replicas=2, critic=True, seed=5),
-    # the documented layout: single files from a W=1 run
-    "documented": dict(world_size=1, layout="documented"),
-    # verl naming: fsdp_config.json {"FSDP_version": 2, ...}, extra_state {lr_scheduler, rng}
-    "verl": dict(world_size=2, config_variant="verl"),
-    # FSDP1 (0.3.1 strategy: fsdp) with a device mesh: DTensor model state, flat optimizer shards
-    "fsdp1": dict(world_size=2, strategy="fsdp"),
-    # FSDP1 without a mesh: ShardedTensor (older producers), no fsdp_config.json
-    "fsdp1_sharded": dict(world_size=3, strategy="fsdp", fsdp1_tensor="sharded_tensor", critic=True,
-                          config_variant="none"),
-}
-
-
-TREE_STEPS = (2, 4)
-TREE_KW = dict(with_critic=True, world_size=2)
+# The variants are the session fixtures' own (realckpt.fsdp_fixtures builds them once for every
+# test module); ``w1_mesh`` is checked by the reader tests.
+VARIANTS: dict[str, dict] = {name: kw for name, kw in FSDP_VARIANTS.items() if name != "w1_mesh"}
 
 
 @pytest.fixture(scope="session")
-def realckpt_root() -> Path:
-    """Every variant and the tree, built by ONE launcher process (one import cost)."""
-    def build(d: Path) -> None:
-        jobs = [(d / name / "policy", kw) for name, kw in VARIANTS.items()]
-        jobs += fw.fsdp_tree_jobs(d / "ckpts", TREE_STEPS, **TREE_KW)
-        fw.write_fsdp_components(jobs)
-        fw.finish_fsdp_tree(d / "ckpts", TREE_STEPS, pointer=4, config_kind="omegaconf")
-
-    return fw.cached("test_realckpt_fsdp", build)
+def realckpt_variants(fsdp_ckpts) -> dict[str, fw.FsdpComponent]:
+    return {name: fsdp_ckpts[name] for name in VARIANTS}
 
 
 @pytest.fixture(scope="session")
-def realckpt_variants(realckpt_root) -> dict[str, fw.FsdpComponent]:
-    out = {}
-    for name in VARIANTS:
-        path = realckpt_root / name / "policy"
-        ref = realckpt_root / name / "policy.reference"
-        out[name] = fw.FsdpComponent(path, ref, json.loads((ref / "reference_meta.json").read_text()))
-    return out
+def realckpt_tree(fsdp_tree) -> Path:
+    return fsdp_tree
 
 
-@pytest.fixture(scope="session")
-def realckpt_tree(realckpt_root) -> Path:
-    return realckpt_root / "ckpts"
+@pytest.fixture
+def isolated_safe_globals():
+    """No process-wide safe globals (megatron.core registers some on import) during the test."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -367,7 +337,7 @@ def test_fsdp1_sharded_tensor_files(realckpt_variants):
 # ------------------------------------------------------------------------------- extra state
 
 @pytest.mark.parametrize("name", [n for n, kw in VARIANTS.items() if kw.get("layout") != "documented"])
-def test_extra_state(realckpt_variants, name):
+def test_extra_state(realckpt_variants, name, isolated_safe_globals):
     comp = realckpt_variants[name]
     w = comp.meta["world_size"]
     for r, p in enumerate(rank_files(comp, "extra_state")):

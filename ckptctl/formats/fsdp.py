@@ -288,7 +288,7 @@ class FsdpReader(CheckpointReader):
                 shards = (value.state or ([],))[0]
                 local = shards[0].fields.get("tensor") if shards else None
             else:
-                layout = "replicated" if (sharded or self.world_size > 1) else "plain"
+                layout = "replicated" if (sharded or (self.world_size > 1 and not self.single_file)) else "plain"
                 entry = self._plain_entry(name, (name,), value, MODEL_FILE, MODEL, layout, zf)
                 local = value
             if isinstance(local, torch.Tensor) and local.device.type == "meta" and local.numel():

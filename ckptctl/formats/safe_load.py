@@ -252,20 +252,41 @@ def _quiet_device_mesh_log() -> None:
         _MESH_LOG_FILTERED = True
 
 
+def _is_torch_own(entry: Any) -> bool:
+    """A process-wide safe global torch itself registers (DTensor, DeviceMesh, placements, NJT)."""
+    if isinstance(entry, tuple):
+        qualname = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else ""
+    else:
+        qualname = f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', '')}"
+    return qualname.startswith(("torch.distributed.", "torch.nested.")) and not _looks_dangerous(qualname)
+
+
 @contextmanager
 def unpickling(extra_stand_ins: Iterable[str] = ()) -> Iterator[set[str]]:
     """The context every ckptctl torch unpickling runs in; yields the allowed global names.
 
     Imports ``torch.distributed.tensor`` (registers DTensor, DeviceMesh and placements as
-    safe), holds the unpickling lock, and adds ckptctl's allowlist (:func:`_safe_globals`).
+    safe), holds the unpickling lock, and makes ckptctl's allowlist (:func:`_safe_globals`)
+    plus torch's own registrations torch's ONLY user allowlist for the duration: globals other
+    code registered process-wide (``import megatron.core`` adds ``argparse.Namespace``,
+    ``io.BytesIO``, ``pathlib.PosixPath``, numpy, ...) do not widen what a ckptctl load
+    accepts. Every registration is restored afterwards.
     """
     import torch
     import torch.distributed.tensor  # noqa: F401  (registers DTensor, DeviceMesh, placements as safe)
 
     _quiet_device_mesh_log()
     allowed = _safe_globals(extra_stand_ins)
-    with _UNPICKLE_LOCK, torch.serialization.safe_globals(allowed):
-        yield {q for _, q in allowed}
+    serialization = torch.serialization
+    with _UNPICKLE_LOCK:
+        saved = serialization.get_safe_globals()
+        serialization.clear_safe_globals()
+        try:
+            serialization.add_safe_globals([g for g in saved if _is_torch_own(g)] + allowed)
+            yield {q for _, q in allowed}
+        finally:
+            serialization.clear_safe_globals()
+            serialization.add_safe_globals(saved)
 
 
 def culprits_in_pickle(data: bytes, allowed: Iterable[str]) -> list[str]:
@@ -368,8 +389,10 @@ def load_pt(source: str | BinaryIO | bytes, *, name: str | None = None, mmap: bo
             TypeError, OSError, IndexError, AssertionError, OverflowError, struct.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        allowed = {q for _, q in _safe_globals(extra_stand_ins)}
-        culprits = _culprits(source, allowed) if isinstance(exc, pickle.UnpicklingError) else []
+        culprits = []
+        if isinstance(exc, pickle.UnpicklingError):
+            with unpickling(extra_stand_ins) as allowed:  # the same allowlist as the load
+                culprits = _culprits(source, allowed)
         raise _explain(exc, label, culprits) from exc
 
 

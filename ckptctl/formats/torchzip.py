@@ -221,7 +221,7 @@ class TorchZipFile:
         self._legacy = False
         self.storages: dict[str, StorageRecord] = {}
         self._by_cdata: dict[int, str] = {}
-        self._keep: list = []  # the meta storages: alive, so their identity stays valid
+        self._typed: dict[str, Any] = {}  # key -> the meta TypedStorage handed to the unpickler
         self.byteorder = "little"
         self.alignment = 64
         self._checked_records: set[str] = set()
@@ -344,7 +344,10 @@ class TorchZipFile:
             self._extra_bytes += self.size
             self._loaded = True
             return self._obj
-        self._prefetch(["data.pkl", "byteorder", ".format_version", ".storage_alignment"])
+        try:
+            self._prefetch(["data.pkl", "byteorder", ".format_version", ".storage_alignment"])
+        except EOFError as exc:
+            raise self._corrupt("truncated", exc) from exc
         if self._info("byteorder") is not None:
             self.byteorder = self._record("byteorder").decode("ascii", "replace").strip()
             if self.byteorder not in ("little", "big"):
@@ -408,10 +411,13 @@ class TorchZipFile:
             record = StorageRecord(key, dtype, nbytes, location, info.filename, info.header_offset, data_offset,
                                    info.file_size, info.CRC, info.compress_type == zipfile.ZIP_STORED)
             self.storages[key] = record
-        storage = torch.UntypedStorage(record.nbytes, device="meta")
-        self._keep.append(storage)
-        self._by_cdata[storage._cdata] = key
-        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        typed = self._typed.get(key)
+        if typed is None:  # one storage per key, as torch.load does (tied weights, views)
+            storage = torch.UntypedStorage(record.nbytes, device="meta")
+            self._by_cdata[storage._cdata] = key
+            typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+            self._typed[key] = typed  # kept alive: the storage's identity stays valid
+        return typed
 
     # -- tensors -----------------------------------------------------------------------
     def location(self, tensor: "torch.Tensor") -> TensorLocation:
