@@ -95,17 +95,21 @@ def _kv(value) -> str:
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_kv(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_kv(v)}" for k, v in value.items() if v is not None) + "}"
     return str(value)
 
 
 def _add_mapping(node, mapping: dict, skip: tuple[str, ...] = (), depth: int = 0) -> None:
+    from rich.markup import escape
+
     for key, value in mapping.items():
-        if key in skip or value in (None, {}, []):
+        if key in skip or value is None or (isinstance(value, (dict, list)) and not value):
             continue
         if isinstance(value, dict) and depth < 3:
-            _add_mapping(node.add(f"[bold]{key}[/bold]"), value, depth=depth + 1)
+            _add_mapping(node.add(f"[bold]{escape(str(key))}[/bold]"), value, depth=depth + 1)
         else:
-            node.add(f"{key}: {_kv(value)}", highlight=False)
+            node.add(escape(f"{key}: {_kv(value)}"), highlight=False)
 
 
 def render_inspect(console: Console, report) -> None:
