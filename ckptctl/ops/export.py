@@ -2,8 +2,9 @@
 
 Tensor by tensor: read one global tensor (assembled from its rank pieces or DCP chunks by the
 format reader; Megatron's stacked layers one layer at a time), cast if asked, hand it to the
-streaming safetensors writer, drop it. Peak memory stays near the largest tensor plus the
-writer's buffer, whatever the model size. The writer's commit protocol (temp sibling + rename
+streaming safetensors writer, drop it. A reading thread prepares the next tensor while this
+one is written (at most two alive), so peak memory stays near the largest tensor (two in the
+worst case) plus the writer's buffer, whatever the model size. The writer's commit protocol (temp sibling + rename
 locally; weights first, ``config.json`` last on object stores) means a run killed at any
 moment leaves nothing that looks like a complete model, and a rerun succeeds.
 """
@@ -11,6 +12,7 @@ moment leaves nothing that looks like a complete model, and a rerun succeeds.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POI
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 HF_DIR = "huggingface"
+LORA_DIR = "lora_adapter"
 # Wrapper prefixes FSDP1 / torch.compile / activation checkpointing leave in state-dict keys.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 # Buffers transformers never saves (non-persistent); older producers left them in state dicts.
@@ -64,7 +67,9 @@ def _is_inside(inner: Store, outer: Store) -> bool:
     if inner.protocol != outer.protocol:
         return False
     a, b = inner.root.rstrip("/"), outer.root.rstrip("/")
-    return a == b or a.startswith(b + "/")
+    if inner.is_local:  # through symlinks too: the writer itself resolves the destination
+        a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip("/") + "/")
 
 
 def resolve_component(store: Store, component: str) -> tuple[Store, Component, int | None, list[str]]:
@@ -107,10 +112,35 @@ def _fix_config(config: dict[str, Any], dtype_written: str | None, summary: Expo
         summary.warnings.append(f"removed the stray 'FSDP' prefix from architectures: {archs} -> {fixed}")
         out["architectures"] = fixed
     summary.architecture = list(out.get("architectures") or [])
+    if dtype_written and dtype_written != str(out.get("dtype") or out.get("torch_dtype") or dtype_written):
+        summary.warnings.append(f"config.json dtype {out.get('dtype') or out.get('torch_dtype')} -> {dtype_written} "
+                                "(what was written)")
     if dtype_written:
         out["torch_dtype"] = dtype_written  # transformers 4 reads this key
         out["dtype"] = dtype_written  # transformers 5 reads this one
     return out
+
+
+_FLOATING = ("float64", "float32", "float16", "bfloat16")
+
+
+def _is_floating(dtype: Any) -> bool:
+    name = str(dtype).removeprefix("torch.")
+    return name in _FLOATING or name.startswith("float8")
+
+
+def _config_dtype(out_specs: list[tuple[str, Any, Any]]) -> str | None:
+    """The dtype config.json should name: that of the floating-point tensors written (the one
+    holding the most elements if they differ); None without any floating-point tensor."""
+    counts: dict[str, int] = {}
+    for _, shape, dtype in out_specs:
+        name = str(dtype).removeprefix("torch.")
+        if _is_floating(name):
+            n = 1
+            for d in shape:
+                n *= int(d)
+            counts[name] = counts.get(name, 0) + n
+    return max(counts, key=counts.get) if counts else None
 
 
 def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -170,6 +200,67 @@ def _megatron_outputs(reader, config: dict, summary: ExportSummary):
     return specs, stream
 
 
+#: Tensors alive at once while exporting: the one being written plus the one being read.
+PREFETCH_SLOTS = 2
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _prefetched(items: Iterator[Any], slots: int = PREFETCH_SLOTS) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, one item ahead of the caller.
+
+    At most ``slots`` items exist at a time: the one the caller holds (released when it asks
+    for the next) and the ones read ahead. The producer thread alone advances ``items`` (so a
+    reader is never used from two threads); its exceptions are re-raised here, in order. When
+    the caller stops early (an error, a break), the producer is told to stop and joined before
+    this generator returns, so the reader is not closed under it. ``slots <= 1``: no thread.
+    """
+    if slots <= 1:
+        yield from items
+        return
+    import queue
+    import threading
+
+    free = threading.Semaphore(slots)
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while True:
+                free.acquire()
+                if stop.is_set():
+                    return
+                item = next(items, _DONE)
+                ready.put(item)
+                if item is _DONE:
+                    return
+                del item
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="ckptctl-export-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+            del item
+            free.release()  # the caller is done with the previous item
+    finally:
+        stop.set()
+        free.release()  # wake the producer if it waits for a slot
+        thread.join()
+
+
 def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "auto",
               max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
               verify: bool = True, endpoint_url: str | None = None,
@@ -178,7 +269,7 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
 
     ``progress(done, total)`` is called after each tensor.
     """
-    from ckptctl.formats.hf_writer import HfModelWriter, verify_export
+    from ckptctl.formats.hf_writer import CONFIG_NAME, HfModelWriter, verify_export
 
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -203,13 +294,17 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
     if comp.has_lora:
         if merge_lora:
             raise UsageError("--merge-lora is not supported yet: export the adapter as-is (without --merge-lora)")
-        summary.warnings.append("lora_adapter/ copied as-is beside the base weights")
+        summary.warnings.append(f"{LORA_DIR}/ copied as-is into the export's {LORA_DIR}/ (not merged)")
+    elif merge_lora:
+        summary.warnings.append(f"--merge-lora: {summary.source} has no {LORA_DIR}/, nothing to merge")
     config, extra_files = _read_hf_files(parent, comp)
     comp_store = parent.child(comp.path)
     if comp.has_lora:
+        # In a subdirectory: an adapter_config.json at the top would make transformers load the
+        # directory as a PEFT adapter, and a stray *.safetensors there is not a model shard.
         for f in comp.files:
-            if f.path.startswith("lora_adapter/") and f.path.count("/") == 1:
-                extra_files[f.name] = comp_store.read_bytes(f.path)
+            if f.path.startswith(LORA_DIR + "/") and f.path.count("/") == 1:
+                extra_files[f.path] = comp_store.read_bytes(f.path)
 
     kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
@@ -221,21 +316,37 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
             summary.warnings.append("a critic's value_head is not a transformers head: load it with SkyRL's "
                                     "critic class (AutoModelForCausalLM would add a random lm_head)")
         target = DTYPES[dtype]
-        out_specs = [(name, info.shape, target or info.dtype) for name, info in specs]
-        written_dtypes = sorted({d for _, _, d in out_specs})
+        # --dtype casts floating-point tensors only (as model.to(dtype) does): an integer or
+        # bool buffer keeps its dtype.
+        out_specs = [(name, info.shape, target if target and _is_floating(info.dtype) else info.dtype)
+                     for name, info in specs]
+        config_dtype = _config_dtype(out_specs)
         with HfModelWriter(dst_store.url, out_specs, max_shard_size=max_shard_size, overwrite=overwrite,
                            store=dst_store) as writer:
             import torch
 
+            cast_to = getattr(torch, target) if target else None
+
+            def prepared() -> Iterator[tuple[str, Any]]:
+                for name, tensor in stream():
+                    if cast_to is not None and tensor.is_floating_point() and tensor.dtype != cast_to:
+                        tensor = tensor.to(cast_to)
+                    yield name, tensor.contiguous()
+                    del tensor
+
             total = len(out_specs)
-            for done, (name, tensor) in enumerate(stream(), start=1):
-                if target is not None and str(tensor.dtype) != f"torch.{target}":
-                    tensor = tensor.to(getattr(torch, target))
-                writer.add(name, tensor.contiguous())
-                del tensor
-                if progress:
-                    progress(done, total)
-            fixed = _fix_config(config, written_dtypes[0] if len(written_dtypes) == 1 else None, summary)
+            # Reading (and casting) the next tensor overlaps writing this one: two threads, at
+            # most PREFETCH_SLOTS tensors alive at once.
+            tensors = _prefetched(prepared(), PREFETCH_SLOTS)
+            try:
+                for done, (name, tensor) in enumerate(tensors, start=1):
+                    writer.add(name, tensor)
+                    del tensor
+                    if progress:
+                        progress(done, total)
+            finally:
+                tensors.close()  # stops and joins the reading thread before the reader closes
+            fixed = _fix_config(config, config_dtype, summary)
             result = writer.finish(fixed, extra_files)
     summary.tensors = result.tensor_count
     summary.shards = result.shard_count
@@ -246,7 +357,14 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
         problems = verify_export(dst_store.url, {n: (tuple(s), d) for n, s, d in out_specs},
                                  endpoint_url=endpoint_url)
         if problems:
-            raise CkptctlError(f"verification of {dst_store.url} failed: " + "; ".join(problems[:5]))
+            # The export is committed by now; without its config.json it no longer looks like a
+            # complete model to any loader (the weights stay for inspection).
+            try:
+                dst_store.delete_many([CONFIG_NAME])
+                note = f"; {CONFIG_NAME} removed so that nothing loads it"
+            except Exception:  # noqa: BLE001 - the verification failure is the error to report
+                note = ""
+            raise CkptctlError(f"verification of {dst_store.url} failed: " + "; ".join(problems[:5]) + note)
         summary.verified = True
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary

@@ -1,0 +1,308 @@
+"""Benchmark ``ckptctl export-hf`` against the naive merge on a ~1.5 GB fp32 FSDP2 checkpoint (W=4).
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_export.py [--dir DIR] [--repeat N] [--hidden 1024] [--layers 24]
+                                           [--intermediate 3072] [--vocab 32000] [--world-size 4]
+
+Prints figures only (no asserts). Goals (from the export-hf issue): peak RSS of export-hf at most
+1/3 of the naive merge's, wall time at most 0.8x.
+
+What it does:
+1. Writes (once; cached in ``--dir``, default ``$TMPDIR/ckptctl-bench-export``) a REAL SkyRL FSDP2
+   ``policy/`` at world size 4 with the test-fixture writer ``tests/realckpt/fsdp_writer.py``
+   (``fully_shard`` on a gloo CPU group, one real AdamW step, ``torch.save`` of each rank's
+   ``model.state_dict()`` / ``optimizer.state_dict()``, ``huggingface/`` with the tokenizer).
+   The model is the tiny Llama scaled up (default hidden 1024, 24 layers, ffn 3072, vocab 32000:
+   ~354 M parameters, ~1.42 GB of fp32 weights in the ``model_*`` files). Only the writer's
+   *reference* step is replaced (it gathers full weights and full Adam moments on every rank:
+   ~4x the model per rank, more than this machine's RAM at this size); the checkpoint files
+   are the writer's own.
+2. Runs, each in a FRESH child process (interleaved, ``--repeat`` rounds, outputs deleted
+   between runs, page cache warm for both after the first round):
+
+   a. ``ckptctl export-hf POLICY --out OUT --json`` (through ``ckptctl.cli.app``, verification
+      on, the default);
+   b. the naive merge: ``torch.load(weights_only=True)`` of every rank's model file, per key
+      ``DTensor.to_local()`` of every rank concatenated along dim 0 (rank 0's copy for plain
+      tensors), ``AutoModelForCausalLM.from_config`` + ``load_state_dict`` +
+      ``save_pretrained`` (+ the tokenizer files copied).
+
+   Wall time is measured by this script around the child (interpreter start and imports
+   included, for both); CPU time is the child's own user+sys (all its threads). Peak RSS is the child's ``VmHWM`` from ``/proc/self/status`` (Linux
+   carries ``ru_maxrss`` over ``execve`` from the parent, so it is not used).
+3. Prints a comparison table and whether the goals are met; checks that both outputs hold the
+   same tensors (names, shapes, bytes) once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TESTS = os.path.join(REPO, "tests")
+
+RSS_GOAL = 1 / 3
+TIME_GOAL = 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the parent and the children
+# ---------------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. the checkpoint
+# ---------------------------------------------------------------------------------------------
+def job_kwargs(args) -> dict:
+    return dict(world_size=args.world_size, arch="llama", hidden=args.hidden, layers=args.layers,
+                intermediate=args.intermediate, vocab=args.vocab, heads=16, kv_heads=4, seed=0,
+                num_steps=1, timeout=3600)
+
+
+def ensure_checkpoint(root: str, kwargs: dict) -> str:
+    """The cached policy/ dir for ``kwargs``, written first if missing (in a child process)."""
+    name = "w{world_size}_h{hidden}_l{layers}_f{intermediate}_v{vocab}".format(**kwargs)
+    base = os.path.join(root, name)
+    policy = os.path.join(base, "policy")
+    done = os.path.join(base, "COMPLETE")
+    if os.path.isfile(done):
+        return policy
+    if os.path.exists(base):
+        shutil.rmtree(base)
+    os.makedirs(base)
+    print(f"writing the checkpoint ({name}) with tests/realckpt/fsdp_writer.py; several minutes ...", flush=True)
+    t0 = time.monotonic()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_generate", policy, json.dumps(kwargs)],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"checkpoint generation failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                         f"{proc.stderr[-4000:]}")
+    with open(done, "w") as f:
+        json.dump({"seconds": round(time.monotonic() - t0, 1), "kwargs": kwargs}, f)
+    print(f"  written in {time.monotonic() - t0:.0f}s", flush=True)
+    return policy
+
+
+def _generate_main(policy: str, kwargs: dict) -> int:
+    """Child: run the FSDP writer's launcher in-process, with a light reference step."""
+    sys.path.insert(0, TESTS)
+    from realckpt import fsdp_writer as fw
+
+    def light_reference(self, model, opt):  # rank 0 writes what the launcher reads back
+        if self.rank == 0:
+            self.ref.mkdir(parents=True, exist_ok=True)
+            (self.ref / "reference_meta.json").write_text(json.dumps({"timings": dict(self.timings)}))
+
+    fw._RankWriter._reference = light_reference  # inherited by the fork-started rank processes
+    job = fw._normalize_job(policy, kwargs)
+    with tempfile.TemporaryDirectory(prefix="bench-export-launch-") as tmp:
+        jobfile = os.path.join(tmp, "jobs.json")
+        with open(jobfile, "w") as f:
+            json.dump({"jobs": [job], "start_method": "fork", "tmp": tmp}, f)
+        return fw._launcher_main(jobfile)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the two contenders (run in fresh children)
+# ---------------------------------------------------------------------------------------------
+def _child_export(src: str, out: str) -> dict:
+    from ckptctl.cli import app
+
+    try:
+        app(["export-hf", src, "--out", out, "--json"], standalone_mode=False)
+    except SystemExit as exc:  # typer.Exit from handle_errors
+        if exc.code:
+            raise
+    return {}
+
+
+def _child_naive(src: str, out: str) -> dict:
+    import glob
+    import re
+
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (lets weights_only=True rebuild DTensors)
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(glob.glob(os.path.join(src, "model_world_size_*_rank_*.pt")),
+                   key=lambda p: int(re.search(r"rank_(\d+)", p).group(1)))
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    merged = {}
+    for key, first in shards[0].items():
+        if isinstance(first, DTensor):
+            merged[key] = torch.cat([sd[key].to_local() for sd in shards], dim=0)
+        else:
+            merged[key] = first
+    config = AutoConfig.from_pretrained(os.path.join(src, "huggingface"))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(merged, strict=False)
+    model.save_pretrained(out)
+    for name in os.listdir(os.path.join(src, "huggingface")):
+        if name != "config.json" and not os.path.exists(os.path.join(out, name)):
+            shutil.copy(os.path.join(src, "huggingface", name), os.path.join(out, name))
+    return {}
+
+
+def _child_main(mode: str, src: str, out: str, result_file: str) -> int:
+    t0 = time.perf_counter()
+    {"export": _child_export, "naive": _child_naive}[mode](src, out)
+    with open(result_file, "w") as f:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        json.dump({"inner_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+                   "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+    return 0
+
+
+def run_child(mode: str, src: str, out: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        result_file = tmp.name
+    try:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", mode, src, out, result_file],
+                              cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(result_file) as f:
+            res = json.load(f)
+    finally:
+        os.unlink(result_file)
+    res["wall_s"] = wall
+    res["out_bytes"] = du(out)
+    return res
+
+
+def compare_outputs(a: str, b: str) -> list[str]:
+    """Same tensor names, shapes, dtypes and bytes in two HF dirs (loaded one tensor at a time)."""
+    from safetensors import safe_open
+
+    def index(d):
+        out = {}
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(d, name), "pt") as f:
+                    for k in f.keys():
+                        out[k] = os.path.join(d, name)
+        return out
+
+    ia, ib = index(a), index(b)
+    problems = []
+    if set(ia) != set(ib):
+        problems.append(f"names differ: only in export {sorted(set(ia) - set(ib))[:5]}, "
+                        f"only in naive {sorted(set(ib) - set(ia))[:5]}")
+    for k in sorted(set(ia) & set(ib)):
+        with safe_open(ia[k], "pt") as fa, safe_open(ib[k], "pt") as fb:
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+        if ta.shape != tb.shape or ta.dtype != tb.dtype or not bool((ta == tb).all()):
+            problems.append(f"{k}: differs")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_generate":
+        return _generate_main(sys.argv[2], json.loads(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        return _child_main(*sys.argv[2:6])
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ckptctl-bench-export"),
+                   help="cache of the generated checkpoint (reused) and scratch outputs")
+    p.add_argument("--repeat", type=int, default=2, help="rounds of (export-hf, naive), interleaved")
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--no-compare", action="store_true", help="skip the tensor-by-tensor output comparison")
+    args = p.parse_args()
+
+    os.makedirs(args.dir, exist_ok=True)
+    kwargs = job_kwargs(args)
+    policy = ensure_checkpoint(args.dir, kwargs)
+    model_bytes = sum(os.path.getsize(os.path.join(policy, f)) for f in os.listdir(policy)
+                      if f.startswith("model_world_size_"))
+    print(f"checkpoint: {policy}")
+    print(f"  W={args.world_size}, hidden {args.hidden}, {args.layers} layers, ffn {args.intermediate}, "
+          f"vocab {args.vocab}; model files {mb(model_bytes)} (whole component {mb(du(policy))})")
+
+    scratch = os.path.join(args.dir, "out")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    results: dict[str, list[dict]] = {"export": [], "naive": []}
+    kept = {}
+    for rnd in range(args.repeat):
+        for mode in ("export", "naive"):
+            out = os.path.join(scratch, f"{mode}-{rnd}")
+            res = run_child(mode, policy, out)
+            results[mode].append(res)
+            print(f"  round {rnd + 1} {mode:6s}: wall {res['wall_s']:6.1f} s  (inside {res['inner_s']:6.1f} s)  "
+                  f"CPU {res['cpu_s']:6.1f} s  peak RSS {res['peak_rss_mb']:7.0f} MB  output {mb(res['out_bytes'])}",
+                  flush=True)
+            if rnd == 0:
+                kept[mode] = out
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+
+    if not args.no_compare:
+        problems = compare_outputs(kept["export"], kept["naive"])
+        print("outputs: " + ("identical tensors (names, shapes, dtypes, values)" if not problems
+                             else "DIFFER: " + "; ".join(problems[:5])))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    def med(mode, key):
+        return statistics.median(r[key] for r in results[mode])
+
+    ew, nw = med("export", "wall_s"), med("naive", "wall_s")
+    er, nr = med("export", "peak_rss_mb"), med("naive", "peak_rss_mb")
+    print()
+    print(f"{'':28s}{'export-hf':>12s}{'naive merge':>14s}{'ratio':>9s}{'goal':>9s}  met")
+    print(f"{'wall time (s, median)':28s}{ew:12.1f}{nw:14.1f}{ew / nw:9.2f}{'<= ' + str(TIME_GOAL):>9s}  "
+          f"{'yes' if ew / nw <= TIME_GOAL else 'NO'}")
+    print(f"{'peak RSS (MB, median)':28s}{er:12.0f}{nr:14.0f}{er / nr:9.2f}{'<= 0.33':>9s}  "
+          f"{'yes' if er / nr <= RSS_GOAL else 'NO'}")
+    ec, nc = med("export", "cpu_s"), med("naive", "cpu_s")
+    print(f"{'CPU time (s, median)':28s}{ec:12.1f}{nc:14.1f}{ec / nc:9.2f}{'-':>9s}  (user+sys; less noisy "
+          "than wall time on a shared machine)")
+    print(f"(model files {mb(model_bytes)}; {args.repeat} round(s); machine: {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
