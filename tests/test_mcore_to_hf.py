@@ -32,23 +32,18 @@ from ckptctl.formats.mcore_to_hf import (  # noqa: E402
     supported_architectures,
 )
 
+# Test name -> the session fixture's variant (realckpt.megatron_fixtures writes them once).
 REAL = {
-    "tp2": dict(tp=2),
-    "tp2pp2": dict(tp=2, pp=2),  # 4 layers over 2 stages
-    "perlayer": dict(tp=2, per_layer_keys=True),
-    "qwen2_tied": dict(tp=2, arch="qwen2", tie_embeddings=True, optimizer=False),
+    "tp2": "tp2",
+    "tp2pp2": "tp2pp2",  # 4 layers over 2 stages
+    "perlayer": "perlayer",
+    "qwen2_tied": "qwen2_verl",  # Qwen2 (QKV bias), tied embeddings
 }
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    from realckpt.megatron_writer import write_megatron_components
-
-    root = tmp_path_factory.mktemp("mcore_to_hf")
-    t0 = time.monotonic()
-    comps = write_megatron_components([(root / name / "policy", kw) for name, kw in REAL.items()])
-    print(f"\nwrote {len(comps)} megatron components in {time.monotonic() - t0:.1f}s")
-    return dict(zip(REAL, comps))
+def real(megatron_ckpts):
+    return {name: megatron_ckpts[variant].component for name, variant in REAL.items()}
 
 
 def _config(comp) -> dict:

@@ -54,12 +54,9 @@ LN1, LN2 = L + "self_attention.linear_qkv.layer_norm_weight", L + "mlp.linear_fc
 
 
 @pytest.fixture(scope="module")
-def comps(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mcore")
-    t0 = time.monotonic()
-    written = write_megatron_components([(root / name / "policy", kw) for name, kw in VARIANTS.items()])
-    print(f"\nwrote {len(written)} megatron components in {time.monotonic() - t0:.1f}s")
-    return dict(zip(VARIANTS, written))
+def comps(megatron_ckpts):
+    """The session fixture's checkpoints (realckpt.megatron_fixtures writes them once)."""
+    return {name: megatron_ckpts[name].component for name in VARIANTS}
 
 
 def _expected_model_shapes(c):
