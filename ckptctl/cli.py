@@ -247,6 +247,52 @@ def export_hf_command(
     out_.result(summary, render_export)
 
 
+@app.command("convert-reshard")
+@handle_errors
+def convert_reshard_command(
+    src: Annotated[str, typer.Argument(help="A Megatron or FSDP component, or a global_step_N directory.",
+                                       show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Destination directory (local, s3://, gs://).",
+                                     show_default=False)],
+    tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Megatron: target tensor-parallel size.")] = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Megatron: target pipeline-parallel size.")] = None,
+    dp: Annotated[Optional[int], typer.Option("--dp", min=1, help="Megatron: target data-parallel size.")] = None,
+    world_size: Annotated[Optional[int], typer.Option(
+        "--world-size", min=1, help="FSDP: target world size.")] = None,
+    device_type: Annotated[Optional[str], typer.Option(
+        "--device-type", metavar="DEVICE",
+        help="FSDP: device type of the target DeviceMesh (cuda, cpu); default: the source's.")] = None,
+    drop_optimizer: Annotated[bool, typer.Option(
+        "--drop-optimizer", help="Write no optimizer state (when its format cannot be resharded).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
+    allow_global: Annotated[Optional[list[str]], typer.Option(
+        "--allow-global", metavar="MODULE.NAME",
+        help="Keep objects of this pickled class as plain data (never executed). Repeatable.")] = None,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Reshard a Megatron checkpoint to a new TP/PP (or an FSDP one to a new world size), offline.
+
+    Runs in one process, or under torchrun with one process per target rank
+    (`torchrun --nproc-per-node N -m ckptctl convert-reshard ...`; gloo on CPU, NCCL on GPUs).
+    """
+    from ckptctl.ops.reshard import convert_reshard
+    from ckptctl.render import render_reshard
+
+    out_ = Output(json_output and _is_rank_zero())
+    with out_.progress("resharding", None) as advance:
+        summary = convert_reshard(src, out, tp=tp, pp=pp, dp=dp, world_size=world_size,
+                                  drop_optimizer=drop_optimizer, overwrite=overwrite, device_type=device_type,
+                                  allow_globals=tuple(allow_global or ()), endpoint_url=endpoint_url,
+                                  progress=lambda done, total: advance(done, total, absolute=True))
+    if _is_rank_zero():
+        out_.result(summary, render_reshard)
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main() -> None:
     app()
 

@@ -97,7 +97,7 @@ class Output:
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         """Yields ``advance(n=1, total=None)``; draws a bar only on a terminal, never with --json."""
         if not self.interactive:
-            yield lambda n=1, total=None: None
+            yield lambda n=1, total=None, absolute=False: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -105,10 +105,13 @@ class Output:
                       TimeRemainingColumn(), console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
 
-            def advance(n: int = 1, total: int | None = None) -> None:
+            def advance(n: int = 1, total: int | None = None, absolute: bool = False) -> None:
                 if total is not None:
                     bar.update(task, total=total)
-                bar.advance(task, n)
+                if absolute:
+                    bar.update(task, completed=n)
+                else:
+                    bar.advance(task, n)
 
             yield advance
 

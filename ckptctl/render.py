@@ -172,3 +172,13 @@ def render_export(console: Console, summary) -> None:
         console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
     console.print("  verified: " + ("[green]yes[/green]" if summary.verified else "no (--no-verify)")
                   + f"   in {summary.seconds:.1f} s")
+
+
+def render_reshard(console: Console, summary) -> None:
+    data = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
+    from rich.tree import Tree as RichTree
+
+    root = RichTree(f"[bold]resharded[/bold] {data.get('source', '')} -> {data.get('destination', '')}",
+                    highlight=False)
+    _add_mapping(root, {k: v for k, v in data.items() if k not in ("source", "destination")})
+    console.print(root)

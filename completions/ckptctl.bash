@@ -10,7 +10,7 @@
 __ckptctl_subcommands()
 {
     case "$1" in
-        'ckptctl') echo 'list prune resolve-resume inspect export-hf' ;;
+        'ckptctl') echo 'list prune resolve-resume inspect export-hf convert-reshard' ;;
     esac
 }
 
@@ -24,6 +24,7 @@ __ckptctl_options()
         'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --json --endpoint-url -h --help' ;;
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
         'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --json --endpoint-url -h --help' ;;
+        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --world-size --device-type --drop-optimizer --overwrite --allow-global --json --endpoint-url -h --help' ;;
     esac
 }
 
@@ -48,6 +49,14 @@ __ckptctl_nvalues()
         'ckptctl export-hf --dtype') return 1 ;;
         'ckptctl export-hf --max-shard-size') return 1 ;;
         'ckptctl export-hf --endpoint-url') return 1 ;;
+        'ckptctl convert-reshard -o'|'ckptctl convert-reshard --out') return 1 ;;
+        'ckptctl convert-reshard --tp') return 1 ;;
+        'ckptctl convert-reshard --pp') return 1 ;;
+        'ckptctl convert-reshard --dp') return 1 ;;
+        'ckptctl convert-reshard --world-size') return 1 ;;
+        'ckptctl convert-reshard --device-type') return 1 ;;
+        'ckptctl convert-reshard --allow-global') return 1 ;;
+        'ckptctl convert-reshard --endpoint-url') return 1 ;;
     esac
     return 0
 }
@@ -72,6 +81,7 @@ __ckptctl_positional()
         'ckptctl resolve-resume') __ckptctl_files "$2" ;;
         'ckptctl inspect') __ckptctl_files "$2" ;;
         'ckptctl export-hf') __ckptctl_files "$2" ;;
+        'ckptctl convert-reshard') __ckptctl_files "$2" ;;
     esac
 }
 

@@ -9,7 +9,7 @@
 function __ckptctl_subcommands
     switch $argv[1]
         case 'ckptctl'
-            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect' 'export-hf'
+            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect' 'export-hf' 'convert-reshard'
     end
 end
 
@@ -67,6 +67,30 @@ function __ckptctl_nvalues
         case 'ckptctl export-hf --endpoint-url'
             echo 1
             return
+        case 'ckptctl convert-reshard -o' 'ckptctl convert-reshard --out'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --tp'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --pp'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --dp'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --world-size'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --device-type'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --allow-global'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --endpoint-url'
+            echo 1
+            return
     end
     echo 0
 end
@@ -118,6 +142,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'prune' -d 'Delete all but t
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print what a SkyRL restart would load, by SkyRL\'s rules, and check that it is usable.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'export-hf' -d 'Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'convert-reshard' -d 'Reshard a Megatron checkpoint to a new TP/PP (or an FSDP one to a new world size), offline.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
@@ -173,3 +198,18 @@ complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l json -d 'Print a J
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s h -l help -d 'Show this message and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -F
+
+# ckptctl convert-reshard
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -s o -l out -x -d 'Destination directory (local, s3://, gs://).'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l tp -x -d 'Megatron: target tensor-parallel size.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l pp -x -d 'Megatron: target pipeline-parallel size.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l dp -x -d 'Megatron: target data-parallel size.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l world-size -x -d 'FSDP: target world size.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l device-type -x -d 'FSDP: device type of the target DeviceMesh (cuda, cpu); default: the source\'s.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l drop-optimizer -d 'Write no optimizer state (when its format cannot be resharded).'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l overwrite -d 'Replace a non-empty destination.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l allow-global -x -d 'Keep objects of this pickled class as plain data (never executed). Repeatable.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l json -d 'Print a JSON document for scripts instead of tables.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -s h -l help -d 'Show this message and exit.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -F

@@ -54,6 +54,9 @@ Local directory ``D``:
      syscalls; a crash there is repaired by step 1 of the next run (old export restored).
   A kill at any moment thus leaves either the old ``D`` or the complete new one, plus at most
   a temp sibling that the next run removes. ``abort()`` removes the temp sibling.
+  (Steps 1-5 are :class:`ckptctl.output_dir.LocalStaging`, shared with every command that
+  writes a directory; the object-store side below streams shards straight to the store instead
+  of staging them on local disk, so it stays here.)
 
 Object store prefix ``P`` (S3, GCS; no rename there):
   1. A non-empty ``P`` is refused unless ``overwrite`` — or unless it holds the marker object
@@ -81,22 +84,21 @@ checks names, shapes, dtypes, offsets and the index against what was expected.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import posixpath
-import secrets
-import shutil
 import socket
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
 from ckptctl.errors import CkptctlError, NotFoundError, UsageError
+# INCOMPLETE_MARKER (object-store marker of an export in progress), TMP_INFIX and RUN_INFO (the
+# local temp sibling) are those of the shared output protocol.
+from ckptctl.output_dir import (INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
+                                pid_alive, rename_exchange)
 from ckptctl.storage import Store, open_store, translate_errors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,17 +107,10 @@ if TYPE_CHECKING:  # pragma: no cover
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-#: Object-store marker of an export in progress (deleted after config.json is written).
-INCOMPLETE_MARKER = ".ckptctl-export-incomplete"
-#: The local temp sibling is ``.{name}{TMP_INFIX}{random}``; it holds ``run.json`` and ``new/``.
-TMP_INFIX = ".ckptctl-tmp-"
-RUN_INFO = "run.json"
 #: transformers 4.x's save_pretrained default ("5GB"); transformers 5 uses "50GB".
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
 _MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
-#: A temp sibling without run.json is only removed once it is this old (seconds).
-_STALE_WITHOUT_INFO_S = 3600
 _HEADER_PROBE = 64 * 1024
 _MAX_HEADER = 100 * 1000 * 1000  # safetensors' own limit
 
@@ -341,138 +336,26 @@ def _tensor_bytes(tensor: "torch.Tensor") -> memoryview:
 # ---------------------------------------------------------------------------------------------
 # targets: where the files go and how they are committed
 # ---------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
-#: Tests switch this off to exercise the two-rename fallback.
+#: Tests switch this off to exercise the two-rename fallback (the local commit protocol itself
+#: lives in :mod:`ckptctl.output_dir`, shared with every command that writes a directory).
 _USE_EXCHANGE = True
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
+_pid_alive = pid_alive
 
 
 def _rename_exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if not _USE_EXCHANGE or not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(err, os.strerror(err), b)
+    return _USE_EXCHANGE and rename_exchange(a, b)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _dir_is_empty(path: str) -> bool:
-    with os.scandir(path) as it:
-        return next(it, None) is None
-
-
-class _LocalTarget:
-    """A local directory built in a temp sibling and renamed into place."""
+class _LocalTarget(LocalStaging):
+    """A local directory built in a temp sibling and renamed into place
+    (:class:`ckptctl.output_dir.LocalStaging`), plus the streaming file operations."""
 
     def __init__(self, store: Store, overwrite: bool):
-        self.url = store.url
-        self.dest = os.path.realpath(store.local_path())
-        self.parent, self.name = os.path.split(self.dest)
-        if not self.name:
-            raise UsageError(f"{self.dest}: cannot export to a filesystem root")
-        self.overwrite = overwrite
-        self.run_dir: str | None = None
-        self.new_dir: str | None = None
-        self.replaced: str | None = None
-        self.cleaned = self._clean_stale()
-        if os.path.lexists(self.dest):
-            if not os.path.isdir(self.dest):
-                raise UsageError(f"{self.dest}: exists and is not a directory")
-            if not overwrite and not _dir_is_empty(self.dest):
-                raise UsageError(f"{self.dest}: destination is not empty (overwrite it with --overwrite)")
+        super().__init__(store, overwrite, what="export")
 
-    # -- stale temp siblings --------------------------------------------------------------
-    def _siblings(self) -> list[str]:
-        prefix = f".{self.name}{TMP_INFIX}"
-        try:
-            names = os.listdir(self.parent)
-        except FileNotFoundError:
-            return []
-        return [os.path.join(self.parent, n) for n in sorted(names) if n.startswith(prefix)]
-
-    @staticmethod
-    def _is_stale(run_dir: str) -> bool:
-        try:
-            with open(os.path.join(run_dir, RUN_INFO), "rb") as f:
-                info = json.loads(f.read())
-            host, pid = info["host"], int(info["pid"])
-        except FileNotFoundError:
-            try:
-                return time.time() - os.stat(run_dir).st_mtime > _STALE_WITHOUT_INFO_S
-            except OSError:
-                return False
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return host == socket.gethostname() and not _pid_alive(pid)
-
-    def _clean_stale(self) -> list[str]:
-        cleaned = []
-        for run_dir in self._siblings():
-            if not os.path.isdir(run_dir) or not self._is_stale(run_dir):
-                continue
-            old = os.path.join(run_dir, "old")
-            if os.path.isdir(old) and not os.path.lexists(self.dest):
-                os.rename(old, self.dest)  # a replace died half-way: put the previous export back
-            shutil.rmtree(run_dir, ignore_errors=True)
-            cleaned.append(run_dir)
-        return cleaned
-
-    # -- writing --------------------------------------------------------------------------
-    def prepare(self) -> None:
-        with translate_errors(self.url):
-            os.makedirs(self.parent, exist_ok=True)
-            while True:
-                run_dir = os.path.join(self.parent, f".{self.name}{TMP_INFIX}{secrets.token_hex(6)}")
-                try:
-                    os.mkdir(run_dir)
-                    break
-                except FileExistsError:
-                    continue
-            self.run_dir = run_dir
-            info = {"tool": "ckptctl", "host": socket.gethostname(), "pid": os.getpid(), "dest": self.dest,
-                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            with open(os.path.join(run_dir, RUN_INFO), "w", encoding="utf-8") as f:
-                json.dump(info, f)
-            self.new_dir = os.path.join(run_dir, "new")
-            os.mkdir(self.new_dir)
+    def _exchange(self, a: str, b: str) -> bool:
+        return _rename_exchange(a, b)
 
     def _path(self, rel: str) -> str:
         path = os.path.join(self.new_dir, *rel.split("/"))
@@ -506,41 +389,6 @@ class _LocalTarget:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-
-    def commit(self) -> None:
-        new, dest = self.new_dir, self.dest
-        with translate_errors(self.url):
-            for dirpath, _, _ in os.walk(new):
-                _fsync_dir(dirpath)
-            if os.path.lexists(dest) and not os.path.isdir(dest):
-                raise UsageError(f"{dest}: exists and is not a directory")
-            if not os.path.isdir(dest) or _dir_is_empty(dest):
-                try:
-                    os.rename(new, dest)  # atomic; replaces an empty directory
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
-                    raise
-            else:
-                if not self.overwrite:
-                    raise UsageError(f"{dest}: destination was filled by someone else meanwhile")
-                self.replaced = "export"
-                if not _rename_exchange(new, dest):
-                    old = os.path.join(self.run_dir, "old")
-                    os.rename(dest, old)
-                    try:
-                        os.rename(new, dest)
-                    except BaseException:
-                        os.rename(old, dest)
-                        raise
-            _fsync_dir(self.parent)
-        shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old export
-        self.run_dir = self.new_dir = None
-
-    def abort(self) -> None:
-        if self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir = self.new_dir = None
 
 
 class _ObjectStoreTarget:

@@ -385,6 +385,92 @@ class MegatronReader(CheckpointReader):
                                          "elements")
         return out
 
+    #: :meth:`read_region` reads a chunk the region covers only in part by its byte span alone
+    #: when the chunk is at least this large and the span at most this fraction of it.
+    REGION_MIN_BYTES = 1 << 20
+    REGION_MAX_FRACTION = 0.75
+
+    def read_region(self, name: str, offsets: Iterable[int], sizes: Iterable[int]) -> "torch.Tensor":
+        """The block ``[offsets, offsets + sizes)`` of global tensor ``name``, reading only the
+        chunks that overlap it. A chunk the block covers only in part is not read whole when
+        that saves enough (see ``REGION_*``): its ``torch.save`` blob is opened as a zip through
+        ranged reads (:class:`~ckptctl.formats.torchzip.TorchZipFile`: directory, ``data.pkl``)
+        and only the bytes between the first and the last element needed are fetched."""
+        import torch
+
+        info = self._info(name)
+        torch_dtype = getattr(torch, info.dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
+        offsets, sizes = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+        if len(offsets) != len(info.shape) or len(sizes) != len(info.shape) or any(
+                o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, info.shape)):
+            raise CkptctlError(f"{self.store.url}: block {list(offsets)}+{list(sizes)} is not inside {name} "
+                               f"{list(info.shape)}")
+        out = torch.empty(sizes, dtype=torch_dtype)
+        if not out.numel():
+            return out
+        whole, partial = [], []
+        for p in info.pieces:
+            lo = tuple(max(po, o) for po, o in zip(p.offsets, offsets))
+            hi = tuple(min(po + ps, o + s) for po, ps, o, s in zip(p.offsets, p.sizes, offsets, sizes))
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            local = tuple(slice(a - po, b - po) for a, b, po in zip(lo, hi, p.offsets))
+            dest = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))
+            (whole if lo == p.offsets and hi == tuple(po + ps for po, ps in zip(p.offsets, p.sizes))
+             else partial).append((p, local, dest))
+        covered = 0
+        for p, local, dest in partial:
+            block = self._read_part(p, info, local, torch_dtype)
+            if block is None:
+                whole.append((p, local, dest))
+                continue
+            out[dest] = block
+            covered += block.numel()
+        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p, _, _ in whole])
+        for (p, local, dest), blob in zip(whole, blobs):
+            chunk = self._decode(blob, p, info, torch_dtype)[local]
+            out[dest] = chunk
+            covered += chunk.numel()
+        if covered != out.numel():
+            raise CorruptCheckpointError(f"{self.store.url}: the chunks of {name} cover {covered} of {out.numel()} "
+                                         f"elements of block {list(offsets)}+{list(sizes)}")
+        return out
+
+    def _read_part(self, piece: Piece, info: TensorInfo, local: tuple[slice, ...], torch_dtype):
+        """``chunk[local]`` by the byte span it covers in the chunk's blob, or None when reading
+        the whole chunk is as good (small chunk, large span, stream transforms, odd layout)."""
+        import sys
+
+        import torch
+
+        from ckptctl.formats.torchzip import TorchZipFile
+
+        if (piece.byte_length or 0) < self.REGION_MIN_BYTES or (piece.file, piece.byte_offset) in self._transforms:
+            return None
+        item = dtype_size(info.dtype)
+        strides = [1] * len(piece.sizes)
+        for d in range(len(piece.sizes) - 2, -1, -1):
+            strides[d] = strides[d + 1] * piece.sizes[d + 1]
+        first = sum(s.start * st for s, st in zip(local, strides))
+        last = sum((s.stop - 1) * st for s, st in zip(local, strides))
+        if not item or (last - first + 1) * item > self.REGION_MAX_FRACTION * piece.byte_length:
+            return None
+        zf = TorchZipFile(_BlobStore(self.store, piece), "blob", size=piece.byte_length)
+        meta = zf.metadata()
+        if (not isinstance(meta, torch.Tensor) or zf.legacy or zf.byteorder != sys.byteorder
+                or tuple(meta.shape) != tuple(piece.sizes) or meta.dtype != torch_dtype
+                or any(st < 0 for st in meta.stride())):
+            return None
+        loc = zf.location(meta)
+        stride = meta.stride()
+        lo = loc.storage_offset + sum(s.start * st for s, st in zip(local, stride))
+        hi = loc.storage_offset + sum((s.stop - 1) * st for s, st in zip(local, stride)) + 1
+        data = bytearray(zf.read_storage_bytes(loc.storage.key, lo * item, hi * item))
+        flat = torch.frombuffer(data, dtype=torch_dtype)
+        return flat.as_strided(tuple(s.stop - s.start for s in local), stride, 0)
+
     def read_object(self, name: str) -> Any:
         """A non-tensor entry (e.g. ``rng_state/shard_0.0_2.1``), loaded with the safe loader."""
         self._index()
@@ -530,6 +616,28 @@ class MegatronReader(CheckpointReader):
             if f in listing and listing[f] < end:
                 problems.append(f"{f} is truncated: {listing[f]} bytes, chunks need {end}")
         return problems
+
+
+class _BlobStore:
+    """One DCP item (a ``torch.save`` blob at a byte range of a ``.distcp`` file) seen as a file
+    named ``blob``, for :class:`~ckptctl.formats.torchzip.TorchZipFile`."""
+
+    def __init__(self, store: "Store", piece: Piece):
+        self._store, self._file = store, piece.file
+        self._start, self._length = int(piece.byte_offset), int(piece.byte_length)
+
+    def size(self, rel: str) -> int:
+        return self._length
+
+    def url_of(self, rel: str = "") -> str:
+        return f"{self._store.url_of(self._file)} (bytes {self._start}+{self._length})"
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        end = min(end, self._length)
+        return self._store.read_range(self._file, self._start + start, self._start + end) if end > start else b""
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.read_range(rel, 0, self._length)
 
 
 # -- helpers for summary ----------------------------------------------------------------------

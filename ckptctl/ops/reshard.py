@@ -1,0 +1,31 @@
+"""``convert-reshard``: one entry point for Megatron (new TP/PP/DP) and FSDP (new world size)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ckptctl.errors import UsageError
+
+
+def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None = None, dp: int | None = None,
+                    world_size: int | None = None, drop_optimizer: bool = False, overwrite: bool = False,
+                    device_type: str | None = None, allow_globals: tuple[str, ...] = (),
+                    endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    """Megatron when --tp/--pp/--dp are given, FSDP when --world-size is; never both."""
+    megatron = any(v is not None for v in (tp, pp, dp))
+    if megatron and device_type is not None:
+        raise UsageError("--device-type is for FSDP checkpoints (the mesh device their DTensors record)")
+    if megatron and world_size is not None:
+        raise UsageError("--world-size is for FSDP checkpoints, --tp/--pp/--dp for Megatron ones: not both")
+    if megatron:
+        from ckptctl.ops.reshard_megatron import reshard_megatron
+
+        return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, overwrite=overwrite,
+                                drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress)
+    if world_size is not None:
+        from ckptctl.ops.reshard_fsdp import reshard_fsdp
+
+        return reshard_fsdp(src, out, world_size=world_size, overwrite=overwrite, drop_optimizer=drop_optimizer,
+                            device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
+                            progress=progress)
+    raise UsageError("say the target layout: --tp/--pp[/--dp] for Megatron, --world-size for FSDP")

@@ -1,0 +1,862 @@
+"""``convert-reshard`` for Megatron ``torch_dist`` checkpoints: rewrite a checkpoint for a new
+tensor / pipeline / data parallel layout, without megatron model code and without ever holding
+more than one chunk.
+
+What is written is what megatron-core's ``dist_checkpointing.save`` would write from a model
+at the target layout: one ``__{rank}_0.distcp`` per target rank holding exactly the chunks
+that rank would save (chunk offsets/sizes by megatron's own sharding of GPT keys), then
+``.metadata`` (torch DCP's own classes), ``common.pt`` (copied: lr scheduler, optimizer
+param_groups and rng are layout-independent there) and ``metadata.json`` last.
+
+Target chunking per key (checked against the source's chunking at its own TP, and in the
+tests against megatron-core's ``sharded_state_dict`` at the target layout):
+
+* column-parallel, dim 0 split in TP equal parts: ``self_attention.linear_qkv`` (weight, bias:
+  mcore keeps whole query groups per rank, contiguous), ``embedding.word_embeddings``,
+  ``output_layer``;
+* gated ``mlp.linear_fc1`` (SwiGLU, the global tensor is ``[gate; up]``): rank r holds gate_r and
+  up_r, 2*TP chunks on dim 0 (a non-gated fc1, recognised from the source chunks, is plain
+  column-parallel);
+* row-parallel, dim 1 split in TP parts: ``self_attention.linear_proj.weight``,
+  ``mlp.linear_fc2.weight`` (their biases are replicated);
+* replicated (one chunk, written by TP rank 0): norms (``*layernorm*``, ``*layer_norm_*``,
+  ``*norm.weight/bias``), position embeddings, row-parallel biases;
+* stacked ``decoder.layers.*`` keys carry a leading layer axis stored one layer per chunk; the
+  layers of PP stage s are ``[s*L/PP, (s+1)*L/PP)`` (per-layer ``decoder.layers.{i}.*`` keys
+  likewise); ``embedding.*`` lives on stage 0, ``output_layer.*`` / ``decoder.final_*`` on the
+  last stage;
+* ``optimizer.state.<state>.<model key>`` (megatron's ``fully_reshardable`` and the
+  non-distributed optimizer) follow their parameter;
+* the writer of a chunk is the rank ``tp + TP*(dp + DP*pp)`` (megatron's default order
+  tp-cp-ep-dp-pp) of its (TP rank, stage); replicas across DP share the writes, greedily
+  balanced by bytes (what the fully parallel save of SkyRL does).
+
+Each target rank reads only the source chunks overlapping its own chunks, by ranged reads
+(:meth:`~ckptctl.formats.megatron.MegatronReader.read_region`: a large source chunk needed only
+in part is read by the byte span of that part); a target chunk identical to a source chunk is
+copied byte for byte. Memory is bounded by one target chunk plus its source bytes, whatever
+the model size.
+
+Optimizer state in a layout-bound format (``dp_reshardable``: flattened per-bucket buffers,
+``dp_zero_gather_scatter``, the N-D flattened ``fully_sharded_model_space``) can only change
+its data-parallel size: it is then copied as is (megatron re-splits it over DP at load); a TP
+or PP change needs ``drop_optimizer=True``. Megatron-LM's per-(PP, TP)-rank ``rng_state``
+objects are dropped when TP or PP changes (megatron itself skips the RNG state then).
+
+Output safety is :class:`ckptctl.output_dir.OutputDir`: temp sibling + atomic rename locally,
+data first and ``.metadata``/``common.pt``/``metadata.json`` last on S3/GCS, refusal of a
+non-empty destination without ``overwrite``, never inside the source.
+
+Modes: one process doing every target rank's work in turn (a laptop), or one process per
+torchrun worker (``python -m ckptctl.ops.reshard_worker`` / any caller under torchrun with
+``WORLD_SIZE`` > 1): target ranks are split across the processes, the storage entries are
+gathered to process 0 (gloo; also on GPU nodes: only small Python objects travel), which
+writes the index files and commits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
+from ckptctl.formats.base import Piece, TensorInfo
+from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSON, DcpFileWriter, Entry,
+                                        build_metadata, data_file_name, metadata_bytes)
+from ckptctl.output_dir import OutputDir, refuse_overlap
+from ckptctl.storage import Store, open_store
+
+HF_DIR = "huggingface"
+_OPT_STATE_RE = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.[^.]+\.)(.+)$")
+_OPT_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+_PER_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_STACKED = "decoder.layers."
+_OBJECT_KEY_RE = re.compile(r"^(.*)/shard_([\d.]+)_([\d.]+)$")
+
+REPLICATED, COLUMN, GATED, ROW = "replicated", "column", "gated", "row"
+#: suffix (after ``decoder.layers.[i.]``, or the whole key) -> how megatron splits it over TP
+_SPLIT_EXACT = {
+    "self_attention.linear_qkv.weight": COLUMN, "self_attention.linear_qkv.bias": COLUMN,
+    "embedding.word_embeddings.weight": COLUMN, "output_layer.weight": COLUMN, "output_layer.bias": COLUMN,
+    "mlp.linear_fc1.weight": GATED, "mlp.linear_fc1.bias": GATED,
+    "self_attention.linear_proj.weight": ROW, "mlp.linear_fc2.weight": ROW,
+    "self_attention.linear_proj.bias": REPLICATED, "mlp.linear_fc2.bias": REPLICATED,
+    "embedding.position_embeddings.weight": REPLICATED,
+}
+_REPLICATED_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
+                        "norm.weight", "norm.bias")
+_UNSUPPORTED = ("mlp.experts.", "mlp.router.", "mlp.shared_experts.", "mtp.")
+_FIRST_STAGE = ("embedding.",)
+_LAST_STAGE = ("output_layer.", "decoder.final_layernorm.", "decoder.final_norm.")
+#: The optimizer formats whose state is one tensor per parameter with the parameter's shape.
+PER_PARAM_FORMATS = ("fully_reshardable", "non_distributed", "fp32")
+
+
+@dataclass
+class ReshardSummary:
+    source: str
+    destination: str
+    source_layout: dict[str, Any]
+    target_layout: dict[str, Any]
+    optimizer: str  # "resharded" | "copied" (DP change only) | "dropped" | "absent"
+    optimizer_format: str | None = None
+    tensors: int = 0
+    chunks: int = 0
+    chunks_copied_verbatim: int = 0
+    objects: int = 0
+    bytes: int = 0  # tensor data written (elements x element size)
+    bytes_read: int = 0  # source bytes fetched for tensor data (all processes)
+    files: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # key (or group) -> why
+    warnings: list[str] = field(default_factory=list)
+    processes: int = 1
+    replaced: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkTask:
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    nbytes: int
+    verbatim: Piece | None = None  # a source chunk with exactly these offsets and sizes
+
+
+@dataclass(frozen=True)
+class ObjectTask:
+    key: str
+    file: str  # source file (relative to the component) and byte range
+    byte_offset: int
+    byte_length: int
+
+
+@dataclass
+class ReshardPlan:
+    """Everything decided before the first byte is read: per target rank its chunks/objects."""
+
+    tp: int
+    pp: int
+    dp: int
+    source_layout: dict[str, Any]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # key -> (dtype, global shape)
+    objects: list[str]
+    chunks: dict[int, list[ChunkTask]]
+    object_tasks: dict[int, list[ObjectTask]]
+    optimizer: str
+    optimizer_format: str | None
+    dropped: dict[str, str]
+    warnings: list[str]
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def rank_bytes(self, rank: int) -> int:
+        return sum(t.nbytes for t in self.chunks.get(rank, ()))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.rank_bytes(r) for r in range(self.world))
+
+    def writer_ranks(self) -> list[int]:
+        return [r for r in range(self.world) if self.chunks.get(r) or self.object_tasks.get(r)]
+
+
+def _model_key(key: str) -> str:
+    m = _OPT_STATE_RE.match(key)
+    return m.group(2) if m else key
+
+
+def _layer_and_suffix(model_key: str) -> tuple[str, int | None, str]:
+    """("stacked" | "per_layer" | "other", layer index for per-layer keys, suffix)."""
+    m = _PER_LAYER_RE.match(model_key)
+    if m:
+        return "per_layer", int(m.group(1)), m.group(2)
+    if model_key.startswith(_STACKED):
+        return "stacked", None, model_key[len(_STACKED):]
+    return "other", None, model_key
+
+
+def split_kind(model_key: str) -> str | None:
+    """How megatron-core splits ``model_key`` (a model key) over TP, from its name; None: unknown."""
+    _, _, suffix = _layer_and_suffix(model_key)
+    if any(suffix.startswith(p) or model_key.startswith(p) for p in _UNSUPPORTED):
+        return None
+    if suffix in _SPLIT_EXACT:
+        return _SPLIT_EXACT[suffix]
+    if suffix.endswith(_REPLICATED_SUFFIXES):
+        return REPLICATED
+    return None
+
+
+def tp_blocks(kind: str, shape: tuple[int, ...], tp: int, *, key: str = "") -> list[tuple[int, tuple, tuple]]:
+    """``(tp_rank, offsets, sizes)`` of the chunks megatron saves for a (per-layer) tensor of
+    ``shape`` split ``kind`` over ``tp`` ranks; replicated tensors are written by TP rank 0."""
+    zero = (0,) * len(shape)
+    if kind == REPLICATED or not shape:
+        return [(0, zero, tuple(shape))]
+    dim = 1 if kind == ROW else 0
+    if dim >= len(shape):
+        raise UsageError(f"{key}: a row-parallel tensor needs 2 dimensions, it has shape {list(shape)}")
+    parts = 2 * tp if kind == GATED else tp
+    if shape[dim] % parts:
+        raise UsageError(f"{key}: dimension {dim} ({shape[dim]}) does not split into {parts} equal parts "
+                         f"for TP={tp}")
+    step = shape[dim] // parts
+    out = []
+    for i in range(parts):
+        rank = i % tp if kind == GATED else i  # gated: gate_0..gate_{tp-1}, then up_0..up_{tp-1}
+        off = list(zero)
+        off[dim] = i * step
+        size = list(shape)
+        size[dim] = step
+        out.append((rank, tuple(off), tuple(size)))
+    return out
+
+
+def _check_source_split(info: TensorInfo, kind: str, tp_src: int, layered: bool) -> str:
+    """The kind that matches how the source is chunked at its TP (GATED vs COLUMN for fc1), or
+    raise when the source chunks are not what megatron's sharding at TP=tp_src gives."""
+    shape = info.shape[1:] if layered else info.shape
+    first = min((p.offsets[0] for p in info.pieces), default=0) if layered else None
+    got = sorted((p.offsets[1:], p.sizes[1:]) if layered else (p.offsets, p.sizes)
+                 for p in info.pieces if first is None or p.offsets[0] == first)
+    candidates = [kind] + ([COLUMN] if kind == GATED else [])
+    for cand in candidates:
+        try:
+            want = sorted((o, s) for _, o, s in tp_blocks(cand, tuple(shape), tp_src, key=info.name))
+        except UsageError:
+            continue
+        if got == want:
+            return cand
+    raise UsageError(f"{info.name}: stored in chunks {[list(o) for o, _ in got][:8]}, which is not how "
+                     f"megatron-core shards a {kind} tensor at TP={tp_src}; cannot reshard it safely")
+
+
+def _stage_of_layer(layer: int, num_layers: int, pp: int) -> int:
+    return layer // (num_layers // pp)
+
+
+def _balanced(items: list, dp: int, size: Callable[[Any], int]) -> list[list]:
+    """Split ``items`` over ``dp`` replicas, largest first onto the least loaded (stable)."""
+    if dp == 1:
+        return [list(items)]
+    loads = [0] * dp
+    out: list[list] = [[] for _ in range(dp)]
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
+    for i in order:
+        d = min(range(dp), key=lambda j: (loads[j], j))
+        out[d].append(i)
+        loads[d] += size(items[i])
+    return [[items[i] for i in sorted(idx)] for idx in out]
+
+
+def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool = False,
+                 summary: dict | None = None, hf_config: dict | None = None) -> ReshardPlan:
+    """Decide every target chunk and its writer rank from the source's metadata (no data read).
+
+    ``reader``: a :class:`~ckptctl.formats.megatron.MegatronReader`; ``summary``: its
+    ``summary(common=False)`` if already computed (the optimizer format comes from the key
+    names; ``common.pt`` is copied, never unpickled). ``hf_config``: the component's
+    ``huggingface/config.json``, when there is one: TP must divide its attention heads and
+    query groups, and a vocabulary padding that megatron would choose differently at the new
+    TP is reported."""
+    for name, v in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if not isinstance(v, int) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, not {v!r}")
+    summary = summary if summary is not None else reader.summary(common=False)
+    problems = [p for p in summary.get("problems") or () if "metadata.json" not in p]
+    if problems:
+        raise CkptctlError(f"{reader.store.url}: cannot reshard a damaged checkpoint: {problems[0]}")
+    infos = reader.tensor_infos()
+    objects = reader.objects()
+    raw_keys = set(reader._load_metadata().state_dict_metadata)
+    skipped = sorted(raw_keys - set(infos) - {o.name for o in objects})
+    if skipped:
+        raise UsageError(f"cannot reshard tensor-valued {skipped[0]!r} (TE FP8 extra state?)"
+                         + (f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""))
+    par = summary.get("parallel") or {}
+    tp_src, pp_src, dp_src = par.get("tp"), par.get("pp"), par.get("dp")
+    if not tp_src:
+        raise NotACheckpointError(f"{reader.store.url}: cannot tell the source tensor-parallel size from its chunks")
+    source_layout = {"tp": tp_src, "pp": pp_src, "dp": dp_src, "writer_ranks": par.get("writer_ranks")}
+    model_facts = summary.get("model") or {}
+    num_layers = model_facts.get("num_layers")
+    if not num_layers:
+        raise NotACheckpointError(f"{reader.store.url}: no decoder layers found")
+    if num_layers % pp:
+        raise UsageError(f"--pp {pp} does not divide the {num_layers} decoder layers (uneven pipeline stages "
+                         "are not supported)")
+    same_mp = tp == tp_src and pp == pp_src
+    warnings: list[str] = []
+    dropped: dict[str, str] = {}
+    if hf_config:
+        warnings += _check_hf_config(hf_config, tp, tp_src, infos)
+
+    # -- the optimizer: which keys, which format, what to do ---------------------------------
+    opt_fmt = (summary.get("optimizer") or {}).get("format")
+    opt_tensors = [k for k in infos if _OPT_RE.match(k)]
+    opt_objects = [o for o in objects if _OPT_RE.match(o.key)]
+    per_param = [k for k in opt_tensors if (m := _OPT_STATE_RE.match(k)) and (
+        m.group(2) not in infos or infos[m.group(2)].shape == infos[k].shape)]
+    per_param_set = set(per_param)
+    layout_bound = [k for k in opt_tensors if k not in per_param_set] + [o.name for o in opt_objects]
+    layout_bound_set = set(layout_bound)
+    if not opt_tensors and not opt_objects:
+        optimizer = "absent"
+    elif drop_optimizer:
+        optimizer = "dropped"
+        for k in opt_tensors + [o.name for o in opt_objects]:
+            dropped[k] = "--drop-optimizer"
+        warnings.append("optimizer state dropped: load the output without the optimizer (common.pt still holds "
+                        "its param_groups and step)")
+    elif not layout_bound:
+        optimizer = "resharded"
+    elif same_mp:
+        optimizer = "copied"
+        if dp != dp_src:
+            warnings.append(f"optimizer state ({opt_fmt}) copied as is: megatron-core re-splits it over the new "
+                            f"data-parallel size {dp} when it loads it")
+    else:
+        example = layout_bound[0]
+        raise UsageError(
+            f"the optimizer state is in megatron's {opt_fmt or 'layout-bound'} format ({example!r}...), which can "
+            f"only change its data-parallel size (source TP={tp_src} PP={pp_src}, asked TP={tp} PP={pp}); keep "
+            f"--tp {tp_src} --pp {pp_src}, or pass --drop-optimizer to write the model weights only")
+
+    # -- tensors ---------------------------------------------------------------------------
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    by_group: dict[tuple[int, int], list[ChunkTask]] = defaultdict(list)  # (tp rank, stage) -> chunks
+    kinds: dict[str, str] = {}
+    for key, info in infos.items():
+        if key in dropped:
+            continue
+        tensors[key] = (info.dtype, tuple(info.shape))
+        model_key = _model_key(key)
+        layout, layer, _ = _layer_and_suffix(model_key)
+        item = _dtype_size(info.dtype)
+        exact = {(p.offsets, p.sizes): p for p in info.pieces}
+        if key in layout_bound_set or (same_mp and split_kind(model_key) is None):
+            # source geometry, source (TP rank, stage)
+            for p in info.pieces:
+                if p.rank is None:
+                    raise CkptctlError(f"{key}: a chunk in {p.file}, which is not a rank's file")
+                src_tp_rank, src_stage = _src_coords(p.rank, tp_src, pp_src, dp_src)
+                by_group[(src_tp_rank, src_stage)].append(
+                    ChunkTask(key, p.offsets, p.sizes, _numel(p.sizes) * item, p))
+            continue
+        kind = split_kind(model_key)
+        if kind is None:
+            raise UsageError(f"{key}: no rule for how megatron-core shards this key over TP/PP (dense GPT keys only: "
+                             "MoE, multi-token prediction and unknown modules are not supported)")
+        layered = layout == "stacked"
+        if kind in (GATED, COLUMN, ROW) and len(info.shape) - (1 if layered else 0) >= 1:
+            cache_key = model_key if model_key in infos else key
+            if cache_key not in kinds:
+                src_info = infos.get(model_key, info)
+                kinds[cache_key] = _check_source_split(src_info, kind, tp_src, layered)
+            kind = kinds[cache_key]
+        elif kind != REPLICATED:
+            raise UsageError(f"{key}: unexpected shape {list(info.shape)} for a {kind} tensor")
+        per_layer_shape = tuple(info.shape[1:]) if layered else tuple(info.shape)
+        blocks = tp_blocks(kind, per_layer_shape, tp, key=key)
+        if layered:
+            if info.shape[0] != num_layers:
+                raise UsageError(f"{key}: leading axis {info.shape[0]} != {num_layers} layers")
+            for i in range(num_layers):
+                stage = _stage_of_layer(i, num_layers, pp)
+                for r, off, size in blocks:
+                    o, s = (i, *off), (1, *size)
+                    by_group[(r, stage)].append(ChunkTask(key, o, s, _numel(s) * item, exact.get((o, s))))
+        else:
+            if layout == "per_layer":
+                if layer >= num_layers:
+                    raise UsageError(f"{key}: layer {layer} beyond {num_layers} layers")
+                stage = _stage_of_layer(layer, num_layers, pp)
+            elif model_key.startswith(_FIRST_STAGE):
+                stage = 0
+            elif model_key.startswith(_LAST_STAGE):
+                stage = pp - 1
+            else:
+                raise UsageError(f"{key}: cannot tell which pipeline stage holds it")
+            for r, off, size in blocks:
+                by_group[(r, stage)].append(ChunkTask(key, off, size, _numel(size) * item, exact.get((off, size))))
+
+    # -- objects (ShardedObjects, _extra_state) ----------------------------------------------
+    obj_by_group: dict[tuple[int, int], list[ObjectTask]] = defaultdict(list)
+    object_keys = []
+    for o in objects:
+        if o.name in dropped:
+            continue
+        task = ObjectTask(o.name, o.file, o.byte_offset, o.byte_length)
+        m = _OBJECT_KEY_RE.match(o.name)
+        if o.key.startswith("rng_state") and not same_mp:
+            dropped[o.name] = "per-(PP, TP)-rank RNG state does not map to a new TP/PP layout"
+            continue
+        if "._extra_state" in o.key and m:
+            model_key = o.key[: o.key.index("._extra_state")]
+            layout, layer, _ = _layer_and_suffix(model_key)
+            offs = [int(x) for x in m.group(2).split(".")]
+            if layout == "per_layer":
+                stage = _stage_of_layer(layer, num_layers, pp)
+            elif layout == "stacked":
+                stage = _stage_of_layer(offs[0], num_layers, pp) if m.group(3).split(".")[0] == str(num_layers) else 0
+            elif model_key.startswith(_LAST_STAGE):
+                stage = pp - 1
+            else:
+                stage = 0
+            obj_by_group[(0, stage)].append(task)
+        elif same_mp:
+            if o.rank is None:
+                raise CkptctlError(f"{o.name}: stored in {o.file}, which is not a rank's file")
+            obj_by_group[_src_coords(o.rank, tp_src, pp_src, dp_src)].append(task)
+        else:
+            raise UsageError(f"{o.name}: a non-tensor object whose meaning for a new TP/PP layout is unknown")
+        object_keys.append(o.name)
+    if any(k.startswith("rng_state") for k in dropped):
+        warnings.append("Megatron-LM rng_state objects dropped (TP/PP changed): load with --no-load-rng or let "
+                        "the trainer reseed")
+
+    # -- writer ranks: rank = tp + TP*(dp + DP*pp) -------------------------------------------
+    chunks: dict[int, list[ChunkTask]] = defaultdict(list)
+    object_tasks: dict[int, list[ObjectTask]] = defaultdict(list)
+    for (r, stage), items in by_group.items():
+        for d, part in enumerate(_balanced(items, dp, lambda t: t.nbytes)):
+            chunks[r + tp * (d + dp * stage)].extend(part)
+    for (r, stage), items in obj_by_group.items():
+        for d, part in enumerate(_balanced(items, dp, lambda t: t.byte_length)):
+            object_tasks[r + tp * (d + dp * stage)].extend(part)
+    return ReshardPlan(tp, pp, dp, source_layout, tensors, object_keys, dict(chunks), dict(object_tasks),
+                       optimizer, opt_fmt, dropped, warnings)
+
+
+def _check_hf_config(config: dict, tp: int, tp_src: int, infos: dict) -> list[str]:
+    """TP must divide the attention heads, and divide or be a multiple of the query groups
+    (mcore >= 0.16 gives TP ranks parts of a group when there are fewer groups than ranks);
+    warn about vocabulary padding."""
+    heads = config.get("num_attention_heads")
+    groups = config.get("num_key_value_heads") or heads
+    if isinstance(heads, int) and heads % tp:
+        raise UsageError(f"--tp {tp} does not divide the model's {heads} attention heads")
+    if isinstance(groups, int) and groups % tp and tp % groups:
+        raise UsageError(f"--tp {tp} neither divides nor is a multiple of the model's {groups} query groups "
+                         "(num_key_value_heads)")
+    vocab = config.get("vocab_size")
+    emb = infos.get("embedding.word_embeddings.weight")
+    if not isinstance(vocab, int) or emb is None or not emb.shape:
+        return []
+    rows = emb.shape[0]
+
+    def padded(t: int) -> int:  # Megatron-LM: make_vocab_size_divisible_by (128) x TP
+        m = 128 * t
+        return -(-vocab // m) * m
+
+    if padded(tp_src) == rows and padded(tp) != rows:
+        return [f"the embedding keeps its {rows} rows (vocabulary {vocab} padded for TP={tp_src}); Megatron-LM with "
+                f"make_vocab_size_divisible_by=128 would pad to {padded(tp)} rows at TP={tp}: configure the "
+                f"trainer's padding so that the model has {rows} rows"]
+    return []
+
+
+def _src_coords(rank: int, tp_src: int, pp_src: int | None, dp_src: int | None) -> tuple[int, int]:
+    """(TP rank, PP stage) of a source writer rank (default order tp-cp-ep-dp-pp)."""
+    if not pp_src or not dp_src:
+        raise CkptctlError("cannot tell the source pipeline/data-parallel sizes from the writer ranks")
+    return rank % tp_src, rank // (tp_src * dp_src)
+
+
+def _numel(sizes: Iterable[int]) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def _dtype_size(dtype: str) -> int:
+    from ckptctl.formats.base import dtype_size
+
+    size = dtype_size(dtype)
+    if not size:
+        raise CkptctlError(f"unsupported dtype {dtype!r}")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# doing it
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RankResult:
+    rank: int
+    entries: list[tuple]
+    file: str | None  # the data file (relative to the output), None when the rank writes nothing
+    verbatim: int
+    bytes_read: int
+
+
+def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str = "",
+               on_bytes: Callable[[int], None] | None = None) -> RankResult:
+    """Write target rank ``rank``'s data file into ``staging`` (under ``prefix``)."""
+    tasks = plan.chunks.get(rank, [])
+    objs = plan.object_tasks.get(rank, [])
+    if not tasks and not objs:
+        return RankResult(rank, [], None, 0, 0)
+    name = data_file_name(rank)
+    rel = prefix + name
+    store = reader.store
+    verbatim = 0
+    read_before = _bytes_read(store)
+    def load(t: ChunkTask):
+        """The chunk's bytes (a source blob copied as is) or its tensor (assembled)."""
+        p = t.verbatim
+        if p is not None and (p.file, p.byte_offset) not in reader._transforms:
+            blob = store.read_range(p.file, p.byte_offset, p.byte_offset + p.byte_length)
+            if len(blob) != p.byte_length:
+                raise CkptctlError(f"{store.url_of(p.file)}: truncated chunk of {t.key}")
+            return blob
+        return reader.read_region(t.key, t.offsets, t.sizes)
+
+    # One chunk ahead: the next chunk is read and assembled while this one is serialised.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with DcpFileWriter(os.path.join(staging, *rel.split("/")), name) as w, ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(load, tasks[0]) if tasks else None
+        for i, t in enumerate(tasks):
+            data = ahead.result()
+            ahead = pool.submit(load, tasks[i + 1]) if i + 1 < len(tasks) else None
+            if isinstance(data, bytes):
+                w.add_blob(t.key, t.offsets, t.sizes, data)
+                verbatim += 1
+            else:
+                w.add_tensor(t.key, t.offsets, data)
+            del data
+            if on_bytes:
+                on_bytes(t.nbytes)
+        for o in objs:
+            data = store.read_range(o.file, o.byte_offset, o.byte_offset + o.byte_length)
+            if len(data) != o.byte_length:
+                raise CkptctlError(f"{store.url_of(o.file)}: truncated object {o.key}")
+            w.add_bytes(o.key, data)
+    return RankResult(rank, [e.as_tuple() for e in w.entries], rel, verbatim, _bytes_read(store) - read_before)
+
+
+def _finalize_files(reader, plan: ReshardPlan, results: list[RankResult], staging: str, prefix: str,
+                    checkpoint_id: str) -> None:
+    """``.metadata``, ``common.pt`` and ``metadata.json`` into ``staging``."""
+    entries = [e for r in results for e in r.entries]
+    md = build_metadata(plan.tensors, plan.objects, entries, checkpoint_id=checkpoint_id)
+    store = reader.store
+
+    def put(rel: str, data: bytes) -> None:
+        path = os.path.join(staging, *(prefix + rel).split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    put(METADATA_FILE, metadata_bytes(md))
+    if store.exists(prefix + COMMON_FILE):
+        put(COMMON_FILE, store.read_bytes(prefix + COMMON_FILE))
+    put(METADATA_JSON, store.read_bytes(prefix + METADATA_JSON))
+
+
+def _copy_hf_dir(comp: Store, staging: str) -> list[str]:
+    """The component's ``huggingface/`` (config + tokenizer) beside the checkpoint."""
+    try:
+        files = [f.path for f in comp.walk() if f.path.startswith(HF_DIR + "/")]
+    except CkptctlError:
+        return []
+    for rel in files:
+        path = os.path.join(staging, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(comp.read_bytes(rel))
+    return files
+
+
+def _hf_config(comp: Store) -> dict | None:
+    """The component's ``huggingface/config.json`` (plain JSON), or None."""
+    import json
+
+    try:
+        config = json.loads(comp.read_bytes(f"{HF_DIR}/config.json"))
+    except (CkptctlError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _resolve_source(src_store: Store, component: str) -> tuple[Store, str]:
+    """(store rooted at the Megatron component, nesting prefix '' or 'dist_ckpt/')."""
+    from ckptctl.formats.megatron import METADATA_FILE as MD, VERL_SUBDIR
+
+    if src_store.exists(MD):
+        return src_store, ""
+    if src_store.exists(f"{VERL_SUBDIR}/{MD}"):
+        return src_store, f"{VERL_SUBDIR}/"
+    from ckptctl.ops.export import resolve_component
+    from ckptctl.tree import MEGATRON
+
+    parent, comp, _, _ = resolve_component(src_store, component)
+    if comp.backend != MEGATRON:
+        raise NotACheckpointError(f"{parent.url_of(comp.path)} is a {comp.backend} component, not Megatron")
+    store = parent.child(comp.path)
+    return store, (f"{comp.nesting}/" if getattr(comp, "nesting", "") else "")
+
+
+class _ReadCounter:
+    """Counts the bytes a store's ``read_range`` returns (installed on the instance)."""
+
+    def __init__(self, store: Store):
+        self.total = 0
+        self._lock = threading.Lock()
+        self._read = store.read_range
+        store.read_range = self
+
+    def __call__(self, rel: str, start: int, end: int) -> bytes:
+        data = self._read(rel, start, end)
+        with self._lock:
+            self.total += len(data)
+        return data
+
+
+def _bytes_read(store: Store) -> int:
+    counter = getattr(store, "read_range", None)
+    return counter.total if isinstance(counter, _ReadCounter) else 0
+
+
+def _open_source(src: str, component: str, endpoint_url: str | None):
+    from ckptctl.formats.megatron import MegatronReader
+
+    src_store = open_store(src, endpoint_url=endpoint_url)
+    comp, prefix = _resolve_source(src_store, component)
+    _ReadCounter(comp)
+    reader = MegatronReader(comp, nesting=prefix.rstrip("/"))
+    if reader.read_metadata_json() is None:
+        raise CkptctlError(f"{comp.url}: no {prefix}{METADATA_JSON}: the source save did not finish")
+    return src_store, comp, prefix, reader
+
+
+def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[RankResult], files: list[str],
+             processes: int, started: float) -> ReshardSummary:
+    return ReshardSummary(
+        source=src_url, destination=out.dest, source_layout=plan.source_layout,
+        target_layout={"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "world_size": plan.world,
+                       "writer_ranks": len(plan.writer_ranks())},
+        optimizer=plan.optimizer, optimizer_format=plan.optimizer_format, tensors=len(plan.tensors),
+        chunks=sum(len(v) for v in plan.chunks.values()), chunks_copied_verbatim=sum(r.verbatim for r in results),
+        objects=len(plan.objects), bytes=plan.total_bytes, bytes_read=sum(r.bytes_read for r in results),
+        files=files, dropped=dict(plan.dropped), warnings=list(plan.warnings), processes=processes,
+        replaced=out.replaced, seconds=round(time.perf_counter() - started, 3))
+
+
+def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, overwrite: bool = False,
+                     drop_optimizer: bool = False, endpoint_url: str | None = None,
+                     progress: Callable[[int, int], None] | None = None, component: str = "policy",
+                     distributed: bool | None = None) -> ReshardSummary:
+    """Reshard the Megatron ``torch_dist`` checkpoint at ``src`` for TP=``tp`` x PP=``pp`` x
+    DP=``dp`` into ``out`` (a new component directory: the checkpoint files, in ``dist_ckpt/``
+    when the source is verl-nested, plus the source's ``huggingface/``).
+
+    ``src``: the component directory (or a step / tree: ``component`` of the step chosen like
+    export-hf). ``progress(done_bytes, total_bytes)`` after each chunk. ``distributed``: None
+    detects torchrun (``WORLD_SIZE`` > 1 or an initialised process group)."""
+    if distributed is None:
+        distributed = _under_torchrun()
+    if distributed:
+        return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, overwrite=overwrite,
+                                    drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
+                                    component=component)
+    started = time.perf_counter()
+    src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
+    dst_store = open_store(out, endpoint_url=endpoint_url)
+    refuse_overlap(src_store, dst_store)
+    refuse_overlap(comp, dst_store)
+    plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer, hf_config=_hf_config(comp))
+    commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
+    total = plan.total_bytes
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    results = []
+    with OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last, store=dst_store) as outdir:
+        for rank in range(plan.world):
+            res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
+            if res.file:
+                outdir.publish([res.file])  # object stores: upload now, keep local disk to one file
+            results.append(res)
+        _finalize_files(reader, plan, results, outdir.staging, prefix, dst_store.url_of(prefix.rstrip("/")))
+        _copy_hf_dir(comp, outdir.staging)
+        files = outdir.commit()
+    return _summary(comp.url, outdir, plan, results, files, 1, started)
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun)
+# ---------------------------------------------------------------------------------------------
+def _under_torchrun() -> bool:
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return True
+    except ValueError:
+        pass
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return False
+
+
+def _error_payload(exc: BaseException) -> tuple[str, str, int]:
+    if isinstance(exc, CkptctlError):
+        return type(exc).__name__, str(exc), exc.exit_code
+    return type(exc).__name__, f"{type(exc).__name__}: {exc}", 1
+
+
+def _raise_payload(payload: tuple[str, str, int], where: str = "") -> None:
+    import ckptctl.errors as errors
+
+    name, message, _ = payload
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CkptctlError)):
+        cls = CkptctlError
+    raise cls(f"{where}{message}")
+
+
+def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overwrite: bool, drop_optimizer: bool,
+                         endpoint_url: str | None, progress, component: str) -> ReshardSummary:
+    import tempfile
+
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    own_group = not dist.is_initialized()
+    if own_group:
+        import torch
+
+        if torch.cuda.is_available():  # GPU nodes: NCCL for the job, gloo subgroup for objects
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    # Small Python objects only: a gloo group also on NCCL jobs (no CUDA tensors needed).
+    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    outdir: OutputDir | None = None
+    try:
+        # 1. process 0 checks everything and opens the output; the others learn how it went
+        status: list[Any] = [None]
+        if rank == 0:
+            try:
+                src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
+                dst_store = open_store(out, endpoint_url=endpoint_url)
+                refuse_overlap(src_store, dst_store)
+                refuse_overlap(comp, dst_store)
+                plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer,
+                                    hf_config=_hf_config(comp))
+                commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
+                outdir = OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last, store=dst_store).open()
+                outdir.begin()  # object stores: old output no longer complete-looking, marker written
+                status = [("ok", outdir.staging if dst_store.is_local else None)]
+            except BaseException as exc:  # noqa: BLE001 - reported to every process
+                status = [("error", _error_payload(exc))]
+        dist.broadcast_object_list(status, src=0, group=group)
+        if status[0][0] == "error":
+            _raise_payload(status[0][1])
+        shared_staging = status[0][1]
+
+        # 2. every process writes its share of the target ranks
+        tmp = None
+        result: tuple
+        published: list[str] = []
+        try:
+            if rank != 0:
+                src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
+                plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer,
+                                    hf_config=_hf_config(comp))
+            if shared_staging is not None:
+                mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
+            else:
+                tmp = tempfile.mkdtemp(prefix="ckptctl-reshard-")
+                mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
+            done = [0]
+            total = sum(plan.rank_bytes(r) for r in range(rank, plan.world, world))
+
+            def on_bytes(n: int) -> None:
+                done[0] += n
+                if progress and rank == 0:
+                    progress(done[0], total)
+
+            results = []
+            for r in range(rank, plan.world, world):
+                res = write_rank(reader, plan, r, mine.staging, prefix, on_bytes)
+                if res.file:
+                    published += mine.publish([res.file])
+                results.append(res)
+            result = ("ok", results, published)
+        except BaseException as exc:  # noqa: BLE001
+            result = ("error", _error_payload(exc), published)
+        finally:
+            if tmp:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        # 3. process 0 gathers the storage entries, writes the index files last and commits
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(result, gathered, dst=0, group=group)
+        final: list[Any] = [None]
+        if rank == 0:
+            uploaded = [f for g in gathered for f in g[2]]
+            errors = [(i, g[1]) for i, g in enumerate(gathered) if g[0] == "error"]
+            try:
+                if errors:
+                    i, payload = errors[0]
+                    _raise_payload(payload, f"process {i}: ")
+                all_results = sorted((r for g in gathered for r in g[1]), key=lambda r: r.rank)
+                if shared_staging is not None:
+                    missing = [r.file for r in all_results if r.file and not os.path.exists(
+                        os.path.join(shared_staging, *r.file.split("/")))]
+                    if missing:
+                        raise CkptctlError(f"{missing[0]} (written by another process) is not in {shared_staging}: "
+                                           "the processes must share the destination's filesystem")
+                _finalize_files(reader, plan, all_results, outdir.staging, prefix,
+                                dst_store.url_of(prefix.rstrip("/")))
+                _copy_hf_dir(comp, outdir.staging)
+                files = outdir.commit(uploaded=uploaded)
+                summary = _summary(comp.url, outdir, plan, all_results, files, world, started)
+                final = [("ok", summary)]
+            except BaseException as exc:  # noqa: BLE001
+                if outdir is not None:
+                    outdir.abort(uploaded=uploaded)
+                final = [("error", _error_payload(exc))]
+        dist.broadcast_object_list(final, src=0, group=group)
+        if final[0][0] == "error":
+            _raise_payload(final[0][1])
+        return final[0][1]
+    finally:
+        if outdir is not None and outdir.state == "open":
+            outdir.abort()
+        if group is not None:
+            dist.destroy_process_group(group)
+        if own_group:
+            dist.destroy_process_group()
+
+
+__all__ = ["ReshardPlan", "ReshardSummary", "plan_reshard", "reshard_megatron", "split_kind", "tp_blocks",
+           "write_rank"]
