@@ -175,10 +175,27 @@ def render_export(console: Console, summary) -> None:
 
 
 def render_reshard(console: Console, summary) -> None:
-    data = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
     from rich.tree import Tree as RichTree
 
-    root = RichTree(f"[bold]resharded[/bold] {data.get('source', '')} -> {data.get('destination', '')}",
+    data = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
+    root = RichTree(f"[bold]resharded[/bold] {data.get('source', '')} -> [bold]{data.get('destination', '')}[/bold]",
                     highlight=False)
-    _add_mapping(root, {k: v for k, v in data.items() if k not in ("source", "destination")})
+    shown: dict = {}
+    for key, value in data.items():
+        if key in ("source", "destination", "warnings", "notes", "seconds"):
+            continue
+        if key in ("files", "copied", "dropped") and isinstance(value, list):
+            shown[key] = f"{len(value)} files" if key != "dropped" else (", ".join(map(str, value)) or None)
+        elif key == "components" and isinstance(value, list):
+            shown[key] = {c.get("name", "?"): f"world size {c.get('source_world_size')} -> {c.get('world_size')}, "
+                          f"optimizer {c.get('optimizer')}" for c in value}
+        elif key in ("bytes", "bytes_read") and isinstance(value, int):
+            shown[key] = human_bytes(value)
+        else:
+            shown[key] = value
+    _add_mapping(root, shown)
     console.print(root)
+    for warning in list(data.get("warnings") or []) + list(data.get("notes") or []):
+        console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
+    if data.get("seconds") is not None:
+        console.print(f"done in {data['seconds']:.1f} s", highlight=False)
