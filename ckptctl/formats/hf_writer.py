@@ -95,6 +95,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
 from ckptctl.errors import CkptctlError, NotFoundError, UsageError
+from ckptctl.formats.hf import SafetensorsHeader, parse_safetensors_header
 # INCOMPLETE_MARKER (object-store marker of an export in progress), TMP_INFIX and RUN_INFO (the
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
@@ -111,8 +112,6 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
 _MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
-_HEADER_PROBE = 64 * 1024
-_MAX_HEADER = 100 * 1000 * 1000  # safetensors' own limit
 
 # torch dtype name -> (safetensors dtype, element size)
 _ST_DTYPES: dict[str, tuple[str, int]] = {
@@ -678,25 +677,19 @@ class HfModelWriter:
 # ---------------------------------------------------------------------------------------------
 # verification
 # ---------------------------------------------------------------------------------------------
-def read_safetensors_header(store: Store, rel: str, size: int | None = None) -> tuple[dict, int]:
-    """``(header, data_start)`` of a safetensors file, by ranged reads (usually one request)."""
-    if size is None:
-        size = store.size(rel)
-    if size < 8:
-        raise CkptctlError(f"{store.url_of(rel)}: {size} bytes, too short for safetensors")
-    head = store.read_range(rel, 0, min(size, _HEADER_PROBE))
-    length = int.from_bytes(head[:8], "little")
-    if length > _MAX_HEADER or 8 + length > size:
-        raise CkptctlError(f"{store.url_of(rel)}: invalid safetensors header length {length}")
-    if 8 + length > len(head):
-        head += store.read_range(rel, len(head), 8 + length)
-    try:
-        header = json.loads(head[8:8 + length])
-    except ValueError as exc:
-        raise CkptctlError(f"{store.url_of(rel)}: safetensors header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CkptctlError(f"{store.url_of(rel)}: safetensors header is not a JSON object")
-    return header, 8 + length
+def _check_shard(rel: str, header: "SafetensorsHeader", size: int, problems: list[str]) -> dict[str, tuple]:
+    """What the parsed header of one file does not satisfy; returns name -> (shape, dtype)."""
+    if header.metadata.get("format") != "pt":
+        problems.append(f"{rel}: __metadata__.format is not 'pt' (transformers refuses the file)")
+    position = header.data_start
+    for name, info in sorted(header.tensors.items(), key=lambda kv: (kv[1]["begin"], kv[1]["end"])):
+        if info["begin"] != position:
+            problems.append(f"{rel}: {name}: data starts at {info['begin'] - header.data_start}, expected "
+                            f"{position - header.data_start} (gap or overlap)")
+        position = max(position, info["end"])
+    if position != size:
+        problems.append(f"{rel}: file is {size} bytes, the header describes {position}")
+    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in header.tensors.items()}
 
 
 def _expected_entry(value: Any) -> tuple[tuple[int, ...], str]:
@@ -705,39 +698,6 @@ def _expected_entry(value: Any) -> tuple[tuple[int, ...], str]:
     else:
         shape, dtype = value.shape, value.dtype
     return tuple(int(d) for d in shape), normalize_dtype(dtype)
-
-
-def _check_shard(rel: str, header: dict, data_start: int, size: int, problems: list[str]) -> dict[str, tuple]:
-    """Problems with one file's header; returns name -> (shape, dtype) of its tensors."""
-    found: dict[str, tuple] = {}
-    meta = header.pop("__metadata__", None)
-    if not isinstance(meta, dict) or meta.get("format") != "pt":
-        problems.append(f"{rel}: __metadata__.format is not 'pt' (transformers refuses the file)")
-    spans = []
-    for name, info in header.items():
-        try:
-            dtype = _FROM_ST[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{rel}: {name}: malformed header entry")
-            continue
-        n = 1
-        for d in shape:
-            n *= d
-        if end - start != n * _ST_DTYPES[dtype][1]:
-            problems.append(f"{rel}: {name}: data_offsets span {end - start} bytes, shape/dtype need "
-                            f"{n * _ST_DTYPES[dtype][1]}")
-        spans.append((start, end, name))
-        found[name] = (shape, dtype)
-    position = 0
-    for start, end, name in sorted(spans):
-        if start != position:
-            problems.append(f"{rel}: {name}: data starts at {start}, expected {position} (gap or overlap)")
-        position = max(position, end)
-    if data_start + position != size:
-        problems.append(f"{rel}: file is {size} bytes, the header describes {data_start + position}")
-    return found
 
 
 def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
@@ -792,12 +752,12 @@ def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
     data_bytes = 0
     for rel in files:
         try:
-            header, data_start = read_safetensors_header(store, rel, sizes[rel])
+            header = parse_safetensors_header(store, rel)
         except CkptctlError as exc:
             problems.append(str(exc))
             continue
-        data_bytes += sizes[rel] - data_start
-        for name, entry in _check_shard(rel, header, data_start, sizes[rel], problems).items():
+        data_bytes += sizes[rel] - header.data_start
+        for name, entry in _check_shard(rel, header, sizes[rel], problems).items():
             if name in found:
                 problems.append(f"{name}: stored in more than one file")
             found[name] = entry
@@ -830,5 +790,5 @@ def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
 __all__ = [
     "CONFIG_NAME", "DEFAULT_MAX_SHARD_SIZE", "INCOMPLETE_MARKER", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME",
     "HfModelWriter", "HfWriteSummary", "ShardPlan", "TensorSpec", "normalize_dtype", "parse_size", "plan_shards",
-    "read_safetensors_header", "safetensors_header", "shard_file_name", "specs_from_state_dict", "verify_export",
+    "safetensors_header", "shard_file_name", "specs_from_state_dict", "verify_export",
 ]
