@@ -230,8 +230,10 @@ def export_hf_command(
     max_shard_size: Annotated[str, typer.Option(
         "--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
-    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into the weights.")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip re-reading the output afterwards.")] = False,
+    merge_lora: Annotated[bool, typer.Option(
+        "--merge-lora", help="Merge the LoRA adapter into the weights (one standalone model).")] = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip re-reading the output before it is committed.")] = False,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:

@@ -166,6 +166,12 @@ def render_export(console: Console, summary) -> None:
                   f"dtype: {dtypes} ({'source dtype' if summary.dtype == 'source' else 'cast to ' + summary.dtype})",
                   highlight=False)
     console.print(f"  files: {', '.join(summary.files)}", highlight=False)
+    if summary.lora:
+        lora = summary.lora
+        how = (f"merged into the weights (r={lora.get('r')}, lora_alpha={lora.get('lora_alpha')}"
+               + (", rsLoRA" if lora.get("use_rslora") else "") + ")" if lora.get("merged")
+               else "base weights + lora_adapter/ (not merged)")
+        console.print(f"  LoRA: {lora.get('adapted_modules')} adapted modules, {how}", highlight=False)
     for name, why in summary.skipped.items():
         console.print(f"  skipped {name}: {why}", highlight=False)
     for warning in summary.warnings:

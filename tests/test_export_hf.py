@@ -124,6 +124,13 @@ def snapshot(path: Path) -> dict:
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))}
 
 
+def upload_component(backend, path: Path, rel: str) -> str:
+    """Upload a component directory under a fresh root of an emulated bucket; returns its URL."""
+    url = backend.new_root() + "/" + rel
+    backend.upload_dir(str(path), url)
+    return url
+
+
 def copy_component(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -360,10 +367,30 @@ def test_verification_runs_by_default_and_fails_loudly(fsdp_ckpts, tmp_path, mon
     doc = cli_json(fsdp_ckpts["w2"].path, tmp_path / "b", "--no-verify")
     assert doc["verified"] is False and len(calls) == 1
 
-    monkeypatch.setattr(hf_writer, "verify_export", lambda *a, **k: ["model.norm.weight: dtype float16, expected float32"])
-    refused(fsdp_ckpts["w2"].path, tmp_path / "c", code=1, match="config.json removed so that nothing loads it")
-    # a failed verification leaves nothing that looks complete: config.json is taken away
-    assert (tmp_path / "c" / "model.safetensors").is_file() and not (tmp_path / "c" / "config.json").exists()
+    # the check runs on the staged output, before config.json and the commit
+    assert calls[0][0] == str(tmp_path / "a")
+
+
+def test_failed_verification_commits_nothing(fsdp_ckpts, tmp_path, monkeypatch):
+    """A shard that comes out short (a writer bug, a full disk that does not say so) is caught by
+    re-reading the staged output, before anything is committed: no model, no temp left."""
+    from ckptctl.formats import hf_writer
+
+    real_write = hf_writer._LocalTarget.write
+
+    def lossy_write(self, f, data):
+        data = memoryview(data)
+        if data.nbytes > 64:  # drop one tensor's last 4 bytes
+            data = data[:-4]
+        return real_write(self, f, data)
+
+    monkeypatch.setattr(hf_writer._LocalTarget, "write", lossy_write)
+    refused(fsdp_ckpts["w2"].path, tmp_path / "c", code=1, match="failed (nothing committed)")
+    assert not (tmp_path / "c").exists()
+    assert leftovers(tmp_path / "c") == []
+    monkeypatch.undo()
+    cli_json(fsdp_ckpts["w2"].path, tmp_path / "c")  # a rerun succeeds
+    assert (tmp_path / "c" / "config.json").is_file()
 
 
 def test_progress_callback_and_human_summary(fsdp_ckpts, tmp_path, monkeypatch):
@@ -413,31 +440,98 @@ def test_dtype_cast_leaves_integer_buffers_alone(fsdp_ckpts, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_lora_adapter_copied_into_subdirectory(fsdp_ckpts, tmp_path):
-    from safetensors.torch import save_file
+# ------------------------------------------------------------------------------------------
+# LoRA (PEFT): fixtures written by peft.get_peft_model + FSDP2, lora_adapter/ as SkyRL saves it
+# ------------------------------------------------------------------------------------------
+LORA = ["lora_w2", "lora_w1"]
 
-    src = copy_component(fsdp_ckpts["w2"].path, tmp_path / "ckpt" / "policy")
-    (src / "lora_adapter").mkdir()
-    adapter = {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()}
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
-              str(src / "lora_adapter" / "adapter_model.safetensors"))
-    (src / "lora_adapter" / "adapter_config.json").write_bytes(adapter["adapter_config.json"])
 
-    refused(src, tmp_path / "merged", "--merge-lora", code=2, match="--merge-lora is not supported")
-    assert not (tmp_path / "merged").exists()
-    out = tmp_path / "out"
-    doc = cli_json(src, out, "--max-shard-size", "100KB")
-    assert any("lora_adapter" in w for w in doc["warnings"])
-    assert (out / "lora_adapter" / "adapter_config.json").read_bytes() == adapter["adapter_config.json"]
-    assert (out / "lora_adapter" / "adapter_model.safetensors").is_file()
-    assert not (out / "adapter_config.json").exists()  # would turn the dir into a PEFT adapter
-    ref = ref_logits(fsdp_ckpts["w2"])
+def peft_logits(base_dir: Path, adapter_dir: Path, ids):
+    """The logits of the exported base model with the exported adapter, loaded by peft itself."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(causal_lm(base_dir), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", LORA)
+def test_lora_merged_export_matches_peft_merge(fsdp_ckpts, tmp_path, name):
+    comp = fsdp_ckpts[name]
+    out = tmp_path / "merged"
+    doc = cli_json(comp.path, out, "--merge-lora")
+    assert doc["lora"]["merged"] is True and doc["lora"]["adapted_modules"] > 0 and doc["verified"]
+    assert not (out / "lora_adapter").exists()  # merged: a standalone model
+    config = json.loads((out / "config.json").read_text())
+    want = load_file(str(comp.reference_dir / "reference_merged_state.safetensors"))
+    want = {k: v for k, v in want.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.get("tie_word_embeddings"):
+        want.pop("lm_head.weight", None)
+    got = load_dir(out)
+    assert sorted(got) == sorted(want)
+    for k in want:  # the same arithmetic as peft's merge_and_unload
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    base = load_file(str(comp.reference_dir / "reference_base_state.safetensors"))
+    assert any(not torch.equal(got[k], base[k]) for k in got if k in base)  # the merge changed weights
+    ref = ref_logits(comp)  # the trained PEFT model's own output
     torch.testing.assert_close(logits_of(out, ref["input_ids"]), ref["logits"], rtol=0, atol=1e-5)
 
 
-def test_merge_lora_without_adapter_is_a_note(fsdp_ckpts, tmp_path):
-    doc = cli_json(fsdp_ckpts["w1"].path, tmp_path / "out", "--merge-lora")
-    assert any("nothing to merge" in w for w in doc["warnings"])
+@pytest.mark.parametrize("name", LORA)
+def test_lora_unmerged_export_is_base_plus_adapter(fsdp_ckpts, tmp_path, name):
+    comp = fsdp_ckpts[name]
+    out = tmp_path / "out"
+    doc = cli_json(comp.path, out)
+    assert doc["lora"]["merged"] is False
+    assert any("--merge-lora" in w for w in doc["warnings"])
+    # base weights under plain HF names (a modules_to_save original, not its trained copy)
+    want = load_file(str(comp.reference_dir / "reference_base_state.safetensors"))
+    want = {k: v for k, v in want.items() if not k.endswith("rotary_emb.inv_freq")}
+    assert_same_tensors(load_dir(out), want)
+    # the adapter as SkyRL saved it, in a subdirectory (at the top, adapter_config.json would
+    # make transformers load the directory as an adapter)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / "lora_adapter" / f).read_bytes() == (comp.path / "lora_adapter" / f).read_bytes()
+    assert not (out / "adapter_config.json").exists()
+    ref = ref_logits(comp)
+    torch.testing.assert_close(peft_logits(out, out / "lora_adapter", ref["input_ids"]), ref["logits"],
+                               rtol=0, atol=1e-5)
+
+
+def test_lora_merge_from_s3_sharded_bf16(fsdp_ckpts, make_backend, tmp_path):
+    comp = fsdp_ckpts["lora_w2"]
+    src = upload_component(make_backend("s3"), comp.path, "global_step_1/policy")
+    out = tmp_path / "out"
+    doc = cli_json(src, out, "--merge-lora", "--dtype", "bf16", "--max-shard-size", "100KB")
+    assert doc["shards"] > 1 and doc["dtypes_written"] == {"bfloat16": doc["tensors"]}
+    want = load_file(str(comp.reference_dir / "reference_merged_state.safetensors"))
+    got = load_dir(out)
+    for k, v in got.items():
+        assert torch.equal(v, want[k].to(torch.bfloat16)), k  # merged in fp32, then cast
+
+
+def test_lora_refusals_write_nothing(fsdp_ckpts, megatron_ckpts, tmp_path):
+    lora = fsdp_ckpts["lora_w2"]
+    # a plain model has nothing to merge
+    refused(fsdp_ckpts["w1"].path, tmp_path / "a", "--merge-lora", code=2, match="not a LoRA (PEFT) model")
+    # Megatron LoRA is not supported
+    refused(megatron_ckpts["tp2"].out_dir, tmp_path / "b", "--merge-lora", code=2, match="not for Megatron")
+    # SkyRL swallows errors saving lora_adapter/: without its config the scaling is unknown
+    src = copy_component(lora.path, tmp_path / "c" / "policy")
+    (src / "lora_adapter" / "adapter_config.json").unlink()
+    refused(src, tmp_path / "c_out", "--merge-lora", code=1, match="adapter_config.json is missing")
+    refused(src, tmp_path / "c_out", code=1, match="adapter_config.json is missing")
+    # a config that does not belong to these weights (rank 8, weights rank 4)
+    src = copy_component(lora.path, tmp_path / "d" / "policy")
+    cfg_path = src / "lora_adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, r=8)))
+    refused(src, tmp_path / "d_out", "--merge-lora", code=1, match="says r=8")
+    # DoRA is not merged (yet)
+    cfg_path.write_text(json.dumps(dict(cfg, use_dora=True)))
+    refused(src, tmp_path / "d_out", "--merge-lora", code=2, match="DoRA")
+    for out in ("a", "b", "c_out", "d_out"):
+        assert not (tmp_path / out).exists() and leftovers(tmp_path / out) == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -635,10 +729,8 @@ def download(backend, url: str, dest: Path) -> Path:
 
 
 def test_s3_to_local(fsdp_ckpts, make_backend, tmp_path):
-    s3 = make_backend("s3")
     comp = fsdp_ckpts["w3_tied"]
-    src = s3.new_root() + "/global_step_3/policy"
-    s3.upload_dir(str(comp.path), src)
+    src = upload_component(make_backend("s3"), comp.path, "global_step_3/policy")
     out = tmp_path / "out"
     doc = cli_json(src, out)
     assert doc["source"] == src and doc["verified"]

@@ -118,9 +118,11 @@ def test_optimizer_metadata(fsdp_ckpts, readers, name):
     comp, reader = fsdp_ckpts[name], readers[name]
     meta = comp.meta
     optim = {k: v for k, v in reader.tensor_infos().items() if v.group == "optimizer"}
-    expected = {f"optimizer.state.{p}.{k}" for p in meta["param_names"] for k in ("exp_avg", "exp_avg_sq", "step")}
+    # LoRA: peft freezes the base weights, so only the adapter's parameters have AdamW state
+    trained = meta["trainable_param_names"] if meta.get("lora") else meta["param_names"]
+    expected = {f"optimizer.state.{p}.{k}" for p in trained for k in ("exp_avg", "exp_avg_sq", "step")}
     assert set(optim) == expected
-    for pname in meta["param_names"]:
+    for pname in trained:
         step = optim[f"optimizer.state.{pname}.step"]
         assert step.shape == () and step.layout == ("replicated" if meta["sharded"] and meta["world_size"] > 1
                                                     else "plain")

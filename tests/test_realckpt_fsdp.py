@@ -112,6 +112,8 @@ def test_skyrl_layout_files(realckpt_variants, name):
     expected |= HF_FILES
     if VARIANTS[name].get("config_variant", "skyrl") != "none":
         expected.add("fsdp_config.json")
+    if VARIANTS[name].get("lora"):  # SkyRL's _save_lora_adapters
+        expected |= {"lora_adapter/adapter_config.json", "lora_adapter/adapter_model.safetensors"}
     assert all_files(comp.path) == expected
     # reference data lives OUTSIDE the component directory
     assert comp.reference_dir == comp.path.parent / "policy.reference"

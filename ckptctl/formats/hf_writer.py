@@ -79,7 +79,10 @@ One writer per destination at a time: two concurrent exports to the same place a
 detected (locally the second to commit is refused or replaces the first).
 
 :func:`verify_export` re-reads an export's headers with ranged reads (never whole shards) and
-checks names, shapes, dtypes, offsets and the index against what was expected.
+checks names, shapes, dtypes, offsets and the index against what was expected. ``finish`` runs
+it on the STAGED output (the temp sibling; on object stores the prefix, still without
+``config.json``) before it writes ``config.json`` and commits, so an export that fails the check
+is aborted instead of committed.
 """
 
 from __future__ import annotations
@@ -356,6 +359,10 @@ class _LocalTarget(LocalStaging):
     def _exchange(self, a: str, b: str) -> bool:
         return _rename_exchange(a, b)
 
+    def staged_store(self) -> Store:
+        """The staged output (the temp sibling), for checks before the commit."""
+        return open_store(self.new_dir)
+
     def _path(self, rel: str) -> str:
         path = os.path.join(self.new_dir, *rel.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -470,6 +477,10 @@ class _ObjectStoreTarget:
     def put(self, rel: str, data: bytes) -> None:
         self.written.append(rel)
         self.store.write_bytes(rel, data)
+
+    def staged_store(self) -> Store:
+        """The output in progress (no config.json yet, the marker present)."""
+        return self.store
 
     def commit(self) -> None:
         self.store.delete_many([INCOMPLETE_MARKER])
@@ -620,9 +631,12 @@ class HfModelWriter:
         self._state = "writing"
 
     def finish(self, config: Mapping[str, Any] | bytes | str, extra_files: Mapping[str, bytes] | None = None,
-               *, total_parameters: int | None = None) -> HfWriteSummary:
-        """Write extra files (tokenizer, generation_config.json), the index, ``config.json``
-        last, and commit. Returns what was written.
+               *, total_parameters: int | None = None, verify: bool = True) -> HfWriteSummary:
+        """Write extra files (tokenizer, generation_config.json), the index, then -- unless
+        ``verify`` is false -- re-read what was written (:func:`verify_export` on the staged
+        output: every shard header and the index, against the planned names, shapes and dtypes), and only
+        then ``config.json`` and the commit. A failed check raises :class:`CkptctlError` and
+        aborts: nothing that looks like a model is left behind. Returns what was written.
 
         ``config``: a dict (written like ``PretrainedConfig.to_json_string``) or the file's bytes.
         ``total_parameters`` goes into the index metadata; transformers writes
@@ -650,6 +664,13 @@ class HfModelWriter:
             self._target.put(SAFE_WEIGHTS_INDEX_NAME, data)
             self._completed.append(SAFE_WEIGHTS_INDEX_NAME)
             self._bytes_written += len(data)
+        if verify:
+            want = {spec.name: (spec.shape, spec.dtype) for spec, _ in self._order}
+            problems = verify_export(self.dest, want, store=self._target.staged_store(), staged=True)
+            if problems:
+                self.abort()
+                raise CkptctlError(f"verification of {self.dest} failed (nothing committed): "
+                                   + "; ".join(problems[:5]))
         self._target.put(CONFIG_NAME, config_data)
         self._completed.append(CONFIG_NAME)
         self._bytes_written += len(config_data)
@@ -701,11 +722,13 @@ def _expected_entry(value: Any) -> tuple[tuple[int, ...], str]:
 
 
 def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
-                  endpoint_url: str | None = None, store: Store | None = None) -> list[str]:
+                  endpoint_url: str | None = None, store: Store | None = None, staged: bool = False) -> list[str]:
     """Problems with the HF export at ``dest_url`` (empty list: fine).
 
     ``expected``: tensor name -> ``(shape, dtype)`` (or an object with ``shape``/``dtype``).
     Reads the listing, ``config.json``, the index and each shard's header (ranged reads).
+    ``staged``: the export is not committed yet (the writer checks before it writes
+    ``config.json``), so neither a missing ``config.json`` nor the in-progress marker counts.
     """
     store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
     problems: list[str] = []
@@ -713,14 +736,16 @@ def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
         sizes = {e.path: e.size for e in store.walk()}
     except NotFoundError:
         return [f"{store.url}: not found"]
-    if CONFIG_NAME not in sizes:
+    if staged:
+        pass
+    elif CONFIG_NAME not in sizes:
         problems.append("config.json is missing (incomplete export)")
     else:
         try:
             json.loads(store.read_bytes(CONFIG_NAME))
         except ValueError:
             problems.append("config.json is not valid JSON")
-    if INCOMPLETE_MARKER in sizes:
+    if INCOMPLETE_MARKER in sizes and not staged:
         problems.append(f"{INCOMPLETE_MARKER} is present (the export did not finish cleanly)")
 
     weight_map: dict[str, str] | None = None

@@ -6,7 +6,12 @@ streaming safetensors writer, drop it. A reading thread prepares the next tensor
 one is written (at most two alive), so peak memory stays near the largest tensor (two in the
 worst case) plus the writer's buffer, whatever the model size. The writer's commit protocol (temp sibling + rename
 locally; weights first, ``config.json`` last on object stores) means a run killed at any
-moment leaves nothing that looks like a complete model, and a rerun succeeds.
+moment leaves nothing that looks like a complete model, and a rerun succeeds; the output is
+re-read and checked before that commit.
+
+A LoRA model (FSDP files holding a PEFT state dict, see :mod:`ckptctl.formats.peft`) exports
+its base weights under HF names plus ``lora_adapter/`` as saved, or with ``merge_lora`` one
+standalone model: each adapted weight is read with its two small factors and merged on the fly.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Any, Callable, Iterator
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import MODEL, TensorInfo
+from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft_state, merge_lora_weight,
+                                  parse_adapter_config, split_peft_state)
+from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, Component,
                           classify_component, classify_step, parse_step_name, scan_tree)
@@ -50,6 +58,7 @@ class ExportSummary:
     files: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lora: dict | None = None  # a LoRA model: merged or not, adapted modules, scaling settings
     verified: bool = False
     seconds: float = 0.0
 
@@ -158,26 +167,108 @@ def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[
     return config, extra
 
 
-def _fsdp_outputs(reader, config: dict, summary: ExportSummary) -> tuple[list[tuple[str, TensorInfo]], Callable]:
-    infos = [t for t in reader.tensors() if t.group == MODEL]
-    names = {t.name for t in infos}
+def _fsdp_outputs(reader, config: dict, summary: ExportSummary, lora: "_LoraSource | None"
+                  ) -> tuple[list[tuple[str, TensorInfo]], Callable]:
+    """The HF tensors of an FSDP component: (name, source metadata) in order, and a stream of
+    (name, tensor). A LoRA (PEFT) model exports its base weights, or with ``lora.merge`` the
+    merged ones."""
+    infos = {_strip_wrappers(t.name): t for t in reader.tensors() if t.group == MODEL}
+    if lora is not None:
+        entries = lora.entries(infos, summary)
+    else:
+        entries = [(name, info, info.name) for name, info in infos.items()]
+    hf_names = {name for name, _, _ in entries}
     tied = bool(config.get("tie_word_embeddings"))
     outputs = []
-    for info in infos:
-        name = _strip_wrappers(info.name)
+    for name, info, source in entries:
         if name.endswith(_NON_PERSISTENT_SUFFIXES):
             summary.skipped[info.name] = "non-persistent buffer (transformers recomputes it)"
-        elif tied and name == "lm_head.weight" and "model.embed_tokens.weight" in {_strip_wrappers(n) for n in names}:
+        elif tied and name == "lm_head.weight" and "model.embed_tokens.weight" in hf_names:
             summary.skipped[info.name] = "tied to model.embed_tokens.weight (save_pretrained omits it)"
         else:
-            outputs.append((name, info))
-    by_name = dict(outputs)
+            outputs.append((name, info, source))
 
     def stream() -> Iterator[tuple[str, Any]]:
-        for name, info in outputs:
-            yield name, reader.read_tensor(info.name)
+        for name, _, source in outputs:
+            yield name, (source() if callable(source) else reader.read_tensor(source))
 
-    return [(n, by_name[n]) for n, _ in outputs], stream
+    return [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs], stream
+
+
+class _LoraSource:
+    """The LoRA side of an FSDP component whose model files hold a PEFT state dict."""
+
+    def __init__(self, reader, comp_store: Store, comp: Component, merge: bool):
+        self.reader = reader
+        self.merge = merge
+        self.where = comp_store.url_of(LORA_DIR)
+        self.config_path = posixpath.join(LORA_DIR, ADAPTER_CONFIG)
+        self.config_bytes = (comp_store.read_bytes(self.config_path)
+                             if any(f.path == self.config_path for f in comp.files) else None)
+
+    def entries(self, infos: dict[str, TensorInfo], summary: ExportSummary) -> list[tuple[str, TensorInfo, Any]]:
+        state = split_peft_state(infos)
+        source = summary.source
+        if len(state.adapters) > 1:
+            raise UsageError(f"{source} holds {len(state.adapters)} LoRA adapters ({', '.join(sorted(state.adapters))});"
+                             " only a single-adapter model can be exported")
+        if self.config_bytes is None:
+            raise CkptctlError(f"{source} is a LoRA (PEFT) model but {self.config_path} is missing (SkyRL does not "
+                               "stop when saving the adapter fails): without its scaling the adapter can be neither "
+                               "copied nor merged")
+        modules = len(state.pairs) + len({p.module for p in state.saved.values()})
+        summary.lora = {"merged": self.merge, "adapted_modules": modules, "adapter": sorted(state.adapters)}
+        if not self.merge:
+            summary.warnings.append(f"LoRA model: the base weights are exported and the adapter ({modules} modules) "
+                                    f"copied as-is into {LORA_DIR}/; pass --merge-lora for one merged model")
+            return [(name, infos[p.source], p.source) for name, p in state.base.items()]
+
+        cfg = parse_adapter_config(self.config_bytes, f"{self.where}/{ADAPTER_CONFIG}")
+        summary.lora.update(r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        if state.unsupported:
+            first = state.unsupported[0]
+            raise UsageError(f"{first.source}: this kind of adapter tensor (DoRA magnitude, LoRA bias, another PEFT "
+                             "method) cannot be merged yet; export without --merge-lora")
+        merges: dict[str, tuple[LoraPair, float, bool]] = {}
+        for module, pair in state.pairs.items():
+            if pair.a is None or pair.b is None:
+                raise CorruptCheckpointError(f"{source}: {module} has only one of its two LoRA factors")
+            target = f"{module}.weight"
+            base = state.base.get(target)
+            if base is None:
+                raise CorruptCheckpointError(f"{source}: LoRA factors for {module} but no base weight {target}")
+            a_shape, b_shape = infos[pair.a.source].shape, infos[pair.b.source].shape
+            transpose = pair.embedding or cfg.fan_in_fan_out
+            shape = delta_shape(pair, a_shape, b_shape, cfg.fan_in_fan_out)
+            if tuple(shape) != tuple(infos[base.source].shape):
+                raise CorruptCheckpointError(f"{source}: the LoRA update of {module} has shape {list(shape)}, its "
+                                             f"weight {list(infos[base.source].shape)}")
+            merges[target] = (pair, cfg.scaling(module, a_shape[0]), transpose)
+        for name, saved in state.saved.items():
+            base = state.base.get(name)
+            if base is not None and tuple(infos[base.source].shape) != tuple(infos[saved.source].shape):
+                raise CorruptCheckpointError(f"{source}: modules_to_save copy {saved.source} does not match {name}")
+
+        entries: list[tuple[str, TensorInfo, Any]] = []
+        names = list(state.base) + [n for n in state.saved if n not in state.base]
+        for name in names:
+            if name in state.saved:  # the adapter's trained copy replaces the original module
+                saved = state.saved[name]
+                entries.append((name, infos[saved.source], saved.source))
+            elif name in merges:
+                entries.append((name, infos[state.base[name].source], self._merged(state.base[name].source,
+                                                                                   *merges[name])))
+            else:
+                entries.append((name, infos[state.base[name].source], state.base[name].source))
+        return entries
+
+    def _merged(self, base_name: str, pair: LoraPair, scaling: float, transpose: bool) -> Callable[[], Any]:
+        def produce():
+            weight = self.reader.read_tensor(base_name)
+            a = self.reader.read_tensor(pair.a.source)
+            b = self.reader.read_tensor(pair.b.source)
+            return merge_lora_weight(weight, a, b, scaling, transpose=transpose)
+        return produce
 
 
 def _megatron_outputs(reader, config: dict, summary: ExportSummary):
@@ -269,7 +360,7 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
 
     ``progress(done, total)`` is called after each tensor.
     """
-    from ckptctl.formats.hf_writer import CONFIG_NAME, HfModelWriter, verify_export
+    from ckptctl.formats.hf_writer import HfModelWriter
 
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -291,27 +382,31 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
         raise UsageError(f"{summary.source} is already an HF export")
     if not comp.complete:
         raise CkptctlError(f"{summary.source} is incomplete: " + "; ".join(comp.problems))
-    if comp.has_lora:
-        if merge_lora:
-            raise UsageError("--merge-lora is not supported yet: export the adapter as-is (without --merge-lora)")
-        summary.warnings.append(f"{LORA_DIR}/ copied as-is into the export's {LORA_DIR}/ (not merged)")
-    elif merge_lora:
-        summary.warnings.append(f"--merge-lora: {summary.source} has no {LORA_DIR}/, nothing to merge")
+    if merge_lora and comp.backend == MEGATRON:
+        raise UsageError("--merge-lora is supported for FSDP checkpoints (PEFT LoRA); not for Megatron ones")
     config, extra_files = _read_hf_files(parent, comp)
     comp_store = parent.child(comp.path)
-    if comp.has_lora:
-        # In a subdirectory: an adapter_config.json at the top would make transformers load the
-        # directory as a PEFT adapter, and a stray *.safetensors there is not a model shard.
-        for f in comp.files:
-            if f.path.startswith(LORA_DIR + "/") and f.path.count("/") == 1:
-                extra_files[f.path] = comp_store.read_bytes(f.path)
 
     kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
         if comp.backend in (FSDP, FSDP_SINGLE):
-            specs, stream = _fsdp_outputs(reader, config, summary)
+            peft = is_peft_state(_strip_wrappers(t.name) for t in reader.tensors() if t.group == MODEL)
+            if merge_lora and not peft:
+                raise UsageError(f"--merge-lora: {summary.source} is not a LoRA (PEFT) model, nothing to merge"
+                                 + (f" ({LORA_DIR}/ is there, but the model files hold no LoRA weights)"
+                                    if comp.has_lora else ""))
+            lora = _LoraSource(reader, comp_store, comp, merge_lora) if peft else None
+            specs, stream = _fsdp_outputs(reader, config, summary, lora)
         else:
             specs, stream = _megatron_outputs(reader, config, summary)
+        if comp.has_lora and not merge_lora:
+            # In a subdirectory: an adapter_config.json at the top would make transformers load the
+            # directory as a PEFT adapter, and a stray *.safetensors there is not a model shard.
+            for f in comp.files:
+                if f.path.startswith(LORA_DIR + "/") and f.path.count("/") == 1:
+                    extra_files[f.path] = comp_store.read_bytes(f.path)
+            if summary.lora is None:
+                summary.warnings.append(f"{LORA_DIR}/ copied as-is into the export's {LORA_DIR}/")
         if comp.name == "critic":
             summary.warnings.append("a critic's value_head is not a transformers head: load it with SkyRL's "
                                     "critic class (AutoModelForCausalLM would add a random lm_head)")
@@ -347,24 +442,13 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
             finally:
                 tensors.close()  # stops and joins the reading thread before the reader closes
             fixed = _fix_config(config, config_dtype, summary)
-            result = writer.finish(fixed, extra_files)
+            # Verified before the commit: a failed check leaves nothing behind.
+            result = writer.finish(fixed, extra_files, verify=verify)
     summary.tensors = result.tensor_count
     summary.shards = result.shard_count
     summary.bytes = result.total_size
     summary.files = list(result.files)
     summary.dtypes_written = dict(result.dtype_counts)
-    if verify:
-        problems = verify_export(dst_store.url, {n: (tuple(s), d) for n, s, d in out_specs},
-                                 endpoint_url=endpoint_url)
-        if problems:
-            # The export is committed by now; without its config.json it no longer looks like a
-            # complete model to any loader (the weights stay for inspection).
-            try:
-                dst_store.delete_many([CONFIG_NAME])
-                note = f"; {CONFIG_NAME} removed so that nothing loads it"
-            except Exception:  # noqa: BLE001 - the verification failure is the error to report
-                note = ""
-            raise CkptctlError(f"verification of {dst_store.url} failed: " + "; ".join(problems[:5]) + note)
-        summary.verified = True
+    summary.verified = verify
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary

@@ -50,6 +50,20 @@ FSDP_VARIANTS: dict[str, dict] = {
     # uneven + empty shards, no fsdp_config.json (W from the file names)
     "fsdp1_sharded": dict(world_size=3, strategy="fsdp", fsdp1_tensor="sharded_tensor", critic=True,
                           config_variant="none"),
+    # LoRA (PEFT) policy, FSDP2 at W=2, as SkyRL trains it: peft names (base_model.model. prefix,
+    # base_layer / lora_A.default / lora_B.default), frozen base weights without optimizer state,
+    # lora_adapter/ (adapter_config.json + adapter_model.safetensors); per-module rank and alpha;
+    # task_type CAUSAL_LM as SkyRL's HFModelWrapper sets it (PeftModelForCausalLM, same keys)
+    "lora_w2": dict(world_size=2, arch="qwen2", seed=21,
+                    lora={"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"],
+                          "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"o_proj": 16}}),
+    # LoRA on one GPU (plain tensors): rsLoRA scaling, an embedding adapter (lora_embedding_A/B),
+    # lm_head in modules_to_save (original_module + modules_to_save.default); no task_type (null)
+    "lora_w1": dict(world_size=1, arch="llama", seed=22,
+                    lora={"r": 4, "lora_alpha": 16, "use_rslora": True,
+                          "target_modules": ["q_proj", "v_proj", "embed_tokens"], "modules_to_save": ["lm_head"]}),
 }
 
 TREE_STEPS = (2, 4)

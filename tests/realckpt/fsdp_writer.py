@@ -36,6 +36,18 @@ Reference data (for later tests) goes to the sibling directory ``out_dir + ".ref
 - ``reference_logits.safetensors`` -- ``input_ids`` [2, 10] and ``logits`` (policy,
   [2, 10, vocab]) or ``values`` (critic, [2, 10]) of a plain (unsharded) model loaded with the
   reference state; checked in the writer against the FSDP model's own forward.
+- LoRA jobs (``lora=...``) also get, besides ``lora_adapter/`` in the component directory:
+  ``reference_merged_state.safetensors`` (``merge_and_unload()`` of the trained PEFT model: plain
+  HF names, LoRA deltas folded in, ``modules_to_save`` copies in place of the originals),
+  ``reference_base_state.safetensors`` (the frozen base weights -- ``base_layer`` /
+  ``original_module`` of the checkpoint -- under plain HF names; note peft's ``unload()`` would
+  keep the TRAINED ``modules_to_save`` copy instead).  The writer checks that
+  ``lora_adapter/adapter_model.safetensors`` equals the gathered adapter tensors, every adapter
+  tensor is non-zero and trained, and the merge changes exactly the LoRA-targeted (and
+  ``modules_to_save``) weights.  Meta gains ``adapter_keys``, ``trainable_param_names``,
+  ``lora_targets`` (HF weight names), ``modules_to_save_keys``, ``merged_changed_keys``.
+  ``reference_full_state`` keeps the checkpoint's PEFT names (``base_model.model.`` prefix) and
+  ``reference_logits`` is the PEFT model's output, checked equal (atol 1e-5) to the merged model's.
 - ``reference_meta.json`` -- the job parameters plus ``param_names`` (the order of
   ``module.parameters()``, i.e. the optimizer's integer keys), ``buffer_keys``,
   ``state_keys``, ``global_shapes``, ``local_shapes`` (per rank, from the rank files as
@@ -93,6 +105,9 @@ DEFAULTS: dict[str, Any] = dict(
     include_cuda_rng=True,    # rng["cuda"]: a synthetic 16-byte uint8 tensor, as a GPU run would save
     global_step=None,         # only stored by extra_variant "skyrl_global_step" (default: num_steps)
     hf_architectures=None,    # override config.json "architectures" (e.g. ["FSDPLlamaForCausalLM"])
+    lora=None,                # LoRA (PEFT): dict of peft.LoraConfig keywords (JSON values; lists for sets);
+                              # the model is peft.get_peft_model(hf_model, LoraConfig(**lora)) as in SkyRL;
+                              # init_lora_weights defaults to False (random, non-zero lora_B) unless given
     reference_dir=None,       # where reference data goes; None = out_dir + ".reference"
     timeout=120,              # seconds for this job's rank processes
 )
@@ -153,6 +168,18 @@ def _normalize_job(out_dir, kw: dict) -> dict:
         raise ValueError("FSDP1 hybrid sharding is only supported with fsdp1_tensor='dtensor'")
     if job["extra_variant"] is None:
         job["extra_variant"] = "verl" if job["config_variant"] == "verl" else "skyrl"
+    if job["lora"] is not None:
+        if not isinstance(job["lora"], dict):
+            raise TypeError("lora must be a dict of peft.LoraConfig keyword arguments (or None)")
+        if job["critic"]:
+            raise ValueError("lora: only policy (causal-LM) components are supported")
+        if job["strategy"] != "fsdp2":
+            raise ValueError("lora: only strategy='fsdp2' (FSDP1 with use_orig_params=False cannot mix "
+                             "frozen and trainable parameters in one flat parameter)")
+        try:
+            json.dumps(job["lora"])
+        except TypeError as e:
+            raise TypeError(f"lora must be JSON-serialisable (lists, not sets): {e}") from None
     if job["global_step"] is None:
         job["global_step"] = job["num_steps"]
     job["out_dir"] = str(Path(out_dir).resolve())
@@ -227,7 +254,8 @@ def write_fsdp_component(out_dir: str | os.PathLike, **kwargs) -> FsdpComponent:
     ``model_world_size_{W}_rank_{R}.pt`` (``module.state_dict()``: DTensors for FSDP2, plain
     tensors at W=1 with ``w1_plain``), ``optim_world_size_{W}_rank_{R}.pt``
     (``optimizer.state_dict()``), ``extra_state_world_size_{W}_rank_{R}.pt``, plus
-    ``fsdp_config.json`` (unless ``config_variant="none"``) and ``huggingface/``.
+    ``fsdp_config.json`` (unless ``config_variant="none"``) and ``huggingface/``; with ``lora``
+    also ``lora_adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``, rank 0, last).
     ``layout="documented"`` (W=1) writes ``model_state.pt``, ``optimizer_state.pt``,
     ``lr_scheduler_state.pt``, ``fsdp_config.json``, ``huggingface/``.
     Reference data goes to ``out_dir + ".reference"`` (see the module docstring)."""
@@ -490,6 +518,9 @@ def _launcher_main(jobfile: str) -> int:
         tiny_models._model_classes(arch)
     if any(j["strategy"] == "fsdp" for j in spec["jobs"]):
         from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
+    if any(j["lora"] for j in spec["jobs"]):
+        import peft  # noqa: F401
+        import peft.tuners.lora  # noqa: F401
     import_s = time.perf_counter() - t0
     print(f"[realckpt] launcher imports: {import_s:.2f}s", flush=True)
 
@@ -546,6 +577,30 @@ def _rank_entry(job: dict, rank: int, rdv: str) -> None:
     _RankWriter(job, rank, rdv).run()
 
 
+def _jsonable(v):
+    """Sets (e.g. peft's ``target_modules``) -> sorted lists, recursively; enums -> values."""
+    import enum
+
+    if isinstance(v, (set, frozenset)):
+        return sorted(_jsonable(x) for x in v)
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _drop_adapter_name(key: str, adapter: str = "default") -> str:
+    """peft's adapter-file naming: ``....lora_A.default.weight`` -> ``....lora_A.weight``,
+    ``lora_embedding_A.default`` -> ``lora_embedding_A``, ``lm_head.modules_to_save.default.weight``
+    -> ``lm_head.weight``."""
+    key = key.replace(f".modules_to_save.{adapter}.", ".")
+    key = key.replace(f".{adapter}.", ".")
+    return key[: -len(f".{adapter}")] if key.endswith(f".{adapter}") else key
+
+
 def _chunk_sizes(n: int, parts: int) -> list[int]:
     """Local dim-0 sizes under ``torch.chunk`` semantics (what FSDP2/DTensor Shard(0) use)."""
     if n == 0:
@@ -585,7 +640,25 @@ class _RankWriter:
         kw = dict(vocab=j["vocab"], hidden=j["hidden"], layers=j["layers"], heads=j["heads"],
                   kv_heads=j["kv_heads"], intermediate=j["intermediate"], tie=j["tie"])
         maker = tm.make_critic if j["critic"] else tm.make_model
-        return maker(j["arch"], j["seed"], persistent_buffers=j["persistent_buffers"], **kw)
+        model = maker(j["arch"], j["seed"], persistent_buffers=j["persistent_buffers"], **kw)
+        if j["lora"] is None:
+            return model
+        return self._peftify(model)
+
+    def _peftify(self, model):
+        """SkyRL's LoRA policy: ``get_peft_model(hf_model, LoraConfig(...))``.  The adapter weights
+        are drawn from a seeded RNG (the same in every rank process and in the reference rebuild)."""
+        import warnings
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        kw = dict(self.job["lora"])
+        kw.setdefault("init_lora_weights", False)  # random lora_B: a merge is never a no-op
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(1_000_003 + self.job["seed"])
+            return get_peft_model(model, LoraConfig(**kw))
 
     # -- main ------------------------------------------------------------------------
     def run(self):
@@ -698,6 +771,8 @@ class _RankWriter:
             loss.backward()
             if self.distributed and j["strategy"] == "fsdp":
                 model.clip_grad_norm_(max_norm=1.0)
+            elif j["lora"] is not None:  # frozen base weights have no grads (clip_grad_norm_ skips them anyway)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm=1.0)
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             opt.step()
@@ -787,7 +862,38 @@ class _RankWriter:
             if cfg is not None:
                 with open(self.out / "fsdp_config.json", "w") as f:
                     json.dump(cfg, f, indent=4)
+        if j["lora"] is not None:
+            full = self._full_model_state(model)  # collective: every rank gathers
+            if r == 0:
+                self._save_lora_adapter(model, full)
         self._barrier()
+
+    def _save_lora_adapter(self, model, full: dict) -> None:
+        """SkyRL's ``lora_adapter/`` (rank 0, after everything else): ``adapter_config.json`` =
+        ``dataclasses.asdict(peft_config["default"])`` with the enums as their values and
+        ``target_modules`` as a list, ``json.dump(..., ensure_ascii=False, indent=4)``;
+        ``adapter_model.safetensors`` = ``get_peft_model_state_dict(model, state_dict=full)``."""
+        import warnings
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        peft_config = dataclasses.asdict(model.peft_config["default"])
+        if peft_config["task_type"] is not None:
+            peft_config["task_type"] = getattr(peft_config["task_type"], "value", peft_config["task_type"])
+        peft_config["peft_type"] = getattr(peft_config["peft_type"], "value", peft_config["peft_type"])
+        # SkyRL writes list(set): an arbitrary order; sorted is one of them and keeps fixtures stable.
+        peft_config["target_modules"] = _jsonable(peft_config["target_modules"])
+        peft_config = {k: _jsonable(v) for k, v in peft_config.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True ..."
+            lora_params = get_peft_model_state_dict(model, state_dict=full)
+        lora_params = {k: v.detach().contiguous() for k, v in lora_params.items()}
+        d = self.out / "lora_adapter"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "adapter_config.json", "w", encoding="utf-8") as f:
+            json.dump(peft_config, f, ensure_ascii=False, indent=4)
+        save_file(lora_params, str(d / "adapter_model.safetensors"))
 
     # -- reference ---------------------------------------------------------------------
     def _full_model_state(self, model) -> dict:
@@ -851,6 +957,85 @@ class _RankWriter:
         sd = torch.load(path, weights_only=True)
         return {k: list(v.to_local().shape if isinstance(v, DTensor) else v.shape) for k, v in sd.items()}
 
+    def _lora_reference(self, ref_model, full: dict, ids, peft_logits, init_adapters: dict) -> dict:
+        """Rank 0, LoRA jobs: write ``reference_merged_state`` / ``reference_base_state``, check
+        that the fixture is not a no-op, return extra meta."""
+        import copy
+        import warnings
+
+        import peft
+        import torch
+        from peft.tuners.lora import LoraLayer
+        from safetensors.torch import load_file, save_file
+
+        prefix = "base_model.model."
+        # Which HF weights LoRA targets, which modules are saved copies (ModulesToSaveWrapper).
+        lora_targets, saved_modules = [], []
+        for name, mod in ref_model.named_modules():
+            hf = name[len(prefix):] if name.startswith(prefix) else name
+            if isinstance(mod, LoraLayer):
+                lora_targets.append(f"{hf}.weight")
+            elif isinstance(mod, peft.utils.other.ModulesToSaveWrapper):
+                saved_modules.append(hf)
+        if not lora_targets:
+            raise AssertionError(f"lora={self.job['lora']!r} targets no module")
+        # 1. The merged model (plain HF names) reproduces the PEFT model's output.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged_model = copy.deepcopy(ref_model).merge_and_unload()
+            unloaded = copy.deepcopy(ref_model).unload().state_dict()
+        merged_model.eval()
+        with torch.no_grad():
+            merged_logits = merged_model(input_ids=ids).logits
+        if not torch.allclose(merged_logits, peft_logits, atol=1e-5, rtol=0):
+            raise AssertionError("merged model's logits differ from the PEFT model's: max abs diff "
+                                 f"{(merged_logits - peft_logits).abs().max().item()}")
+        merged = {k: v.detach().contiguous().clone() for k, v in merged_model.state_dict().items()}
+        # 2. The frozen base weights under HF names: base_layer / original_module, adapters dropped.
+        base = {}
+        for k, v in full.items():
+            hf = k[len(prefix):] if k.startswith(prefix) else k
+            if any(f".{part}." in f".{hf}" for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                                         "lora_magnitude_vector", "modules_to_save")):
+                continue
+            hf = hf.replace(".base_layer.", ".").replace(".original_module.", ".")
+            base[hf] = v.detach().contiguous().clone()
+        if set(base) != set(merged):
+            raise AssertionError(f"base/merged key sets differ: {sorted(set(base) ^ set(merged))}")
+        saved_keys = [k for k in merged if any(k.startswith(m + ".") for m in saved_modules)]
+        for k, v in unloaded.items():  # unload() keeps the trained modules_to_save copy, else = base
+            if k not in saved_keys and not torch.equal(v, base[k]):
+                raise AssertionError(f"unload() and the checkpoint's base weight differ: {k}")
+        # 3. Not a no-op: every adapter trained and non-zero, every targeted weight changed by the merge.
+        for n, p0 in init_adapters.items():
+            p1 = full[n]
+            if not p1.abs().sum() > 0 or torch.equal(p1, p0):
+                raise AssertionError(f"adapter parameter {n} is zero or untrained")
+        changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+        missing = sorted(set(lora_targets) - set(changed))
+        if missing:
+            raise AssertionError(f"merging left LoRA-targeted weights unchanged: {missing}")
+        unexpected = sorted(set(changed) - set(lora_targets) - set(saved_keys))
+        if unexpected:
+            raise AssertionError(f"merging changed weights LoRA does not target: {unexpected}")
+        if not set(saved_keys) <= set(changed):
+            raise AssertionError(f"modules_to_save copies equal the originals: {sorted(set(saved_keys) - set(changed))}")
+        save_file(merged, str(self.ref / "reference_merged_state.safetensors"))
+        save_file(base, str(self.ref / "reference_base_state.safetensors"))
+        # 4. lora_adapter/adapter_model.safetensors holds the gathered adapter tensors.
+        adapter = load_file(str(self.out / "lora_adapter" / "adapter_model.safetensors"))
+        for k, v in adapter.items():
+            src = [fk for fk in full if fk == k or _drop_adapter_name(fk) == k]
+            if len(src) != 1 or not torch.equal(full[src[0]], v):
+                raise AssertionError(f"adapter tensor {k} does not match the checkpoint ({src})")
+        return dict(
+            adapter_keys=sorted(adapter),
+            trainable_param_names=sorted(init_adapters),
+            lora_targets=sorted(lora_targets),
+            modules_to_save_keys=sorted(saved_keys),
+            merged_changed_keys=sorted(changed),
+        )
+
     def _reference(self, model, opt):
         import torch
         import torch.distributed as dist
@@ -875,6 +1060,8 @@ class _RankWriter:
         if self.rank != 0:
             return
         ref_model = self._build()
+        if j["lora"] is not None:  # the adapters as initialised (every rank built the same)
+            init_adapters = {n: p.detach().clone() for n, p in ref_model.named_parameters() if p.requires_grad}
         ref_model.load_state_dict(full, strict=True)
         ref_model.eval()
         with torch.no_grad():
@@ -883,6 +1070,7 @@ class _RankWriter:
             raise AssertionError(f"reference forward differs from FSDP forward: "
                                  f"max abs diff {(ref_out - fsdp_out).abs().max().item()}")
         self.ref.mkdir(parents=True, exist_ok=True)
+        lora_meta = self._lora_reference(ref_model, full, ids, ref_out, init_adapters) if j["lora"] is not None else {}
         save_file({k: v.contiguous().clone() for k, v in full.items()}, str(self.ref / "reference_full_state.safetensors"))
         if full_optim is not None:
             save_file(full_optim, str(self.ref / "reference_full_optim.safetensors"))
@@ -926,6 +1114,7 @@ class _RankWriter:
             reference_files=sorted(p.name for p in self.ref.iterdir()),
             timings=dict(self.timings),
             torch_version=torch.__version__,
+            **lora_meta,
         )
         (self.ref / "reference_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
