@@ -131,6 +131,8 @@ def render_inspect(console: Console, report) -> None:
         stats.add(f"parameters: {comp.parameters:,} ({human_bytes(comp.parameter_bytes)})", highlight=False)
         stats.add("dtypes: " + ", ".join(f"{d} x{n}" for d, n in comp.dtypes.items()), highlight=False)
         stats.add("count: " + ", ".join(f"{g} {n}" for g, n in comp.tensor_count.items()), highlight=False)
+        if comp.lora:
+            _add_mapping(node.add("[bold]LoRA[/bold]"), comp.lora)
         if comp.format:
             _add_mapping(node.add("[bold]format[/bold]"), comp.format)
         for warning in comp.warnings:

@@ -55,6 +55,27 @@ def test_parameter_count_matches_the_reference(fsdp_ckpts):
     assert policy["dtypes"] == {"float32": policy["tensor_count"]["model"]}
 
 
+def test_lora_component_shows_its_adapter(fsdp_ckpts, tmp_path):
+    comp = fsdp_ckpts["lora_w2"]
+    lora = run_json("inspect", str(comp.path))["components"][0]["lora"]
+    ref = load_file(str(comp.reference_dir / "reference_full_state.safetensors"))
+    assert lora["peft_state_dict"] is True and lora["adapters"] == ["default"]
+    assert lora["adapted_modules"] == len(comp.meta["lora_targets"]) == 14  # 7 projections x 2 layers
+    assert lora["adapter_parameters"] == sum(ref[n].numel() for n in comp.meta["trainable_param_names"])
+    assert lora["adapter_config"]["r"] == 4 and lora["adapter_config"]["rank_pattern"] == {"down_proj": 2}
+    code, out, _ = run("inspect", str(comp.path))
+    assert code == 0 and "LoRA" in out and "adapted_modules: 14" in out
+    # without its adapter_config.json (SkyRL ignores errors saving lora_adapter/) it says so
+    src = tmp_path / "policy"
+    shutil.copytree(comp.path, src)
+    (src / "lora_adapter" / "adapter_config.json").unlink()
+    doc = run_json("inspect", str(src))
+    assert "adapter_config" not in doc["components"][0]["lora"]
+    assert any("cannot copy or merge" in w for w in doc["components"][0]["warnings"])
+    # a plain model has no LoRA section
+    assert run_json("inspect", str(fsdp_ckpts["w2"].path))["components"][0]["lora"] is None
+
+
 def test_tensors_lists_every_tensor_with_global_shapes(fsdp_ckpts):
     comp = fsdp_ckpts["critic_w3"]
     doc = run_json("inspect", str(comp.path), "--tensors")

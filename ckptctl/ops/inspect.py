@@ -43,6 +43,7 @@ class ComponentReport:
     dtypes: dict[str, int] = field(default_factory=dict)
     tensor_count: dict[str, int] = field(default_factory=dict)
     tensors: list[TensorInfo] | None = None
+    lora: dict[str, Any] | None = None  # a LoRA (PEFT) model: its adapter, see lora_summary
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -154,6 +155,7 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
         tensors = list(reader.tensors())
         report.format = reader.summary()
     model = [t for t in tensors if t.group == MODEL]
+    report.lora = lora_summary(comp_store, comp, model, report.warnings)
     report.parameters = sum(t.numel for t in model)
     report.parameter_bytes = sum(t.nbytes for t in model)
     report.dtypes = dict(Counter(t.dtype for t in model))
@@ -161,6 +163,38 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     if with_tensors:
         report.tensors = tensors
     return report
+
+
+_ADAPTER_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
+                 "modules_to_save", "use_dora", "task_type", "base_model_name_or_path")
+
+
+def lora_summary(comp_store: Store, comp: Component, model: list[TensorInfo], warnings: list[str]
+                 ) -> dict[str, Any] | None:
+    """What a LoRA (PEFT) component holds: adapted modules, adapter parameters, the adapter's
+    settings from ``lora_adapter/adapter_config.json``. None for a plain model without an adapter."""
+    from ckptctl.formats.peft import ADAPTER_CONFIG, is_peft_state, split_peft_state
+
+    names = {t.name: t for t in model}
+    peft_state = is_peft_state(names)
+    if not peft_state and not comp.has_lora:
+        return None
+    out: dict[str, Any] = {"peft_state_dict": peft_state}
+    if peft_state:
+        state = split_peft_state(names)
+        out["adapted_modules"] = len(state.pairs) + len({p.module for p in state.saved.values()})
+        out["adapter_parameters"] = sum(names[n].numel for n in state.lora_names)
+        out["adapters"] = sorted(state.adapters)
+    rel = f"lora_adapter/{ADAPTER_CONFIG}"
+    if any(f.path == rel for f in comp.files):
+        try:
+            config = json.loads(comp_store.read_bytes(rel))
+            out["adapter_config"] = {k: config.get(k) for k in _ADAPTER_KEYS if k in config}
+        except ValueError as exc:
+            warnings.append(f"{rel}: not valid JSON ({exc})")
+    elif peft_state:
+        warnings.append(f"a LoRA (PEFT) model without {rel}: export-hf cannot copy or merge its adapter")
+    return out
 
 
 def _inspect_step(store: Store, step: Step, report: InspectReport, *, with_tensors: bool, with_config: bool,
