@@ -546,9 +546,8 @@ class FsdpReader(CheckpointReader):
                 raise CorruptCheckpointError(
                     f"{zf.name}: {name}: rank {piece.rank} holds {tuple(local.shape)} {_dtype_name(local.dtype)}, "
                     f"expected {piece.sizes} {info.dtype}")
-            data = zf.materialize(local)
             index = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.sizes))
-            out[index] = data
+            zf.materialize_into(local, out[index])  # straight into its place: no second copy
         return out
 
     def _local_tensor(self, entry: _Entry, zf: TorchZipFile, rank: int):

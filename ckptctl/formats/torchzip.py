@@ -510,21 +510,38 @@ class TorchZipFile:
             raise self._corrupt(f"bad record {record.member}", exc) from exc
 
     def materialize(self, tensor: "torch.Tensor") -> "torch.Tensor":
-        """The real (CPU) tensor for a meta tensor from :meth:`metadata`: one ranged read of
-        the bytes it spans, viewed with its storage offset, size and stride."""
+        """The real (CPU) tensor for a meta tensor from :meth:`metadata` (a new, contiguous one)."""
         import torch
 
         if tensor.device.type != "meta":  # a legacy file: already real
             return tensor
+        out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+        self.materialize_into(tensor, out)
+        return out
+
+    def materialize_into(self, tensor: "torch.Tensor", out: "torch.Tensor") -> None:
+        """Read the data of ``tensor`` (a meta tensor from :meth:`metadata`) into ``out`` (same
+        shape and dtype, e.g. a slice of a larger tensor being assembled): one ranged read of the
+        bytes it spans, copied once, so at most the tensor's bytes exist beside ``out``."""
+        import warnings
+
+        import torch
+
+        if tensor.device.type != "meta":  # a legacy file: already real
+            out.copy_(tensor)
+            return
         loc = self.location(tensor)
         if loc.byte_end == loc.byte_start:
-            return torch.empty(loc.shape, dtype=tensor.dtype)
-        data = bytearray(self.read_storage_bytes(loc.storage.key, loc.byte_start, loc.byte_end))
-        flat = torch.frombuffer(data, dtype=tensor.dtype)
+            return
+        data = self.read_storage_bytes(loc.storage.key, loc.byte_start, loc.byte_end)
+        with warnings.catch_warnings():
+            # a read-only view of ``data``: only ever read from (copied into ``out``)
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=tensor.dtype)
         if self.byteorder != sys.byteorder and tensor.element_size() > 1:
             flat = flat.view(torch.uint8).view(-1, tensor.element_size()).flip(1).contiguous().view(tensor.dtype)
             flat = flat.view(-1)
-        return flat.as_strided(loc.shape, loc.stride, 0)
+        out.copy_(flat.as_strided(loc.shape, loc.stride, 0))
 
 
 class _Legacy(Exception):

@@ -262,9 +262,7 @@ class _SourceFiles:
             for d, (l, h, o) in enumerate(zip(lo, hi, piece.offsets)):
                 if l - o != 0 or h - o != view.shape[d]:
                     view = view.narrow(d, l - o, h - l)
-            data = zf.materialize(view)
-            out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))] = data
-            del data
+            zf.materialize_into(view, out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))])
         return out
 
 
