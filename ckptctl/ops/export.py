@@ -224,7 +224,8 @@ class _LoraSource:
             return [(name, infos[p.source], p.source) for name, p in state.base.items()]
 
         cfg = parse_adapter_config(self.config_bytes, f"{self.where}/{ADAPTER_CONFIG}")
-        summary.lora.update(r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+        summary.lora.update(r=cfg.r, lora_alpha=alpha, use_rslora=cfg.use_rslora)
         if state.unsupported:
             first = state.unsupported[0]
             raise UsageError(f"{first.source}: this kind of adapter tensor (DoRA magnitude, LoRA bias, another PEFT "
