@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from _measure import IMPORT_LINE  # this script's directory is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -48,20 +50,8 @@ SIZES = {
     "big": dict(hidden=160, ffn=320, vocab=2500),
 }
 
-_CHILD = r"""
-import json, resource, sys, time
-
-
-def peak_rss_mb():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+_CHILD = IMPORT_LINE + r"""
+import json, sys, time
 
 t0 = time.perf_counter()
 from ckptctl.storage import open_store

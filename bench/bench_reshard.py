@@ -44,6 +44,8 @@ import sys
 import tempfile
 import time
 
+from _measure import IMPORT_LINE, peak_rss_mb  # this script's directory is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TESTS = os.path.join(REPO, "tests")
@@ -58,20 +60,7 @@ SIZES = {
     "big": dict(hidden=1024, ffn=2816, heads=16, kv_heads=4, vocab=12000, num_layers=4),
 }
 
-_PEAK = r"""
-def peak_rss_mb():
-    import resource
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-"""
-
-_CKPTCTL_CHILD = _PEAK + r"""
+_CKPTCTL_CHILD = IMPORT_LINE + r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch  # as the megatron baseline's "work" excludes its imports
@@ -84,7 +73,7 @@ print("RESULT " + json.dumps({"work_s": t2 - t1, "import_s": t1 - t0, "peak_rss_
                               "chunks": s.chunks}))
 """
 
-_CKPTCTL_TORCHRUN = _PEAK + r"""
+_CKPTCTL_TORCHRUN = IMPORT_LINE + r"""
 import json, os, sys, time
 t0 = time.perf_counter()
 import torch
@@ -105,7 +94,6 @@ def megatron_rank(job: dict, rank: int) -> dict:
 
     import torch
 
-    exec(_PEAK, globals())
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     torch.distributed.init_process_group("gloo", init_method="file://" + job["store_file"], rank=rank,
@@ -153,7 +141,7 @@ def megatron_rank(job: dict, rank: int) -> dict:
     t3 = time.perf_counter()
     ps.destroy_model_parallel()
     return {"rank": rank, "setup_s": t1 - t0, "load_s": t2 - t1, "save_s": t3 - t2, "work_s": t3 - t1,
-            "peak_rss_mb": peak_rss_mb()}  # noqa: F821 - defined by exec(_PEAK)
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _megatron_child(job_file: str, rank: int) -> int:

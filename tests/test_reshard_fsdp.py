@@ -59,6 +59,8 @@ CASES = {
     # plain single-GPU source -> DTensors (no source mesh to take the device type from)
     "w1_to_2": ("w1", 2, {}, {"device_type": "cpu"}),
     "hsdp_to_2": ("hsdp", 2, {}, {}),  # (ddp=2, fsdp=2) HSDP -> 1-D ("fsdp",) mesh
+    # LoRA (PEFT names, optimizer state for the adapter only); lora_A [4, 64] -> rows 2/2/0
+    "lora_w2_to_3": ("lora_w2", 3, {}, {}),
 }
 #: how each source variant is wrapped at its own W
 ORIGINAL_WRAP = {"hsdp": {"mesh_at_w": "hsdp", "replicas_at_w": 2}}
@@ -125,10 +127,13 @@ def test_resumes_and_trains_like_the_original(case, resumed, fsdp_ckpts):
     # the step: same loss (same weights, same batch), same update up to summation order
     assert new["loss"] == pytest.approx(orig["loss"], rel=1e-6, abs=0)
     assert new["grad_norm"] == pytest.approx(orig["grad_norm"], rel=1e-5)
-    buffers = set(fsdp_ckpts[variant].meta["buffer_keys"])
+    meta = fsdp_ckpts[variant].meta
+    static = set(meta["buffer_keys"])
+    if meta.get("lora"):  # peft froze the base weights: only the adapter trains
+        static |= set(orig["after"]) - set(meta["trainable_param_names"])
     for key, value in orig["after"].items():
         torch.testing.assert_close(new["after"][key], value, rtol=1e-6, atol=1e-7, msg=key)
-        assert key in buffers or not torch.equal(value, orig["before"][key]), f"{key} did not train"
+        assert (key in static) == torch.equal(value, orig["before"][key]), f"{key}: trained iff trainable"
     assert sorted(new["optim_after"]) == sorted(orig["optim_after"])
     for key, value in orig["optim_after"].items():
         if key.endswith(".step"):
@@ -246,7 +251,7 @@ def test_files_are_what_fsdp2_saves(resharded, fsdp_ckpts):
     assert tuple(sdc["value_head.weight"]._local_tensor.shape) == (0, 64)
 
 
-@pytest.mark.parametrize("case", ["w2_to_3", "critic_w3_to_2", "hsdp_to_2", "w1_to_2", "w2_to_1"])
+@pytest.mark.parametrize("case", ["w2_to_3", "critic_w3_to_2", "hsdp_to_2", "w1_to_2", "w2_to_1", "lora_w2_to_3"])
 def test_reader_reads_back_the_same_tensors(case, resharded, fsdp_ckpts):
     variant, w = CASES[case][:2]
     summary, out = resharded[case]

@@ -231,7 +231,7 @@ def merge_lora_weight(weight: "torch.Tensor", a: "torch.Tensor", b: "torch.Tenso
     delta = b.to(torch.float32) @ a.to(torch.float32)
     if transpose:
         delta = delta.T
-    delta = (delta * scaling).to(a.dtype)
+    delta = delta.mul_(scaling).to(a.dtype)  # in place: no second weight-sized temporary
     weight += delta
     return weight
 
