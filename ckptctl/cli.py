@@ -33,6 +33,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document for
 EndpointOpt = Annotated[Optional[str], typer.Option(
     "--endpoint-url", metavar="URL", envvar="CKPTCTL_ENDPOINT_URL",
     help="S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).")]
+OutOpt = Annotated[str, typer.Option("--out", "-o", help="Destination directory (local, s3://, gs://).",
+                                     show_default=False)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")]
+AllowGlobalOpt = Annotated[Optional[list[str]], typer.Option(
+    "--allow-global", metavar="MODULE.NAME",
+    help="Keep objects of this pickled class as plain data (never executed). Repeatable.")]
 
 
 def handle_errors(func):
@@ -182,9 +188,7 @@ def inspect_command(
         "--config-format", help="Format of --config output.")] = "yaml",
     component: Annotated[Optional[str], typer.Option(
         "--component", help="Only this model component (policy or critic).")] = None,
-    allow_global: Annotated[Optional[list[str]], typer.Option(
-        "--allow-global", metavar="MODULE.NAME",
-        help="Keep objects of this pickled class as plain data (never executed). Repeatable.")] = None,
+    allow_global: AllowGlobalOpt = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -221,15 +225,14 @@ def export_hf_command(
     src: Annotated[str, typer.Argument(
         help="A global_step_N directory, a policy/critic component, or a tree (its pointer target).",
         show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Destination directory (local, s3://, gs://).",
-                                     show_default=False)],
+    out: OutOpt,
     component: Annotated[Literal["policy", "critic"], typer.Option(
         "--component", help="Which model component to export.")] = "policy",
     dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(
         "--dtype", help="auto keeps the source dtype; others cast explicitly.")] = "auto",
     max_shard_size: Annotated[str, typer.Option(
         "--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
+    overwrite: OverwriteOpt = False,
     merge_lora: Annotated[bool, typer.Option(
         "--merge-lora", help="Merge the LoRA adapter into the weights (one standalone model).")] = False,
     no_verify: Annotated[bool, typer.Option(
@@ -254,8 +257,7 @@ def export_hf_command(
 def convert_reshard_command(
     src: Annotated[str, typer.Argument(help="A Megatron or FSDP component, or a global_step_N directory.",
                                        show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Destination directory (local, s3://, gs://).",
-                                     show_default=False)],
+    out: OutOpt,
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Megatron: target tensor-parallel size.")] = None,
     pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Megatron: target pipeline-parallel size.")] = None,
     dp: Annotated[Optional[int], typer.Option("--dp", min=1, help="Megatron: target data-parallel size.")] = None,
@@ -266,10 +268,8 @@ def convert_reshard_command(
         help="FSDP: device type of the target DeviceMesh (cuda, cpu); default: the source's.")] = None,
     drop_optimizer: Annotated[bool, typer.Option(
         "--drop-optimizer", help="Write no optimizer state (when its format cannot be resharded).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")] = False,
-    allow_global: Annotated[Optional[list[str]], typer.Option(
-        "--allow-global", metavar="MODULE.NAME",
-        help="Keep objects of this pickled class as plain data (never executed). Repeatable.")] = None,
+    overwrite: OverwriteOpt = False,
+    allow_global: AllowGlobalOpt = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:

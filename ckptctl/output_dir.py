@@ -335,10 +335,8 @@ class RemoteCommit:
         self.written: list[str] = []
         self.begun = False
         self.replaced: str | None = None
-        self._existing: list[str] = []
         if check:
-            self._existing = self.listing()
-            self.replaced = self._judge(self._existing)
+            self.replaced = self._judge(self.listing())
 
     def listing(self) -> list[str]:
         try:
@@ -367,7 +365,6 @@ class RemoteCommit:
             self.store.delete_many(old_last)  # first, alone
         self.store.write_bytes(INCOMPLETE_MARKER, json.dumps(_run_info(self.url)).encode())
         self.begun = True
-        self._existing = [p for p in existing if p not in old_last and p != INCOMPLETE_MARKER]
 
     def upload(self, staging: str, rels: Iterable[str], *, remove_local: bool = False) -> list[str]:
         """Upload staged files (parallel); returns them. Requires :meth:`begin`."""
@@ -528,7 +525,8 @@ class OutputDir:
         if self._attached:
             raise UsageError("an attached output handle cannot commit; the owner does")
         rels = staged_files(self.staging)
-        missing = [f for f in self.commit_last if f not in rels and f not in set(uploaded)]
+        uploaded = list(uploaded)  # read more than once below
+        missing = [f for f in self.commit_last if f not in rels and f not in uploaded]
         if missing:
             raise UsageError(f"{self.dest}: {missing[0]} was not written; refusing to commit an incomplete output")
         try:

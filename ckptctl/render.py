@@ -5,10 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ckptctl.ops.prune import DELETE, DROP_OPTIMIZER, PruneResult
+from ckptctl.ops.prune import DELETE, DROP_OPTIMIZER, KEEP, PruneResult
 from ckptctl.ops.resume import FAIL, RESUME, SCRATCH, Resolution
 from ckptctl.output import human_bytes, human_time
-from ckptctl.tree import Tree
+from ckptctl.tree import STEP_FILES, Tree
 
 
 def render_tree(console: Console, tree: Tree) -> None:
@@ -26,8 +26,7 @@ def render_tree(console: Console, tree: Tree) -> None:
         if newest is not None and step.step == newest.step:
             marks.append("newest")
         components = [c.name for c in step.components.values()]
-        components += [n.removesuffix(".pt") for n in ("data.pt", "trainer_state.pt", "fully_async_state.pt")
-                       if step.has_file(n)]
+        components += [n.removesuffix(".pt") for n in STEP_FILES if step.has_file(n)]
         status = "[green]complete[/green]" if step.complete else "[red]incomplete[/red]"
         if step.complete and not step.has_optimizer:
             status += " (model-only)"
@@ -55,7 +54,7 @@ def render_prune(console: Console, result: PruneResult) -> None:
     styles = {DELETE: "[red]delete[/red]", DROP_OPTIMIZER: "[yellow]drop optimizer[/yellow]"}
     for d in plan.decisions:
         table.add_row(str(d.step), styles.get(d.action, "[green]keep[/green]"),
-                      human_bytes(d.bytes) if d.action != "keep" else "", "; ".join(d.reasons))
+                      human_bytes(d.bytes) if d.action != KEEP else "", "; ".join(d.reasons))
     console.print(table)
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)

@@ -154,7 +154,7 @@ def translate_errors(url: str) -> Iterator[None]:
         name = type(exc).__name__
         text = _describe(exc)
         lowered = f"{name} {text}".lower()
-        if "credential" in lowered or "nocredentials" in lowered:
+        if "credential" in lowered:  # also botocore's NoCredentialsError
             raise AccessDeniedError(f"{url}: no credentials found ({text})") from exc
         if any(k in lowered for k in ("accessdenied", "access denied", "forbidden", "403", "401",
                                        "invalidaccesskeyid", "signaturedoesnotmatch", "unauthorized")):

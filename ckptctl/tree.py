@@ -324,7 +324,6 @@ def _classify_hf(comp: Component) -> None:
             comp.problems.append(f"missing weight shards {_rank_list(missing)} of {total}")
         if "model.safetensors.index.json" not in names:
             comp.problems.append("missing model.safetensors.index.json")
-        comp.world_size = None
 
 
 def classify_component(store: Store, name: str, path: str, files: list[FileEntry]) -> Component:
@@ -364,17 +363,12 @@ def classify_step(store: Store, name: str, number: int, files: list[FileEntry]) 
 
     ``store`` is rooted at the step's parent; ``name`` is the step directory's name in it.
     """
-    grouped: dict[str, list[FileEntry]] = defaultdict(list)
-    for f in files:
-        head, _, rest = f.path.partition("/")
-        if head in MODEL_COMPONENTS and rest:
-            grouped[head].append(FileEntry(rest, f.size, f.mtime))
+    grouped, names = _split_top(files)
     components = {
         comp: classify_component(store, comp, posixpath.join(name, comp), grouped[comp])
         for comp in MODEL_COMPONENTS if grouped.get(comp)
     }
     step = Step(step=number, name=name, files=files, components=components)
-    names = {f.path: f for f in files}
     step.export = bool(components) and all(c.backend == HF for c in components.values()) \
         and not any(n in names for n in STEP_FILES)
     if "policy" not in components:
@@ -394,6 +388,19 @@ def classify_step(store: Store, name: str, number: int, files: list[FileEntry]) 
         if components and not step.has_optimizer:
             step.notes.append("model-only: optimizer state was not saved or was dropped")
     return step
+
+
+def _split_top(files: list[FileEntry]) -> tuple[dict[str, list[FileEntry]], dict[str, FileEntry]]:
+    """Files below each top-level directory (paths re-rooted there), and the top-level files."""
+    by_top: dict[str, list[FileEntry]] = defaultdict(list)
+    top_files: dict[str, FileEntry] = {}
+    for f in files:
+        head, _, rest = f.path.partition("/")
+        if rest:
+            by_top[head].append(FileEntry(rest, f.size, f.mtime))
+        else:
+            top_files[head] = f
+    return by_top, top_files
 
 
 def parse_pointer(text: str) -> Pointer:
@@ -416,14 +423,7 @@ def parse_step_name(name: str) -> int | None:
 def scan_tree(store: Store) -> Tree:
     """Discover the checkpoint (or export) tree rooted at ``store``: one listing, one pointer read."""
     files = store.walk()
-    by_top: dict[str, list[FileEntry]] = defaultdict(list)
-    top_files: dict[str, FileEntry] = {}
-    for f in files:
-        head, _, rest = f.path.partition("/")
-        if rest:
-            by_top[head].append(FileEntry(rest, f.size, f.mtime))
-        else:
-            top_files[head] = f
+    by_top, top_files = _split_top(files)
 
     pointer = Pointer(present=False)
     if POINTER_FILE in top_files:
@@ -451,7 +451,7 @@ def scan_tree(store: Store) -> Tree:
 
     kind = "export" if steps and all(s.export for s in steps) and not pointer.present else "checkpoints"
     return Tree(url=store.url, kind=kind, pointer=pointer, steps=steps,
-                unparsable=sorted(set(unparsable)), files=files)
+                unparsable=unparsable, files=files)
 
 
 def scan_step(store: Store) -> Step:

@@ -123,6 +123,17 @@ def _log_tail(log_path: str | None) -> str:
     return f"\n--- server log ({log_path}) ---\n{tail}" if tail.strip() else ""
 
 
+def _stopper(proc: subprocess.Popen, log_name: str) -> Callable[[], None]:
+    """Stops a started server and removes its log file."""
+    def stop() -> None:
+        _stop_process(proc)
+        try:
+            os.unlink(log_name)
+        except OSError:
+            pass
+    return stop
+
+
 def _stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -382,14 +393,7 @@ def start_s3_subprocess_server(extra_env: Mapping[str, str | None] | None = None
             last_error = exc
             continue
 
-        def stop(proc=proc, log_name=log.name) -> None:
-            _stop_process(proc)
-            try:
-                os.unlink(log_name)
-            except OSError:
-                pass
-
-        return endpoint, stop
+        return endpoint, _stopper(proc, log.name)
     raise RuntimeError(f"could not start moto_server after {attempts} attempts: {last_error}")
 
 
@@ -427,14 +431,7 @@ def start_gcs_server(bucket: str | None = BUCKET, attempts: int = 3) -> GcsServe
             last_error = exc
             continue
 
-        def stop(proc=proc, log_name=log.name) -> None:
-            _stop_process(proc)
-            try:
-                os.unlink(log_name)
-            except OSError:
-                pass
-
-        return GcsServer(endpoint, stop)
+        return GcsServer(endpoint, _stopper(proc, log.name))
     raise RuntimeError(f"could not start gcp-storage-emulator after {attempts} attempts: {last_error}")
 
 

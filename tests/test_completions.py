@@ -323,19 +323,15 @@ def test_synthetic_zsh_and_fish_contents():
         assert "install-completion" not in script and "show-completion" not in script
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
-def test_zsh_syntax(tmp_path):
-    scripts = [SCRIPTS / "_ckptctl", tmp_path / "_demo"]
-    scripts[1].write_text(completions.render("zsh", command=_synthetic_app()))
+@pytest.mark.parametrize("shell,installed,demo,check", [
+    ("zsh", "_ckptctl", "_demo", ["zsh", "-n"]),
+    ("fish", "ckptctl.fish", "demo.fish", ["fish", "--no-execute"]),
+])
+def test_shell_syntax(tmp_path, shell, installed, demo, check):
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    scripts = [SCRIPTS / installed, tmp_path / demo]
+    scripts[1].write_text(completions.render(shell, command=_synthetic_app()))
     for script in scripts:
-        proc = subprocess.run(["zsh", "-n", str(script)], capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, proc.stderr
-
-
-@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
-def test_fish_syntax(tmp_path):
-    scripts = [SCRIPTS / "ckptctl.fish", tmp_path / "demo.fish"]
-    scripts[1].write_text(completions.render("fish", command=_synthetic_app()))
-    for script in scripts:
-        proc = subprocess.run(["fish", "--no-execute", str(script)], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([*check, str(script)], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr

@@ -13,8 +13,13 @@ module stays cheap.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
+
+from ckptctl.errors import CkptctlError, NotFoundError
+from ckptctl.formats.safe_load import CorruptCheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,8 +48,24 @@ class Piece:
                 "byte_offset": self.byte_offset, "byte_length": self.byte_length, "rank": self.rank}
 
 
+class TensorSize:
+    """``numel`` and ``nbytes`` of anything with a ``shape`` and a ``dtype`` (torch dtype name):
+    :class:`TensorInfo` here, :class:`~ckptctl.formats.hf_writer.TensorSpec` in the writer."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
 @dataclass
-class TensorInfo:
+class TensorInfo(TensorSize):
     """Metadata of one global (unsharded) tensor."""
 
     name: str  # e.g. "model.layers.0.mlp.up_proj.weight" or "optimizer.state.exp_avg.<param>"
@@ -60,17 +81,6 @@ class TensorInfo:
     mesh_dim_names: tuple[str, ...] = ()
     pieces: list[Piece] = field(default_factory=list)
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
-
     def to_dict(self) -> dict:
         return {
             "name": self.name, "shape": list(self.shape), "dtype": self.dtype, "group": self.group,
@@ -83,12 +93,36 @@ class TensorInfo:
 _DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "complex64": 8, "complex128": 16,
-    "uint16": 2, "uint32": 4, "uint64": 8,
+    "uint16": 2, "uint32": 4, "uint64": 8, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "complex32": 4,
 }
 
 
 def dtype_size(dtype: str) -> int:
+    """Bytes per element of a torch dtype name; 0 when unknown."""
     return _DTYPE_SIZES.get(dtype, 0)
+
+
+def torch_dtype(info: TensorInfo, where: str) -> "torch.dtype":
+    """The torch dtype of ``info``; a one-line error naming ``where`` when this torch lacks it."""
+    import torch
+
+    dtype = getattr(torch, info.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CkptctlError(f"{where}: {info.name} has dtype {info.dtype!r}, which this torch lacks")
+    return dtype
+
+
+def read_json(store: "Store", rel: str) -> Any:
+    """The parsed JSON file ``rel`` of ``store``; None when it does not exist."""
+    try:
+        raw = store.read_bytes(rel)
+    except NotFoundError:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"cannot read {store.url_of(rel)}: not valid JSON ({exc})") from exc
 
 
 class CheckpointReader:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -263,19 +264,14 @@ def metadata_bytes(metadata) -> bytes:
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], items: list[Entry]) -> None:
-    total = 1
-    for d in shape:
-        total *= d
+    total = math.prod(shape)
     covered = 0
     for e in items:
         if len(e.offsets) != len(shape) or len(e.sizes) != len(shape):
             raise CkptctlError(f"{key}: chunk {list(e.offsets)} has the wrong rank for shape {list(shape)}")
         if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(e.offsets, e.sizes, shape)):
             raise CkptctlError(f"{key}: chunk {list(e.offsets)}+{list(e.sizes)} lies outside {list(shape)}")
-        n = 1
-        for s in e.sizes:
-            n *= s
-        covered += n
+        covered += math.prod(e.sizes)
     if covered != total:
         raise CkptctlError(f"{key}: chunks cover {covered} of {total} elements")
     # no overlaps (with full coverage by count, this also proves every element is covered)

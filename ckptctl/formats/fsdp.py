@@ -32,6 +32,7 @@ buffers and without tied duplicates such as a tied ``lm_head.weight``), or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -160,6 +161,16 @@ def _lookup(obj: Any, path: tuple) -> Any:
     for key in path:
         obj = obj[key]
     return obj
+
+
+def _with_byte_range(piece: Piece, zf: TorchZipFile, t) -> Piece:
+    """``piece`` with the file bytes of ``t`` (its meta tensor in ``zf``; the length only when
+    contiguous); unchanged for a real (legacy file) or empty tensor."""
+    if t.device.type != "meta" or not t.numel():
+        return piece
+    loc = zf.location(t)
+    return dataclasses.replace(piece, byte_offset=loc.file_offset,
+                               byte_length=loc.nbytes if t.is_contiguous() else None)
 
 
 class FsdpReader(CheckpointReader):
@@ -370,13 +381,7 @@ class FsdpReader(CheckpointReader):
                      zf: TorchZipFile) -> _Entry:
         shape = tuple(int(s) for s in t.shape)
         info = TensorInfo(name=name, shape=shape, dtype=_dtype_name(t.dtype), group=group, layout=layout)
-        piece = Piece(self._file_name(kind, 0), (0,) * len(shape), shape, rank=0)
-        if t.device.type == "meta" and t.numel():
-            loc = zf.location(t)
-            contiguous = t.is_contiguous()
-            piece = Piece(piece.file, piece.offsets, piece.sizes, byte_offset=loc.file_offset,
-                          byte_length=loc.nbytes if contiguous else None, rank=0)
-        info.pieces.append(piece)
+        info.pieces.append(_with_byte_range(Piece(self._file_name(kind, 0), (0,) * len(shape), shape, rank=0), zf, t))
         return _Entry(info, kind, path)
 
     def _fill_byte_offsets(self, entry: _Entry) -> None:
@@ -387,11 +392,8 @@ class FsdpReader(CheckpointReader):
                 continue
             zf = self._file(entry.kind, 0)
             local = self._local_tensor(entry, zf, 0)
-            if local is None or local.device.type != "meta" or not local.numel():
-                continue
-            loc = zf.location(local)
-            info.pieces[i] = Piece(piece.file, piece.offsets, piece.sizes, byte_offset=loc.file_offset,
-                                   byte_length=loc.nbytes if local.is_contiguous() else None, rank=0)
+            if local is not None:
+                info.pieces[i] = _with_byte_range(piece, zf, local)
 
     def _load_optimizer(self) -> None:
         if self._optim_loaded:

@@ -15,12 +15,13 @@ checks the index against the shard headers.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ckptctl.errors import CkptctlError, NotFoundError
-from ckptctl.formats.base import MODEL, CheckpointReader, Piece, TensorInfo, dtype_size
+from ckptctl.formats.base import MODEL, CheckpointReader, Piece, TensorInfo, dtype_size, read_json, torch_dtype
 from ckptctl.formats.safe_load import CorruptCheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,14 +37,13 @@ HEADER_PREFETCH = 16 * 1024
 #: The safetensors library refuses headers above 100 MB; so do we (a corrupt length field).
 MAX_HEADER = 100 * 1024 * 1024
 
-#: safetensors dtype codes -> torch dtype names.
+#: safetensors dtype codes -> torch dtype names (read here, written by :mod:`~ckptctl.formats.hf_writer`).
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "C64": "complex64",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
 }
-_EXTRA_SIZES = {"float8_e8m0fnu": 1}
 
 CONFIG_FACTS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
@@ -67,10 +67,6 @@ class SafetensorsHeader:
     @property
     def data_end(self) -> int:
         return max((t["end"] for t in self.tensors.values()), default=self.data_start)
-
-
-def _size_of(dtype: str) -> int:
-    return dtype_size(dtype) or _EXTRA_SIZES.get(dtype, 0)
 
 
 def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int = HEADER_PREFETCH) -> SafetensorsHeader:
@@ -115,9 +111,9 @@ def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int = HEADER
             if d < 0:
                 raise CorruptCheckpointError(f"cannot read {url}: tensor {name!r} has a negative dimension")
             numel *= d
-        if begin < 0 or end - begin != numel * _size_of(dtype):
+        if begin < 0 or end - begin != numel * dtype_size(dtype):
             raise CorruptCheckpointError(f"cannot read {url}: tensor {name!r} spans bytes [{begin}, {end}) but "
-                                         f"{dtype}{shape} needs {numel * _size_of(dtype)}")
+                                         f"{dtype}{shape} needs {numel * dtype_size(dtype)}")
         tensors[name] = {"dtype": dtype, "shape": shape, "begin": data_start + begin, "end": data_start + end}
     return SafetensorsHeader(rel, n, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
                              tensors, read)
@@ -130,10 +126,7 @@ def read_safetensors_header(store: "Store", rel: str) -> dict[str, Any]:
     params = 0
     for t in h.tensors.values():
         dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + 1
-        n = 1
-        for d in t["shape"]:
-            n *= d
-        params += n
+        params += math.prod(t["shape"])
     return {
         "header_bytes": h.header_length, "metadata": h.metadata, "tensor_count": len(h.tensors),
         "parameters": params, "data_bytes": h.data_end - h.data_start, "dtypes": dtypes,
@@ -162,16 +155,11 @@ class HfReader(CheckpointReader):
     def read_index(self) -> dict | None:
         if not self._index_loaded:
             self._index_loaded = True
-            try:
-                raw = self.store.read_bytes(INDEX_FILE)
-            except NotFoundError:
+            index = read_json(self.store, INDEX_FILE)
+            if index is None:
                 return None
-            try:
-                index = json.loads(raw)
-                if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-                    raise ValueError("no weight_map")
-            except ValueError as exc:
-                raise CorruptCheckpointError(f"cannot read {self.store.url_of(INDEX_FILE)}: {exc}") from exc
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                raise CorruptCheckpointError(f"cannot read {self.store.url_of(INDEX_FILE)}: no weight_map")
             self._index = index
         return self._index
 
@@ -256,9 +244,7 @@ class HfReader(CheckpointReader):
         if info is None:
             raise NotFoundError(f"{self.store.url}: no tensor named {name!r} in this export")
         piece = info.pieces[0]
-        dtype = getattr(torch, info.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
+        dtype = torch_dtype(info, self.store.url)
         data = self.store.read_range(piece.file, piece.byte_offset, piece.byte_offset + piece.byte_length)
         if len(data) != piece.byte_length:
             raise CorruptCheckpointError(f"cannot read {self.store.url_of(piece.file)}: truncated ({name} needs "
@@ -270,15 +256,7 @@ class HfReader(CheckpointReader):
 
     # -- summary ----------------------------------------------------------------------------
     def read_config(self) -> dict | None:
-        try:
-            raw = self.store.read_bytes(CONFIG_FILE)
-        except NotFoundError:
-            return None
-        try:
-            config = json.loads(raw)
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"cannot read {self.store.url_of(CONFIG_FILE)}: not valid JSON "
-                                         f"({exc})") from exc
+        config = read_json(self.store, CONFIG_FILE)
         return config if isinstance(config, dict) else None
 
     def check_index(self) -> list[str]:
@@ -324,9 +302,10 @@ class HfReader(CheckpointReader):
             if any(str(a).startswith("FSDP") for a in archs):
                 problems.append(f"architectures {archs} carry a stray 'FSDP' prefix that breaks HF loaders")
         index = self.read_index()
+        shard_files = self.shard_files()
         out["sharded"] = index is not None
-        out["shards"] = len(self.shard_files())
-        out["shard_files"] = self.shard_files()
+        out["shards"] = len(shard_files)
+        out["shard_files"] = shard_files
         dtypes: dict[str, int] = {}
         for t in infos:
             dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
@@ -346,10 +325,10 @@ class HfReader(CheckpointReader):
                 sizes = None
                 problems.append(f"could not list {self.store.url}: {exc}")
             if sizes is not None:
-                out["total_bytes"] = sum(sizes.get(rel, 0) for rel in self.shard_files())
+                out["total_bytes"] = sum(sizes.get(rel, 0) for rel in shard_files)
                 if index is not None:
                     orphans = sorted(f for f in sizes if f.endswith(".safetensors") and "/" not in f
-                                     and f not in self.shard_files())
+                                     and f not in shard_files)
                     if orphans:
                         problems.append(f"weight file(s) not named in {INDEX_FILE} (loaders ignore them): "
                                         + ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))

@@ -98,7 +98,8 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
 from ckptctl.errors import CkptctlError, NotFoundError, UsageError
-from ckptctl.formats.hf import SafetensorsHeader, parse_safetensors_header
+from ckptctl.formats.base import TensorSize
+from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safetensors_header
 # INCOMPLETE_MARKER (object-store marker of an export in progress), TMP_INFIX and RUN_INFO (the
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
@@ -116,17 +117,8 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
 _MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
 
-# torch dtype name -> (safetensors dtype, element size)
-_ST_DTYPES: dict[str, tuple[str, int]] = {
-    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
-    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
-    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1),
-    "bool": ("BOOL", 1), "complex64": ("C64", 8),
-    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1),
-    "float8_e5m2": ("F8_E5M2", 1), "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
-    "float8_e8m0fnu": ("F8_E8M0", 1),
-}
-_FROM_ST = {st: name for name, (st, _) in _ST_DTYPES.items()}
+# torch dtype name -> safetensors dtype code (the reader's table, inverted)
+_ST_CODES: dict[str, str] = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +129,10 @@ def normalize_dtype(dtype: Any) -> str:
     text = str(dtype)
     if text.startswith("torch."):
         text = text[len("torch."):]
-    if text in _ST_DTYPES:
+    if text in _ST_CODES:
         return text
-    if text in _FROM_ST:
-        return _FROM_ST[text]
+    if text in SAFETENSORS_DTYPES:
+        return SAFETENSORS_DTYPES[text]
     raise UsageError(f"dtype {dtype!s} cannot be written to safetensors")
 
 
@@ -170,23 +162,13 @@ def parse_size(size: int | str) -> int:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """What the writer must know about a tensor before its data arrives."""
+class TensorSpec(TensorSize):
+    """What the writer must know about a tensor before its data arrives (``numel``/``nbytes``
+    as :class:`~ckptctl.formats.base.TensorInfo`'s)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _ST_DTYPES[self.dtype][1]
 
     @classmethod
     def coerce(cls, obj: Any) -> "TensorSpec":
@@ -286,7 +268,7 @@ def safetensors_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] 
     offset = 0
     for spec in specs:
         size = spec.nbytes
-        header[spec.name] = {"dtype": _ST_DTYPES[spec.dtype][0], "shape": list(spec.shape),
+        header[spec.name] = {"dtype": _ST_CODES[spec.dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

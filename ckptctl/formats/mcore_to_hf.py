@@ -49,6 +49,7 @@ torch here (they only call tensor methods), so importing this module stays cheap
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -117,7 +118,7 @@ class Source:
 
     @property
     def numel(self) -> int:
-        return _numel(self.shape)
+        return math.prod(self.shape)
 
     def to_dict(self) -> dict:
         return {"key": self.key, "layer": self.layer, "shape": list(self.shape)}
@@ -456,13 +457,6 @@ def resolve_architecture(config: Mapping[str, Any]) -> ArchSpec:
 def is_model_key(key: str) -> bool:
     """False for the non-weight keys of an mcore dist checkpoint (optimizer state, RNG, ...)."""
     return not key.startswith(NON_MODEL_PREFIXES)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _shape_of(v: Any) -> tuple[int, ...]:

@@ -23,14 +23,15 @@ and decoded with :func:`~ckptctl.formats.safe_load.load_pt` (``weights_only``).
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ckptctl.errors import CkptctlError, NotFoundError
-from ckptctl.formats.base import MODEL, OPTIMIZER, OTHER, CheckpointReader, Piece, TensorInfo, dtype_size
+from ckptctl.formats.base import (MODEL, OPTIMIZER, OTHER, CheckpointReader, Piece, TensorInfo, dtype_size,
+                                  read_json, torch_dtype)
 from ckptctl.formats.safe_load import CorruptCheckpointError, load_pickle, load_pt, to_plain
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -321,7 +322,7 @@ class MegatronReader(CheckpointReader):
         with ThreadPoolExecutor(min(self.max_workers, len(ranges))) as pool:
             yield from pool.map(lambda r: self.store.read_range(r[0], r[1], r[1] + r[2]), ranges)
 
-    def _decode(self, blob: bytes, piece: Piece, info: TensorInfo, torch_dtype) -> "torch.Tensor":
+    def _decode(self, blob: bytes, piece: Piece, info: TensorInfo, dtype) -> "torch.Tensor":
         import torch
 
         where = f"{self.store.url_of(piece.file)} (bytes {piece.byte_offset}+{piece.byte_length}, {info.name})"
@@ -330,14 +331,12 @@ class MegatronReader(CheckpointReader):
         descriptors = self._transforms.get((piece.file, piece.byte_offset))
         if descriptors:
             blob = _untransform(blob, descriptors, where)
-        numel = 1
-        for s in piece.sizes:
-            numel *= s
+        numel = math.prod(piece.sizes)
         if blob[:4] == ZIP_MAGIC:
             t = load_pt(blob, name=where)
         elif len(blob) == numel * dtype_size(info.dtype) and dtype_size(info.dtype):
-            t = torch.frombuffer(bytearray(blob), dtype=torch_dtype).reshape(piece.sizes) if numel else \
-                torch.empty(piece.sizes, dtype=torch_dtype)
+            t = torch.frombuffer(bytearray(blob), dtype=dtype).reshape(piece.sizes) if numel else \
+                torch.empty(piece.sizes, dtype=dtype)
         else:
             raise CorruptCheckpointError(f"cannot read {where}: neither a torch.save blob nor raw tensor bytes")
         if not isinstance(t, torch.Tensor):
@@ -345,7 +344,7 @@ class MegatronReader(CheckpointReader):
         if tuple(t.shape) != tuple(piece.sizes):
             raise CorruptCheckpointError(f"cannot read {where}: chunk shape {list(t.shape)}, metadata says "
                                          f"{list(piece.sizes)}")
-        if t.dtype != torch_dtype:
+        if t.dtype != dtype:
             raise CorruptCheckpointError(f"cannot read {where}: chunk dtype {t.dtype}, metadata says {info.dtype}")
         return t
 
@@ -358,9 +357,7 @@ class MegatronReader(CheckpointReader):
         import torch
 
         info = self._info(name)
-        torch_dtype = getattr(torch, info.dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
+        dtype = torch_dtype(info, self.store.url)
         pieces = info.pieces
         shape = info.shape
         if index is not None:
@@ -368,11 +365,11 @@ class MegatronReader(CheckpointReader):
                 raise CkptctlError(f"{self.store.url}: {name} has no index {index} along dim 0 (shape {shape})")
             pieces = [p for p in pieces if p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
             shape = shape[1:]
-        out = torch.empty(shape, dtype=torch_dtype)
+        out = torch.empty(shape, dtype=dtype)
         covered = 0
         blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p in pieces])
         for piece, blob in zip(pieces, blobs):
-            chunk = self._decode(blob, piece, info, torch_dtype)
+            chunk = self._decode(blob, piece, info, dtype)
             if index is not None:
                 chunk = chunk[index - piece.offsets[0]]
                 region = tuple(slice(o, o + s) for o, s in zip(piece.offsets[1:], piece.sizes[1:]))
@@ -399,15 +396,13 @@ class MegatronReader(CheckpointReader):
         import torch
 
         info = self._info(name)
-        torch_dtype = getattr(torch, info.dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise CkptctlError(f"{self.store.url}: {name} has dtype {info.dtype!r}, which this torch lacks")
+        dtype = torch_dtype(info, self.store.url)
         offsets, sizes = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
         if len(offsets) != len(info.shape) or len(sizes) != len(info.shape) or any(
                 o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, info.shape)):
             raise CkptctlError(f"{self.store.url}: block {list(offsets)}+{list(sizes)} is not inside {name} "
                                f"{list(info.shape)}")
-        out = torch.empty(sizes, dtype=torch_dtype)
+        out = torch.empty(sizes, dtype=dtype)
         if not out.numel():
             return out
         whole, partial = [], []
@@ -422,7 +417,7 @@ class MegatronReader(CheckpointReader):
              else partial).append((p, local, dest))
         covered = 0
         for p, local, dest in partial:
-            block = self._read_part(p, info, local, torch_dtype)
+            block = self._read_part(p, info, local, dtype)
             if block is None:
                 whole.append((p, local, dest))
                 continue
@@ -430,7 +425,7 @@ class MegatronReader(CheckpointReader):
             covered += block.numel()
         blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p, _, _ in whole])
         for (p, local, dest), blob in zip(whole, blobs):
-            chunk = self._decode(blob, p, info, torch_dtype)[local]
+            chunk = self._decode(blob, p, info, dtype)[local]
             out[dest] = chunk
             covered += chunk.numel()
         if covered != out.numel():
@@ -438,10 +433,12 @@ class MegatronReader(CheckpointReader):
                                          f"elements of block {list(offsets)}+{list(sizes)}")
         return out
 
-    def _read_part(self, piece: Piece, info: TensorInfo, local: tuple[slice, ...], torch_dtype):
+    def _read_part(self, piece: Piece, info: TensorInfo, local: tuple[slice, ...], dtype):
         """``chunk[local]`` by the byte span it covers in the chunk's blob, or None when reading
-        the whole chunk is as good (small chunk, large span, stream transforms, odd layout)."""
+        the whole chunk is as good (small chunk, large span, stream transforms, odd layout).
+        The result is a read-only view of the bytes read: copy it, never write into it."""
         import sys
+        import warnings
 
         import torch
 
@@ -460,15 +457,17 @@ class MegatronReader(CheckpointReader):
         zf = TorchZipFile(_BlobStore(self.store, piece), "blob", size=piece.byte_length)
         meta = zf.metadata()
         if (not isinstance(meta, torch.Tensor) or zf.legacy or zf.byteorder != sys.byteorder
-                or tuple(meta.shape) != tuple(piece.sizes) or meta.dtype != torch_dtype
+                or tuple(meta.shape) != tuple(piece.sizes) or meta.dtype != dtype
                 or any(st < 0 for st in meta.stride())):
             return None
         loc = zf.location(meta)
         stride = meta.stride()
         lo = loc.storage_offset + sum(s.start * st for s, st in zip(local, stride))
         hi = loc.storage_offset + sum((s.stop - 1) * st for s, st in zip(local, stride)) + 1
-        data = bytearray(zf.read_storage_bytes(loc.storage.key, lo * item, hi * item))
-        flat = torch.frombuffer(data, dtype=torch_dtype)
+        data = zf.read_storage_bytes(loc.storage.key, lo * item, hi * item)
+        with warnings.catch_warnings():  # not writable: only ever copied into the caller's output
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=dtype)
         return flat.as_strided(tuple(s.stop - s.start for s in local), stride, 0)
 
     def read_object(self, name: str) -> Any:
@@ -487,14 +486,7 @@ class MegatronReader(CheckpointReader):
     def read_metadata_json(self) -> dict | None:
         """``metadata.json`` (read once); None when absent (the save did not finish)."""
         if self._metadata_json is None:
-            try:
-                value = json.loads(self.store.read_bytes(self._rel(METADATA_JSON)))
-            except NotFoundError:
-                value = None
-            except ValueError as exc:
-                raise CorruptCheckpointError(f"cannot read {self.store.url_of(self._rel(METADATA_JSON))}: "
-                                             f"not valid JSON ({exc})") from exc
-            self._metadata_json = (value,)
+            self._metadata_json = (read_json(self.store, self._rel(METADATA_JSON)),)
         return self._metadata_json[0]
 
     def read_common(self) -> Any:

@@ -17,7 +17,7 @@ standalone model: each adapted weight is read with its two small factors and mer
 from __future__ import annotations
 
 import json
-import os
+import math
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -29,9 +29,10 @@ from ckptctl.formats.base import MODEL, TensorInfo
 from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft_state, merge_lora_weight,
                                   parse_adapter_config, split_peft_state)
 from ckptctl.formats.safe_load import CorruptCheckpointError
-from ckptctl.storage import Store, open_store
-from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, Component,
-                          classify_component, classify_step, parse_step_name, scan_tree)
+from ckptctl.output_dir import refuse_overlap
+from ckptctl.storage import FileEntry, Store, open_store
+from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, UNKNOWN,
+                          Component, Step, Tree, classify_component, classify_step, parse_step_name, scan_tree)
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 HF_DIR = "huggingface"
@@ -72,40 +73,57 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def _is_inside(inner: Store, outer: Store) -> bool:
-    if inner.protocol != outer.protocol:
-        return False
-    a, b = inner.root.rstrip("/"), outer.root.rstrip("/")
-    if inner.is_local:  # through symlinks too: the writer itself resolves the destination
-        a, b = os.path.realpath(a), os.path.realpath(b)
-    return a == b or a.startswith(b.rstrip("/") + "/")
+TREE, STEP, COMPONENT = "tree", "step", "component"
+
+
+def locate(store: Store) -> tuple[str, Step | Component | None, list[FileEntry]]:
+    """What ``store`` holds, from one listing: (TREE, None, files) for a checkpoint tree (step
+    directories or the pointer file at its top: scan it with :func:`scan_tree`), (STEP, Step,
+    files) for a step directory (a model component or a step file at its top), else
+    (COMPONENT, Component, files); the step and component are classified against the parent."""
+    files = store.walk()
+    tops = {f.path.split("/", 1)[0] for f in files if "/" in f.path}
+    top_files = {f.path for f in files if "/" not in f.path}
+    if any(parse_step_name(t) is not None for t in tops) or POINTER_FILE in top_files:
+        return TREE, None, files
+    if tops & set(MODEL_COMPONENTS) or top_files & set(STEP_FILES):
+        number = parse_step_name(store.name)
+        return STEP, classify_step(store.parent(), store.name, number if number is not None else -1, files), files
+    return COMPONENT, component_at(store, files), files
+
+
+def component_at(store: Store, files: list[FileEntry]) -> Component:
+    """The component directory ``store`` (``files``: its listing), classified against its parent."""
+    return classify_component(store.parent(), store.name, store.name, files)
+
+
+def chosen_step(tree: Tree) -> Step | None:
+    """The step a command given a whole tree works on: the pointer target when it is complete,
+    else the newest complete step."""
+    target = tree.pointer_target
+    return target if target is not None and target.complete else tree.newest_complete
 
 
 def resolve_component(store: Store, component: str) -> tuple[Store, Component, int | None, list[str]]:
     """Find the model component to export in a tree, a step directory or a component directory.
 
     Returns (store rooted at the component's parent, component, step, notes)."""
-    files = store.walk()
-    tops = {f.path.split("/", 1)[0] for f in files if "/" in f.path}
-    top_files = {f.path for f in files if "/" not in f.path}
+    kind, found, _ = locate(store)
     notes: list[str] = []
-    if any(parse_step_name(t) is not None for t in tops) or POINTER_FILE in top_files:
+    if kind == COMPONENT:
+        if found.backend == UNKNOWN:
+            raise NotACheckpointError(f"{store.url}: not a checkpoint tree, step or model component")
+        return store.parent(), found, parse_step_name(store.parent().name), notes
+    if kind == TREE:
         tree = scan_tree(store)
-        target = tree.pointer_target
-        step = target if target is not None and target.complete else tree.newest_complete
+        step = chosen_step(tree)
         if step is None:
             raise NotACheckpointError(f"{store.url}: no complete step to export")
-        notes.append(f"exporting {step.name}, the " + ("pointer target" if step is target else "newest complete step"))
+        why = "pointer target" if step is tree.pointer_target else "newest complete step"
+        notes.append(f"exporting {step.name}, the {why}")
         parent = store
-    elif tops & set(MODEL_COMPONENTS) or top_files & set(STEP_FILES):
-        number = parse_step_name(store.name)
-        parent = store.parent()
-        step = classify_step(parent, store.name, number if number is not None else -1, files)
     else:
-        comp = classify_component(store.parent(), store.name, store.name, files)
-        if comp.backend == "unknown":
-            raise NotACheckpointError(f"{store.url}: not a checkpoint tree, step or model component")
-        return store.parent(), comp, parse_step_name(store.parent().name), notes
+        step, parent = found, store.parent()
     comp = step.components.get(component)
     if comp is None:
         have = ", ".join(step.components) or "none"
@@ -145,10 +163,7 @@ def _config_dtype(out_specs: list[tuple[str, Any, Any]]) -> str | None:
     for _, shape, dtype in out_specs:
         name = str(dtype).removeprefix("torch.")
         if _is_floating(name):
-            n = 1
-            for d in shape:
-                n *= int(d)
-            counts[name] = counts.get(name, 0) + n
+            counts[name] = counts.get(name, 0) + math.prod(int(d) for d in shape)
     return max(counts, key=counts.get) if counts else None
 
 
@@ -167,12 +182,11 @@ def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[
     return config, extra
 
 
-def _fsdp_outputs(reader, config: dict, summary: ExportSummary, lora: "_LoraSource | None"
-                  ) -> tuple[list[tuple[str, TensorInfo]], Callable]:
-    """The HF tensors of an FSDP component: (name, source metadata) in order, and a stream of
-    (name, tensor). A LoRA (PEFT) model exports its base weights, or with ``lora.merge`` the
-    merged ones."""
-    infos = {_strip_wrappers(t.name): t for t in reader.tensors() if t.group == MODEL}
+def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: ExportSummary,
+                  lora: "_LoraSource | None") -> tuple[list[tuple[str, TensorInfo]], Callable]:
+    """The HF tensors of an FSDP component (``infos``: its model tensors by unwrapped name):
+    (name, source metadata) in order, and a stream of (name, tensor). A LoRA (PEFT) model
+    exports its base weights, or with ``lora.merge`` the merged ones."""
     if lora is not None:
         entries = lora.entries(infos, summary)
     else:
@@ -370,10 +384,7 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
         raise UsageError(f"--component must be policy or critic, not {component!r}")
     src_store = open_store(src, endpoint_url=endpoint_url)
     dst_store = open_store(out, endpoint_url=endpoint_url)
-    if _is_inside(dst_store, src_store):
-        raise UsageError(f"refusing to write {dst_store.url} inside the source {src_store.url}")
-    if _is_inside(src_store, dst_store):
-        raise UsageError(f"refusing to write {dst_store.url}: it contains the source {src_store.url}")
+    refuse_overlap(src_store, dst_store)
 
     parent, comp, step, notes = resolve_component(src_store, component)
     summary = ExportSummary(source=parent.url_of(comp.path), component=comp.name, backend=comp.backend,
@@ -389,23 +400,26 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
     comp_store = parent.child(comp.path)
 
     kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
+    lora: _LoraSource | None = None
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
         if comp.backend in (FSDP, FSDP_SINGLE):
-            peft = is_peft_state(_strip_wrappers(t.name) for t in reader.tensors() if t.group == MODEL)
+            infos = {_strip_wrappers(t.name): t for t in reader.tensors() if t.group == MODEL}
+            peft = is_peft_state(infos)
             if merge_lora and not peft:
                 raise UsageError(f"--merge-lora: {summary.source} is not a LoRA (PEFT) model, nothing to merge"
                                  + (f" ({LORA_DIR}/ is there, but the model files hold no LoRA weights)"
                                     if comp.has_lora else ""))
             lora = _LoraSource(reader, comp_store, comp, merge_lora) if peft else None
-            specs, stream = _fsdp_outputs(reader, config, summary, lora)
+            specs, stream = _fsdp_outputs(reader, infos, config, summary, lora)
         else:
             specs, stream = _megatron_outputs(reader, config, summary)
         if comp.has_lora and not merge_lora:
             # In a subdirectory: an adapter_config.json at the top would make transformers load the
             # directory as a PEFT adapter, and a stray *.safetensors there is not a model shard.
+            read = {lora.config_path: lora.config_bytes} if lora is not None and lora.config_bytes else {}
             for f in comp.files:
                 if f.path.startswith(LORA_DIR + "/") and f.path.count("/") == 1:
-                    extra_files[f.path] = comp_store.read_bytes(f.path)
+                    extra_files[f.path] = read.get(f.path) or comp_store.read_bytes(f.path)
             if summary.lora is None:
                 summary.warnings.append(f"{LORA_DIR}/ copied as-is into the export's {LORA_DIR}/")
         if comp.name == "critic":

@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
+from ckptctl.errors import CkptctlError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.formats import open_reader
-from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
-from ckptctl.storage import FileEntry, Store, open_store
-from ckptctl.tree import (MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, Component, Step, classify_component,
-                          classify_step, parse_step_name, scan_tree)
+from ckptctl.formats.base import MODEL, TensorInfo
+from ckptctl.ops.export import HF_DIR, LORA_DIR, STEP, TREE, chosen_step, locate
+from ckptctl.storage import Store, open_store
+from ckptctl.tree import HF, MEGATRON, UNKNOWN, Component, Step, scan_tree
 
 CONFIG_FIELDS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                  "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
@@ -86,10 +86,10 @@ def _dig(data: Any, dotted: str) -> Any:
 
 def read_model_config(store: Store, rel: str) -> dict[str, Any] | None:
     """The architecture summary from an HF ``config.json``; None when absent."""
-    if not store.exists(rel):
-        return None
     try:
         config = json.loads(store.read_bytes(rel))
+    except NotFoundError:
+        return None
     except ValueError as exc:
         raise CkptctlError(f"{store.url_of(rel)}: not valid JSON ({exc})") from exc
     return {k: config[k] for k in CONFIG_FIELDS if k in config}
@@ -138,18 +138,18 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     report = ComponentReport(name=comp.name, path=comp.path, backend=comp.backend, complete=comp.complete,
                              problems=list(comp.problems), world_size=comp.world_size)
     comp_store = store.child(comp.path) if comp.path else store
-    hf_config = "huggingface/config.json" if comp.backend != "hf" else "config.json"
-    report.model_config = read_model_config(comp_store, hf_config)
+    report.model_config = read_model_config(comp_store, "config.json" if comp.backend == HF
+                                            else f"{HF_DIR}/config.json")
     archs = (report.model_config or {}).get("architectures") or []
     if any(str(a).startswith("FSDP") for a in archs):
         report.warnings.append(f"config.json architectures {archs} carry a stray 'FSDP' prefix that breaks "
                                "HF loaders (export-hf removes it)")
-    if comp.backend == "unknown":
+    if comp.backend == UNKNOWN:
         return report
     kwargs: dict[str, Any] = {}
-    if allow_globals and comp.backend != "hf":
+    if allow_globals and comp.backend != HF:
         kwargs["extra_stand_ins"] = allow_globals
-    if comp.backend == "megatron":
+    if comp.backend == MEGATRON:
         kwargs["nesting"] = comp.nesting
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
         tensors = list(reader.tensors())
@@ -185,7 +185,7 @@ def lora_summary(comp_store: Store, comp: Component, model: list[TensorInfo], wa
         out["adapted_modules"] = len(state.pairs) + len({p.module for p in state.saved.values()})
         out["adapter_parameters"] = sum(names[n].numel for n in state.lora_names)
         out["adapters"] = sorted(state.adapters)
-    rel = f"lora_adapter/{ADAPTER_CONFIG}"
+    rel = f"{LORA_DIR}/{ADAPTER_CONFIG}"
     if any(f.path == rel for f in comp.files):
         try:
             config = json.loads(comp_store.read_bytes(rel))
@@ -263,12 +263,6 @@ def describe_object(obj: Any, depth: int = 0) -> Any:
 
 # -- entry point ----------------------------------------------------------------------------
 
-def _group(files: list[FileEntry]) -> tuple[set[str], set[str]]:
-    tops = {f.path.split("/", 1)[0] for f in files if "/" in f.path}
-    top_files = {f.path for f in files if "/" not in f.path}
-    return tops, top_files
-
-
 def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = False, component: str | None = None,
                  allow_globals: tuple[str, ...] = (), endpoint_url: str | None = None) -> InspectReport:
     """Inspect a tree (its pointer target, or newest complete step), a step, a component, or one file."""
@@ -277,13 +271,11 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
     if store.is_file():
         _inspect_file(store, report, allow_globals)
         return report
-    files = store.walk()
-    tops, top_files = _group(files)
+    kind, found, _ = locate(store)
     kw = dict(with_tensors=with_tensors, with_config=with_config, component=component, allow_globals=allow_globals)
-    if any(parse_step_name(t) is not None for t in tops) or POINTER_FILE in top_files:
+    if kind == TREE:
         tree = scan_tree(store)
-        step = tree.pointer_target if tree.pointer_target is not None and tree.pointer_target.complete \
-            else tree.newest_complete or tree.pointer_target
+        step = chosen_step(tree) or tree.pointer_target
         report.kind = "tree"
         report.tree = {"kind": tree.kind, "steps": [s.step for s in tree.steps],
                        "pointer": tree.pointer.step, "newest_complete": tree.newest_complete.step
@@ -294,16 +286,13 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
         report.warnings.insert(0, f"inspected {step.name} (the "
                                + ("pointer target" if step is tree.pointer_target else "newest complete step") + ")")
         return report
-    if tops & set(MODEL_COMPONENTS) or top_files & set(STEP_FILES):
-        number = parse_step_name(store.name)
-        step = classify_step(store.parent(), store.name, number if number is not None else -1, files)
+    if kind == STEP:
         report.kind = "step"
-        _inspect_step(store.parent(), step, report, **kw)
+        _inspect_step(store.parent(), found, report, **kw)
         return report
-    comp = classify_component(store.parent(), store.name, store.name, files)
-    if comp.backend == "unknown":
+    if found.backend == UNKNOWN:
         raise NotACheckpointError(f"{store.url}: not a checkpoint tree, step, component or checkpoint file")
     report.kind = "component"
-    report.components.append(inspect_component(store.parent(), comp, with_tensors=with_tensors,
+    report.components.append(inspect_component(store.parent(), found, with_tensors=with_tensors,
                                                 allow_globals=allow_globals))
     return report

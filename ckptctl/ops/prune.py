@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ckptctl.errors import AbortedError, UsageError
 from ckptctl.storage import Store, open_store
-from ckptctl.tree import Step, Tree, scan_tree
+from ckptctl.tree import MEGATRON, Step, Tree, scan_tree
 
 KEEP = "keep"
 DELETE = "delete"
@@ -122,13 +122,13 @@ def plan_prune(tree: Tree, *, keep: int, keep_every: int | None = None, drop_opt
     keep_reasons = _keep_reasons(tree, keep, keep_every, include_in_progress, include_above_pointer)
     plan = PrunePlan(url=tree.url, keep=keep, keep_every=keep_every, drop_optimizer=drop_optimizer, decisions=[])
     for step in tree.steps:
-        plan.decisions.append(_decide(step, keep_reasons[step.step], drop_optimizer, plan))
+        plan.decisions.append(_decide(step, keep_reasons[step.step], drop_optimizer))
     if tree.unparsable:
         plan.notes.append("left alone (unparsable names): " + ", ".join(tree.unparsable))
     return plan
 
 
-def _decide(step: Step, keep_reasons: list[str], drop_optimizer: bool, plan: PrunePlan) -> StepDecision:
+def _decide(step: Step, keep_reasons: list[str], drop_optimizer: bool) -> StepDecision:
     decision = StepDecision(step=step.step, name=step.name, action=KEEP, reasons=keep_reasons,
                             complete=step.complete)
     if keep_reasons:
@@ -136,7 +136,7 @@ def _decide(step: Step, keep_reasons: list[str], drop_optimizer: bool, plan: Pru
     if drop_optimizer:
         files = [f"{c.path}/{p}" for c in step.components.values() for p in c.optimizer_files]
         if not files:
-            megatron = [c.name for c in step.components.values() if c.backend == "megatron"]
+            megatron = any(c.backend == MEGATRON for c in step.components.values())
             why = ("Megatron keeps optimizer state inside the weight .distcp files"
                    if megatron else "no optimizer files")
             decision.reasons = [f"not kept, but {why}"]

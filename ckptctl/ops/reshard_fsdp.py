@@ -87,10 +87,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
 from ckptctl.formats.safe_load import CorruptCheckpointError
+from ckptctl.ops.export import STEP, TREE, component_at, locate
 from ckptctl.output_dir import OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
-from ckptctl.tree import (FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, MODEL_COMPONENTS, POINTER_FILE, Component,
-                          classify_component, classify_step, parse_step_name)
+from ckptctl.tree import FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, UNKNOWN, Component, parse_step_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -214,11 +214,13 @@ class _SourceFiles:
     """The source rank files, metadata-first (one :class:`TorchZipFile` each), and ranged reads
     of any box of a global tensor from the pieces that overlap it."""
 
-    def __init__(self, store: Store, sizes: dict[str, int], extra_stand_ins: tuple[str, ...]):
-        self.store = store
+    def __init__(self, reader: "FsdpReader", sizes: dict[str, int]):
+        self.store = reader.store
         self.sizes = sizes
-        self.extra_stand_ins = extra_stand_ins
-        self._zips: dict[str, "TorchZipFile"] = {}
+        self.extra_stand_ins = reader.extra_stand_ins
+        # The reader's own cache of open files (FsdpReader has no public accessor for it): the
+        # rank-0 files whose metadata it already parsed are not fetched and unpickled again.
+        self._zips: dict[str, "TorchZipFile"] = reader._zips
 
     def zip(self, rel: str) -> "TorchZipFile":
         from ckptctl.formats.torchzip import TorchZipFile
@@ -231,10 +233,6 @@ class _SourceFiles:
 
     def tree(self, rel: str) -> Any:
         return self.zip(rel).metadata()
-
-    @property
-    def bytes_fetched(self) -> int:
-        return sum(z.bytes_fetched for z in self._zips.values())
 
     def read_box(self, info: TensorInfo, path: tuple, box: tuple[tuple[int, int], ...]) -> "torch.Tensor":
         """``global[box]`` (one (start, stop) per dim) of the tensor ``info`` describes, whose
@@ -375,8 +373,7 @@ class _ComponentJob:
                              "FSDP checkpoints")
         if not comp.complete:
             raise CkptctlError(f"{comp_store.url} is incomplete: " + "; ".join(comp.problems))
-        self.reader: FsdpReader = FsdpReader(comp_store, extra_stand_ins=extra_stand_ins)
-        reader = self.reader
+        reader = FsdpReader(comp_store, extra_stand_ins=extra_stand_ins)
         infos = {t.name: t for t in reader.tensors()}
         summary = reader.summary()
         self.source_world = reader.world_size
@@ -384,8 +381,7 @@ class _ComponentJob:
         self.config = summary.get("fsdp_config")
         self.source_mesh = summary.get("mesh")
         self.files = summary.get("files") or {}
-        sizes = {f.path: f.size for f in comp.files}
-        self.src = _SourceFiles(comp_store, sizes, extra_stand_ins)
+        self.src = _SourceFiles(reader, {f.path: f.size for f in comp.files})
         self.copy_files = [f.path for f in comp.files
                            if not FSDP_RANK_FILE_RE.match(f.path) and f.path != CONFIG_FILE]
 
@@ -432,7 +428,6 @@ class _ComponentJob:
                 self.model_slots[key] = _Slot(info, (key,), "tied", tied_to=tied[key])
             else:
                 self.model_slots[key] = self._slot(info, (key,), shard_plain=key in param_set)
-        self.model_tensors = sum(1 for s in self.model_slots.values() if s is not None)
 
         # the optimizer
         self.optimizer = "absent"
@@ -449,9 +444,6 @@ class _ComponentJob:
             else:
                 self._plan_optimizer(otree, optim_infos, infos, param_set)
                 self.optimizer = "resharded"
-        elif drop_optimizer:
-            self.optimizer = "absent"
-        self.optimizer_tensors = sum(1 for s in self.optim_slots.values() if s is not None)
         if world_size > self.source_world and self.files.get("extra_state"):
             self.warnings.append(f"{name}: {world_size} ranks resume the RNG streams of {self.source_world} source "
                                  f"ranks: rank r takes rank r mod {self.source_world}'s, so some ranks share streams")
@@ -460,6 +452,11 @@ class _ComponentJob:
     def _dim_name(self) -> str:
         names = (self.source_mesh or {}).get("dim_names") or []
         return names[-1] if names else MESH_DIM_NAME
+
+    @property
+    def writes_config(self) -> bool:
+        """Whether the source's ``fsdp_config.json`` is rewritten (absent or invalid: not)."""
+        return isinstance(self.config, dict) and "error" not in self.config
 
     def _rank_file(self, kind: str, rank: int) -> str:
         return f"{kind}_world_size_{self.source_world}_rank_{rank}.pt"
@@ -519,11 +516,15 @@ class _ComponentJob:
                                                             shard_plain=label in param_set, like=like)
 
     # -- sizes ---------------------------------------------------------------------------
-    def total_bytes(self) -> int:
+    def _tensor_slots(self, optimizer: bool = True) -> list[_Slot]:
+        """The slots of the tensors written: the model's, and (``optimizer``) the resharded optimizer's."""
         slots = [s for s in self.model_slots.values() if s is not None]
-        if self.optimizer == "resharded":
+        if optimizer and self.optimizer == "resharded":
             slots += [s for s in self.optim_slots.values() if s is not None]
-        return sum(s.target_bytes(self.world) for s in slots)
+        return slots
+
+    def total_bytes(self) -> int:
+        return sum(s.target_bytes(self.world) for s in self._tensor_slots())
 
     # -- writing -------------------------------------------------------------------------
     def write(self, staging: str, prefix: str, publish: Callable[[list[str]], None],
@@ -549,23 +550,19 @@ class _ComponentJob:
                 del osd
             if self.files.get("extra_state"):
                 files.append(self._extra_state(rank, base))
-            rels = [posixpath.join(prefix, f) if prefix else f for f in files]
+            rels = [posixpath.join(prefix, f) for f in files]
             written += rels
             publish([r for r in rels if posixpath.basename(r) != self.target_file("model", 0)])
-        copied = []
-        if self.config is not None and isinstance(self.config, dict) and "error" not in self.config:
-            cfg = dict(self.config)
-            cfg["world_size"] = self.world
+        if self.writes_config:
             with open(os.path.join(base, CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=4)
-            written.append(posixpath.join(prefix, CONFIG_FILE) if prefix else CONFIG_FILE)
+                json.dump({**self.config, "world_size": self.world}, f, indent=4)
+            written.append(posixpath.join(prefix, CONFIG_FILE))
         elif self.config is not None:
             self.warnings.append(f"{self.name}: {CONFIG_FILE} is not valid JSON: not written (the world size is in "
                                  "the file names)")
         for rel in self.copy_files:
             _copy_file(self.store, rel, os.path.join(base, *rel.split("/")))
-            copied.append(posixpath.join(prefix, rel) if prefix else rel)
-        return written, copied
+        return written, [posixpath.join(prefix, rel) for rel in self.copy_files]
 
     @staticmethod
     def _save(obj: Any, base: str, name: str) -> str:
@@ -660,19 +657,14 @@ class _ComponentJob:
         return name
 
     def result(self, files: list[str], copied: list[str]) -> ComponentReshard:
-        sharded = sum(1 for s in self.model_slots.values() if s is not None and s.how == "shard")
-        replicated = sum(1 for s in self.model_slots.values() if s is not None and s.how in ("plain",
-                                                                                              "replicate_dtensor"))
-        if self.optimizer == "resharded":
-            sharded += sum(1 for s in self.optim_slots.values() if s is not None and s.how == "shard")
-            replicated += sum(1 for s in self.optim_slots.values()
-                              if s is not None and s.how in ("plain", "replicate_dtensor"))
+        slots = self._tensor_slots()
+        model_tensors = len(self._tensor_slots(optimizer=False))
         return ComponentReshard(
             name=self.name, source=self.store.url, source_world_size=self.source_world, world_size=self.world,
             strategy=self.strategy, source_mesh=self.source_mesh, target_mesh=self.target_mesh,
-            optimizer=self.optimizer, model_tensors=self.model_tensors,
-            optimizer_tensors=self.optimizer_tensors if self.optimizer == "resharded" else 0,
-            tensors_sharded=sharded, tensors_replicated=replicated, files=files, copied=copied)
+            optimizer=self.optimizer, model_tensors=model_tensors, optimizer_tensors=len(slots) - model_tensors,
+            tensors_sharded=sum(s.how == "shard" for s in slots),
+            tensors_replicated=sum(s.how in ("plain", "replicate_dtensor") for s in slots), files=files, copied=copied)
 
 
 def _copy_file(store: Store, rel: str, dest: str) -> None:
@@ -685,21 +677,18 @@ def _copy_file(store: Store, rel: str, dest: str) -> None:
 # the source: a component or a step
 # ---------------------------------------------------------------------------------------------
 def _resolve(src_store: Store) -> tuple[str, Any, list]:
-    """("component", Component, files) or ("step", Step, files) for ``src_store``."""
-    files = src_store.walk()
-    top_files = {f.path for f in files if "/" not in f.path}
-    tops = {f.path.split("/", 1)[0] for f in files if "/" in f.path}
-    if any(parse_step_name(t) is not None for t in tops) or POINTER_FILE in top_files:
+    """("component", Component, files) or ("step", Step, files) for ``src_store``: a step has a
+    model component directory and no FSDP rank files of its own."""
+    kind, found, files = locate(src_store)
+    if kind == TREE:
         raise UsageError(f"{src_store.url} is a checkpoint tree: pass one step (…/global_step_N) or one component "
                          "(…/global_step_N/policy)")
-    if any(FSDP_RANK_FILE_RE.match(n) for n in top_files) or not (tops & set(MODEL_COMPONENTS)):
-        comp = classify_component(src_store.parent(), src_store.name, src_store.name, files)
-        if comp.backend == "unknown":
-            raise NotACheckpointError(f"{src_store.url}: not an FSDP component or step directory")
-        return "component", comp, files
-    number = parse_step_name(src_store.name)
-    step = classify_step(src_store.parent(), src_store.name, number if number is not None else -1, files)
-    return "step", step, files
+    if kind == STEP and found.components and not any(FSDP_RANK_FILE_RE.match(f.path) for f in files):
+        return "step", found, files
+    comp = found if kind != STEP else component_at(src_store, files)
+    if comp.backend == UNKNOWN:
+        raise NotACheckpointError(f"{src_store.url}: not an FSDP component or step directory")
+    return "component", comp, files
 
 
 def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False, drop_optimizer: bool = False,
@@ -736,8 +725,6 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
         step_number = parse_step_name(src_store.parent().name)
     else:
         step = obj
-        if not step.components:
-            raise NotACheckpointError(f"{src_store.url}: no policy/ or critic/ component")
         if not step.complete:
             raise CkptctlError(f"{src_store.url} is incomplete: " + "; ".join(step.problems))
         step_number = step.step if step.step >= 0 else None
@@ -749,10 +736,9 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
 
     commit_last: list[str] = []
     for prefix, job in jobs:
-        if job.config is not None and isinstance(job.config, dict) and "error" not in job.config:
-            commit_last.append(posixpath.join(prefix, CONFIG_FILE) if prefix else CONFIG_FILE)
-        model0 = job.target_file("model", 0)
-        commit_last.append(posixpath.join(prefix, model0) if prefix else model0)
+        if job.writes_config:
+            commit_last.append(posixpath.join(prefix, CONFIG_FILE))
+        commit_last.append(posixpath.join(prefix, job.target_file("model", 0)))
     if TRAINER_STATE in step_copies:
         commit_last.append(TRAINER_STATE)
 
@@ -773,7 +759,7 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
         copied_all: list[str] = []
         for prefix, job in jobs:
             written, copied = job.write(outdir.staging, prefix, outdir.publish, on_bytes)
-            outdir.publish([c for c in copied])
+            outdir.publish(copied)
             copied_all += copied
             summary.components.append(job.result(written, copied))
             summary.warnings.extend(job.warnings)

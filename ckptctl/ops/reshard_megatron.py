@@ -56,6 +56,7 @@ writes the index files and commits.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -64,18 +65,17 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
-from ckptctl.formats.base import Piece, TensorInfo
-from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSON, DcpFileWriter, Entry,
-                                        build_metadata, data_file_name, metadata_bytes)
+from ckptctl.errors import CkptctlError, NotACheckpointError, NotFoundError, UsageError
+from ckptctl.formats.base import Piece, TensorInfo, dtype_size
+from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSON, DcpFileWriter, build_metadata,
+                                        data_file_name, metadata_bytes)
+from ckptctl.formats.megatron import _OPT_RE, _OPT_STATE_RE, _PER_LAYER_RE, MegatronReader, _model_key
+from ckptctl.formats.megatron import _STACKED_PREFIX as _STACKED
+from ckptctl.ops.export import HF_DIR, resolve_component
 from ckptctl.output_dir import OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
+from ckptctl.tree import MEGATRON
 
-HF_DIR = "huggingface"
-_OPT_STATE_RE = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.[^.]+\.)(.+)$")
-_OPT_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
-_PER_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_STACKED = "decoder.layers."
 _OBJECT_KEY_RE = re.compile(r"^(.*)/shard_([\d.]+)_([\d.]+)$")
 
 REPLICATED, COLUMN, GATED, ROW = "replicated", "column", "gated", "row"
@@ -172,11 +172,6 @@ class ReshardPlan:
 
     def writer_ranks(self) -> list[int]:
         return [r for r in range(self.world) if self.chunks.get(r) or self.object_tasks.get(r)]
-
-
-def _model_key(key: str) -> str:
-    m = _OPT_STATE_RE.match(key)
-    return m.group(2) if m else key
 
 
 def _layer_and_suffix(model_key: str) -> tuple[str, int | None, str]:
@@ -355,7 +350,7 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
                     raise CkptctlError(f"{key}: a chunk in {p.file}, which is not a rank's file")
                 src_tp_rank, src_stage = _src_coords(p.rank, tp_src, pp_src, dp_src)
                 by_group[(src_tp_rank, src_stage)].append(
-                    ChunkTask(key, p.offsets, p.sizes, _numel(p.sizes) * item, p))
+                    ChunkTask(key, p.offsets, p.sizes, math.prod(p.sizes) * item, p))
             continue
         kind = split_kind(model_key)
         if kind is None:
@@ -379,7 +374,7 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
                 stage = _stage_of_layer(i, num_layers, pp)
                 for r, off, size in blocks:
                     o, s = (i, *off), (1, *size)
-                    by_group[(r, stage)].append(ChunkTask(key, o, s, _numel(s) * item, exact.get((o, s))))
+                    by_group[(r, stage)].append(ChunkTask(key, o, s, math.prod(s) * item, exact.get((o, s))))
         else:
             if layout == "per_layer":
                 if layer >= num_layers:
@@ -392,7 +387,7 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
             else:
                 raise UsageError(f"{key}: cannot tell which pipeline stage holds it")
             for r, off, size in blocks:
-                by_group[(r, stage)].append(ChunkTask(key, off, size, _numel(size) * item, exact.get((off, size))))
+                by_group[(r, stage)].append(ChunkTask(key, off, size, math.prod(size) * item, exact.get((off, size))))
 
     # -- objects (ShardedObjects, _extra_state) ----------------------------------------------
     obj_by_group: dict[tuple[int, int], list[ObjectTask]] = defaultdict(list)
@@ -477,16 +472,7 @@ def _src_coords(rank: int, tp_src: int, pp_src: int | None, dp_src: int | None) 
     return rank % tp_src, rank // (tp_src * dp_src)
 
 
-def _numel(sizes: Iterable[int]) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
-
-
 def _dtype_size(dtype: str) -> int:
-    from ckptctl.formats.base import dtype_size
-
     size = dtype_size(dtype)
     if not size:
         raise CkptctlError(f"unsupported dtype {dtype!r}")
@@ -551,37 +537,48 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
     return RankResult(rank, [e.as_tuple() for e in w.entries], rel, verbatim, _bytes_read(store) - read_before)
 
 
-def _finalize_files(reader, plan: ReshardPlan, results: list[RankResult], staging: str, prefix: str,
-                    checkpoint_id: str) -> None:
-    """``.metadata``, ``common.pt`` and ``metadata.json`` into ``staging``."""
-    entries = [e for r in results for e in r.entries]
-    md = build_metadata(plan.tensors, plan.objects, entries, checkpoint_id=checkpoint_id)
+def _write_ranks(reader, plan: ReshardPlan, ranks: range, outdir: OutputDir, prefix: str,
+                 on_bytes: Callable[[int], None], published: list[str]) -> list[RankResult]:
+    """Write the target ranks ``ranks`` into ``outdir``; each data file is published as soon as
+    it is written (object stores: uploaded, so local disk holds one file at a time) and added to
+    ``published``."""
+    results = []
+    for rank in ranks:
+        res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
+        if res.file:
+            published += outdir.publish([res.file])
+        results.append(res)
+    return results
+
+
+def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: OutputDir, prefix: str,
+            uploaded: Iterable[str] = ()) -> list[str]:
+    """``.metadata``, ``common.pt``, ``metadata.json`` and the component's ``huggingface/``
+    (config + tokenizer) into the staging directory, then the commit; returns the files."""
     store = reader.store
 
     def put(rel: str, data: bytes) -> None:
-        path = os.path.join(staging, *(prefix + rel).split("/"))
+        path = os.path.join(outdir.staging, *rel.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
 
-    put(METADATA_FILE, metadata_bytes(md))
-    if store.exists(prefix + COMMON_FILE):
-        put(COMMON_FILE, store.read_bytes(prefix + COMMON_FILE))
-    put(METADATA_JSON, store.read_bytes(prefix + METADATA_JSON))
-
-
-def _copy_hf_dir(comp: Store, staging: str) -> list[str]:
-    """The component's ``huggingface/`` (config + tokenizer) beside the checkpoint."""
+    entries = [e for r in results for e in r.entries]
+    md = build_metadata(plan.tensors, plan.objects, entries,
+                        checkpoint_id=outdir.store.url_of(prefix.rstrip("/")))
+    put(prefix + METADATA_FILE, metadata_bytes(md))
     try:
-        files = [f.path for f in comp.walk() if f.path.startswith(HF_DIR + "/")]
+        put(prefix + COMMON_FILE, store.read_bytes(prefix + COMMON_FILE))
+    except NotFoundError:
+        pass
+    put(prefix + METADATA_JSON, store.read_bytes(prefix + METADATA_JSON))
+    try:  # a listing of huggingface/ only: the whole component was listed once already
+        hf_files = [f.path for f in store.child(HF_DIR).walk()]
     except CkptctlError:
-        return []
-    for rel in files:
-        path = os.path.join(staging, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(comp.read_bytes(rel))
-    return files
+        hf_files = []
+    for rel in hf_files:
+        put(f"{HF_DIR}/{rel}", store.read_bytes(f"{HF_DIR}/{rel}"))
+    return outdir.commit(uploaded=uploaded)
 
 
 def _hf_config(comp: Store) -> dict | None:
@@ -593,24 +590,6 @@ def _hf_config(comp: Store) -> dict | None:
     except (CkptctlError, ValueError):
         return None
     return config if isinstance(config, dict) else None
-
-
-def _resolve_source(src_store: Store, component: str) -> tuple[Store, str]:
-    """(store rooted at the Megatron component, nesting prefix '' or 'dist_ckpt/')."""
-    from ckptctl.formats.megatron import METADATA_FILE as MD, VERL_SUBDIR
-
-    if src_store.exists(MD):
-        return src_store, ""
-    if src_store.exists(f"{VERL_SUBDIR}/{MD}"):
-        return src_store, f"{VERL_SUBDIR}/"
-    from ckptctl.ops.export import resolve_component
-    from ckptctl.tree import MEGATRON
-
-    parent, comp, _, _ = resolve_component(src_store, component)
-    if comp.backend != MEGATRON:
-        raise NotACheckpointError(f"{parent.url_of(comp.path)} is a {comp.backend} component, not Megatron")
-    store = parent.child(comp.path)
-    return store, (f"{comp.nesting}/" if getattr(comp, "nesting", "") else "")
 
 
 class _ReadCounter:
@@ -634,16 +613,52 @@ def _bytes_read(store: Store) -> int:
     return counter.total if isinstance(counter, _ReadCounter) else 0
 
 
-def _open_source(src: str, component: str, endpoint_url: str | None):
-    from ckptctl.formats.megatron import MegatronReader
-
+def _open_source(src: str, component: str, endpoint_url: str | None) -> tuple[Store, Store, str, MegatronReader]:
+    """(the store ``src`` names, the store rooted at the Megatron component, its nesting prefix
+    '' or 'dist_ckpt/', a reader of it). ``src`` is the component directory (the reader finds
+    ``.metadata`` or verl's ``dist_ckpt/.metadata``), else a step or tree holding ``component``."""
     src_store = open_store(src, endpoint_url=endpoint_url)
-    comp, prefix = _resolve_source(src_store, component)
+    comp, reader = src_store, MegatronReader(src_store)
+    try:
+        prefix = reader.prefix
+    except NotFoundError:
+        parent, found, _, _ = resolve_component(src_store, component)
+        if found.backend != MEGATRON:
+            raise NotACheckpointError(f"{parent.url_of(found.path)} is a {found.backend} component, not Megatron")
+        comp = parent.child(found.path)
+        reader = MegatronReader(comp, nesting=found.nesting)
+        prefix = reader.prefix
     _ReadCounter(comp)
-    reader = MegatronReader(comp, nesting=prefix.rstrip("/"))
     if reader.read_metadata_json() is None:
         raise CkptctlError(f"{comp.url}: no {prefix}{METADATA_JSON}: the source save did not finish")
     return src_store, comp, prefix, reader
+
+
+def _prepare(src: str, out: str, *, component: str, endpoint_url: str | None, overwrite: bool, **plan_args
+             ) -> tuple[Store, str, MegatronReader, ReshardPlan, OutputDir]:
+    """What the only process (or process 0) does before writing: open the source, refuse a
+    destination overlapping it, plan, and make the (not yet opened) output."""
+    src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
+    dst_store = open_store(out, endpoint_url=endpoint_url)
+    refuse_overlap(src_store, dst_store)
+    refuse_overlap(comp, dst_store)  # the component may be a link out of the source
+    plan = plan_reshard(reader, hf_config=_hf_config(comp), **plan_args)
+    commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
+    return comp, prefix, reader, plan, OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last,
+                                                 store=dst_store)
+
+
+def _progress_counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """``on_bytes(n)`` for :func:`write_rank`: adds up and reports ``progress(done, total)``."""
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    return on_bytes
 
 
 def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[RankResult], files: list[str],
@@ -677,30 +692,13 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, overw
                                     drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
                                     component=component)
     started = time.perf_counter()
-    src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
-    dst_store = open_store(out, endpoint_url=endpoint_url)
-    refuse_overlap(src_store, dst_store)
-    refuse_overlap(comp, dst_store)
-    plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer, hf_config=_hf_config(comp))
-    commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
-    total = plan.total_bytes
-    done = [0]
-
-    def on_bytes(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress(done[0], total)
-
-    results = []
-    with OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last, store=dst_store) as outdir:
-        for rank in range(plan.world):
-            res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
-            if res.file:
-                outdir.publish([res.file])  # object stores: upload now, keep local disk to one file
-            results.append(res)
-        _finalize_files(reader, plan, results, outdir.staging, prefix, dst_store.url_of(prefix.rstrip("/")))
-        _copy_hf_dir(comp, outdir.staging)
-        files = outdir.commit()
+    comp, prefix, reader, plan, outdir = _prepare(src, out, component=component, endpoint_url=endpoint_url,
+                                                  overwrite=overwrite, tp=tp, pp=pp, dp=dp,
+                                                  drop_optimizer=drop_optimizer)
+    with outdir:
+        results = _write_ranks(reader, plan, range(plan.world), outdir, prefix,
+                               _progress_counter(plan.total_bytes, progress), [])
+        files = _commit(reader, plan, results, outdir, prefix)
     return _summary(comp.url, outdir, plan, results, files, 1, started)
 
 
@@ -745,6 +743,7 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
     import torch.distributed as dist
 
     started = time.perf_counter()
+    plan_args = dict(tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer)
     own_group = not dist.is_initialized()
     if own_group:
         import torch
@@ -763,16 +762,11 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
         status: list[Any] = [None]
         if rank == 0:
             try:
-                src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
-                dst_store = open_store(out, endpoint_url=endpoint_url)
-                refuse_overlap(src_store, dst_store)
-                refuse_overlap(comp, dst_store)
-                plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer,
-                                    hf_config=_hf_config(comp))
-                commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
-                outdir = OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last, store=dst_store).open()
-                outdir.begin()  # object stores: old output no longer complete-looking, marker written
-                status = [("ok", outdir.staging if dst_store.is_local else None)]
+                comp, prefix, reader, plan, outdir = _prepare(src, out, component=component,
+                                                              endpoint_url=endpoint_url, overwrite=overwrite,
+                                                              **plan_args)
+                outdir.open().begin()  # object stores: old output no longer complete-looking, marker written
+                status = [("ok", outdir.staging if outdir.is_local else None)]
             except BaseException as exc:  # noqa: BLE001 - reported to every process
                 status = [("error", _error_payload(exc))]
         dist.broadcast_object_list(status, src=0, group=group)
@@ -786,29 +780,16 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
         published: list[str] = []
         try:
             if rank != 0:
-                src_store, comp, prefix, reader = _open_source(src, component, endpoint_url)
-                plan = plan_reshard(reader, tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer,
-                                    hf_config=_hf_config(comp))
+                _, comp, prefix, reader = _open_source(src, component, endpoint_url)
+                plan = plan_reshard(reader, hf_config=_hf_config(comp), **plan_args)
             if shared_staging is not None:
                 mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
             else:
                 tmp = tempfile.mkdtemp(prefix="ckptctl-reshard-")
                 mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
-            done = [0]
-            total = sum(plan.rank_bytes(r) for r in range(rank, plan.world, world))
-
-            def on_bytes(n: int) -> None:
-                done[0] += n
-                if progress and rank == 0:
-                    progress(done[0], total)
-
-            results = []
-            for r in range(rank, plan.world, world):
-                res = write_rank(reader, plan, r, mine.staging, prefix, on_bytes)
-                if res.file:
-                    published += mine.publish([res.file])
-                results.append(res)
-            result = ("ok", results, published)
+            ranks = range(rank, plan.world, world)
+            on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
+            result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published), published)
         except BaseException as exc:  # noqa: BLE001
             result = ("error", _error_payload(exc), published)
         finally:
@@ -835,10 +816,7 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                     if missing:
                         raise CkptctlError(f"{missing[0]} (written by another process) is not in {shared_staging}: "
                                            "the processes must share the destination's filesystem")
-                _finalize_files(reader, plan, all_results, outdir.staging, prefix,
-                                dst_store.url_of(prefix.rstrip("/")))
-                _copy_hf_dir(comp, outdir.staging)
-                files = outdir.commit(uploaded=uploaded)
+                files = _commit(reader, plan, all_results, outdir, prefix, uploaded)
                 summary = _summary(comp.url, outdir, plan, all_results, files, world, started)
                 final = [("ok", summary)]
             except BaseException as exc:  # noqa: BLE001

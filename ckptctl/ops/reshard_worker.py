@@ -6,14 +6,14 @@
 Every process takes its share of the target ranks (target rank r goes to process
 ``r % WORLD_SIZE``); process 0 writes ``.metadata``, ``common.pt`` and ``metadata.json`` last and
 commits. Without torchrun (``WORLD_SIZE`` unset) it runs as one process doing every target
-rank in turn, like ``ckptctl convert-reshard``. Only process 0 prints (the summary as JSON with
-``--json``); a failure prints one line on every process and exits with ckptctl's exit code.
+rank in turn, like ``ckptctl convert-reshard``. Only process 0 prints, through ckptctl's output
+module (the summary as JSON with ``--json``); a failure (every process gets the same one) is one
+line and exits with ckptctl's exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -38,24 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from ckptctl.errors import CkptctlError
     from ckptctl.ops.reshard_megatron import reshard_megatron
+    from ckptctl.output import Output, print_error
+    from ckptctl.render import render_reshard
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank_zero = int(os.environ.get("RANK", "0")) == 0
     try:
         summary = reshard_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dp=args.dp, overwrite=args.overwrite,
                                    drop_optimizer=args.drop_optimizer, endpoint_url=args.endpoint_url,
                                    component=args.component)
     except CkptctlError as exc:
-        if rank == 0:  # every process gets the same error; one line is enough
-            print(f"error: {exc}", file=sys.stderr)
+        if rank_zero:
+            print_error(str(exc))
         return exc.exit_code
-    if rank == 0:
-        if args.json:
-            print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
-        else:
-            t = summary.target_layout
-            print(f"wrote {summary.destination}: TP={t['tp']} PP={t['pp']} DP={t['dp']}, {summary.chunks} chunks, "
-                  f"{summary.bytes / 2**20:.1f} MiB, optimizer {summary.optimizer}, {summary.processes} process(es), "
-                  f"{summary.seconds:.1f} s")
+    if rank_zero:
+        Output(args.json).result(summary, render_reshard)
     return 0
 
 

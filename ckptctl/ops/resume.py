@@ -20,8 +20,8 @@ import posixpath
 from dataclasses import dataclass, field
 
 from ckptctl.errors import BucketNotFoundError, NotACheckpointError, NotFoundError, UsageError
-from ckptctl.storage import open_store
-from ckptctl.tree import POINTER_FILE, STEP_PREFIX, Step, Tree, scan_step, scan_tree
+from ckptctl.storage import Store, open_store
+from ckptctl.tree import MODEL_COMPONENTS, POINTER_FILE, STEP_PREFIX, Step, Tree, scan_step, scan_tree
 
 MODES = ("latest", "from_path", "none")
 RESUME = "resume"
@@ -86,7 +86,7 @@ def _usable_problems(step: Step) -> list[str]:
 def _loads(url: str, step: Step) -> dict[str, str | None]:
     out = {"trainer_state": posixpath.join(url, "trainer_state.pt"),
            "data": posixpath.join(url, "data.pt") if step.has_file("data.pt") else None}
-    for name in ("policy", "critic"):
+    for name in MODEL_COMPONENTS:
         out[name] = posixpath.join(url, name) if name in step.components else None
     return out
 
@@ -108,8 +108,7 @@ def _check_step(res: Resolution, step: Step) -> None:
     res.warnings.extend(step.notes)
 
 
-def _resolve_latest(res: Resolution, url: str, ckpt_interval: int | None, endpoint_url: str | None):
-    store = open_store(url, endpoint_url=endpoint_url)
+def _resolve_latest(res: Resolution, store: Store, ckpt_interval: int | None) -> Tree | None:
     try:
         tree = scan_tree(store)
     except BucketNotFoundError:
@@ -163,7 +162,8 @@ def _resolve_latest(res: Resolution, url: str, ckpt_interval: int | None, endpoi
     return tree
 
 
-def _resolve_from_path(res: Resolution, resume_path: str | None, endpoint_url: str | None):
+def _resolve_from_path(res: Resolution, resume_path: str | None, endpoint_url: str | None) -> Store | None:
+    """Resolve ``from_path``; returns the step's parent store (where a fallback is looked for)."""
     if not resume_path:
         res.action = FAIL
         res.skyrl_error = "ValueError: `trainer.resume_path` must be specified when resume_mode is 'from_path'"
@@ -217,21 +217,22 @@ def resolve_resume(url: str | None, *, mode: str = "latest", resume_path: str | 
     if mode == "latest":
         if not url:
             raise UsageError("--mode latest needs the checkpoint tree PATH (trainer.ckpt_path)")
-        tree = _resolve_latest(res, url, ckpt_interval, endpoint_url)
+        store = open_store(url, endpoint_url=endpoint_url)
+        tree = _resolve_latest(res, store, ckpt_interval)
     else:
-        parent = _resolve_from_path(res, resume_path, endpoint_url)
+        store = _resolve_from_path(res, resume_path, endpoint_url)
         tree = None
-        if fallback and not res.resumable and parent is not None:
+        if fallback and not res.resumable and store is not None:
             try:
-                tree = scan_tree(parent)
+                tree = scan_tree(store)
             except (NotFoundError, NotACheckpointError):
                 tree = None
     if fallback and not res.resumable and tree is not None:
-        below = tree.pointer.step if mode == "latest" and tree.pointer.step is not None else None
+        below = tree.pointer.step if mode == "latest" else None
         choice = _pick_fallback(tree, below, res.step)
         if choice is not None:
             res.fallback_step = choice.step
-            res.fallback_path = open_store(tree.url, endpoint_url=endpoint_url).url_of(choice.name)
+            res.fallback_path = store.url_of(choice.name)
             res.warnings.append(f"SkyRL itself would not load this; resume instead from {res.fallback_path} "
                                 f"with trainer.resume_mode=from_path")
     return res

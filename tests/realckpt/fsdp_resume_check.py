@@ -41,13 +41,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from realckpt.fsdp_writer import _TESTS_DIR, _child_env, _kill_group
+from realckpt.fsdp_writer import _TESTS_DIR, _child_env, run_launcher, run_ranks
 
 #: The fixed batch every rank trains on (and the critic's regression target).
 BATCH_SEED = 4242
@@ -65,28 +63,7 @@ def resume_steps(jobs: list[dict], *, timeout: float = 240) -> list[dict]:
         j["out"] = str(Path(j["out"]).resolve())
         Path(j["out"]).mkdir(parents=True, exist_ok=True)
         norm.append(j)
-    with tempfile.TemporaryDirectory(prefix="realckpt-resume-") as tmp:
-        jobfile = Path(tmp) / "jobs.json"
-        jobfile.write_text(json.dumps({"jobs": norm, "tmp": tmp}))
-        env = dict(os.environ)
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join([str(_TESTS_DIR), *paths])
-        env.update(_child_env())
-        proc = subprocess.Popen([sys.executable, "-m", "realckpt.fsdp_resume_check", str(jobfile)], env=env,
-                                cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, _ = proc.communicate()
-            raise RuntimeError(f"resume check timed out after {timeout}s:\n{out[-8000:]}") from None
-        except BaseException:
-            _kill_group(proc)
-            proc.communicate()
-            raise
-        if proc.returncode != 0:
-            raise RuntimeError(f"resume check failed (rc={proc.returncode}):\n{out[-12000:]}")
+    out = run_launcher("realckpt.fsdp_resume_check", {"jobs": norm}, timeout, "resume check")
     results = []
     for j in norm:
         d = Path(j["out"])
@@ -125,29 +102,8 @@ def _launcher_main(jobfile: str) -> int:
         w = job["world_size"]
         rdv = Path(spec["tmp"]) / f"rdv-{i}"
         rdv.mkdir()
-        procs = [ctx.Process(target=_rank_entry, args=(job, r, str(rdv)), name=f"rank{r}") for r in range(w)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + job.get("timeout", 120)
-        failed = None
-        while True:
-            bad = [p for p in procs if p.exitcode not in (None, 0)]
-            if bad:
-                failed = f"{bad[0].name} exited with {bad[0].exitcode}"
-                break
-            alive = [p for p in procs if p.exitcode is None]
-            if not alive:
-                break
-            if time.monotonic() > deadline:
-                failed = "timeout"
-                break
-            alive[0].join(0.05)
+        failed = run_ranks(ctx, _rank_entry, job, w, rdv, job.get("timeout", 120))
         if failed:
-            for p in procs:
-                if p.exitcode is None:
-                    p.kill()
-            for p in procs:
-                p.join(5)
             print(f"[resume] job {i} ({job['component']} at W={w}) FAILED: {failed}", flush=True)
             return 1
         print(f"[resume] job {i} W={w} {job['component']}: {time.perf_counter() - t0:.2f}s", flush=True)

@@ -206,30 +206,8 @@ def write_fsdp_components(jobs: Sequence[tuple[str | os.PathLike, dict]], *, sta
     if start_method not in ("fork", "spawn", "forkserver"):
         raise ValueError(f"start_method={start_method!r}")
     total_timeout = timeout if timeout is not None else 30 + sum(j["timeout"] for j in norm)
-    with tempfile.TemporaryDirectory(prefix="realckpt-launch-") as tmp:
-        jobfile = Path(tmp) / "jobs.json"
-        jobfile.write_text(json.dumps({"jobs": norm, "start_method": start_method, "tmp": tmp}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(_TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env.update(_child_env())
-        # Own session/process group: on timeout the launcher AND its rank processes are killed.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "realckpt.fsdp_writer", str(jobfile)],
-            env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-        try:
-            out, _ = proc.communicate(timeout=total_timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, _ = proc.communicate()
-            raise RuntimeError(f"FSDP fixture launcher timed out after {total_timeout}s:\n{out[-8000:]}") from None
-        except BaseException:
-            _kill_group(proc)
-            proc.communicate()
-            raise
-        if proc.returncode != 0:
-            raise RuntimeError(f"FSDP fixture launcher failed (rc={proc.returncode}):\n{out[-12000:]}")
+    run_launcher("realckpt.fsdp_writer", {"jobs": norm, "start_method": start_method}, total_timeout,
+                 "FSDP fixture launcher")
     result = []
     for job in norm:
         ref = Path(job["reference_dir"])
@@ -245,6 +223,64 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_launcher(module: str, spec: dict, timeout: float, what: str) -> str:
+    """Run ``python -m MODULE JOBFILE`` (a fresh interpreter with ``tests/`` on its path) on
+    ``spec`` plus ``"tmp"``, a scratch directory that lives as long as the launcher; returns its
+    output. Its own session/process group: on timeout the launcher AND its rank processes are
+    killed. Raises RuntimeError with the output's tail on failure."""
+    with tempfile.TemporaryDirectory(prefix="realckpt-launch-") as tmp:
+        jobfile = Path(tmp) / "jobs.json"
+        jobfile.write_text(json.dumps({**spec, "tmp": tmp}))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(_TESTS_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.update(_child_env())
+        proc = subprocess.Popen([sys.executable, "-m", module, str(jobfile)], env=env, cwd=tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, _ = proc.communicate()
+            raise RuntimeError(f"{what} timed out after {timeout}s:\n{out[-8000:]}") from None
+        except BaseException:
+            _kill_group(proc)
+            proc.communicate()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{out[-12000:]}")
+    return out
+
+
+def run_ranks(ctx, target, job: dict, world_size: int, rdv: Path, timeout: float) -> str | None:
+    """Start ``target(job, rank, rdv)`` in ``world_size`` processes of ``ctx`` and wait for all;
+    None when every rank exited 0, else why not (the survivors are killed)."""
+    procs = [ctx.Process(target=target, args=(job, r, str(rdv)), name=f"rank{r}", daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    failed = None
+    while True:
+        alive = [p for p in procs if p.exitcode is None]
+        bad = [p for p in procs if p.exitcode not in (None, 0)]
+        if bad:
+            failed = f"{bad[0].name} exited with {bad[0].exitcode}"
+            break
+        if not alive:
+            break
+        if time.monotonic() > deadline:
+            failed = f"timeout after {timeout}s (alive: {[p.name for p in alive]})"
+            break
+        alive[0].join(0.05)
+    if failed:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:
+            p.join(5)
+    return failed
 
 
 def write_fsdp_component(out_dir: str | os.PathLike, **kwargs) -> FsdpComponent:
@@ -532,30 +568,8 @@ def _launcher_main(jobfile: str) -> int:
         w = job["world_size"]
         rdv = Path(spec["tmp"]) / f"rdv-{i}"
         rdv.mkdir()
-        procs = [ctx.Process(target=_rank_entry, args=(job, r, str(rdv)), name=f"rank{r}", daemon=False)
-                 for r in range(w)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + job["timeout"]
-        failed = None
-        while True:
-            alive = [p for p in procs if p.exitcode is None]
-            bad = [p for p in procs if p.exitcode not in (None, 0)]
-            if bad:
-                failed = f"{bad[0].name} exited with {bad[0].exitcode}"
-                break
-            if not alive:
-                break
-            if time.monotonic() > deadline:
-                failed = f"timeout after {job['timeout']}s (alive: {[p.name for p in alive]})"
-                break
-            alive[0].join(0.05)
+        failed = run_ranks(ctx, _rank_entry, job, w, rdv, job["timeout"])
         if failed:
-            for p in procs:
-                if p.exitcode is None:
-                    p.kill()
-            for p in procs:
-                p.join(5)
             print(f"[realckpt] job {i} ({job['out_dir']}) FAILED: {failed}", flush=True)
             return 1
         dt = time.perf_counter() - t1

@@ -493,30 +493,10 @@ def write_megatron_components(
 def write_megatron_component(
     out_dir: str | os.PathLike,
     *,
-    tp: int = 2,
-    pp: int = 1,
-    dp: int = 1,
-    arch: str = "llama",
-    num_layers: int | None = None,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    ffn: int = 128,
-    vocab: int = 1000,
-    make_vocab_size_divisible_by: int | None = 128,
-    tie_embeddings: bool = False,
-    per_layer_keys: bool = False,
-    optimizer: bool = True,
-    optimizer_format: str = "fully_reshardable",
-    params_dtype: str = "float32",
-    rng_format: str = "common",
-    fully_parallel: bool = True,
-    verl_nesting: bool = False,
-    global_step: int = 1,
-    seed: int = 0,
     reference_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     timeout: float = 600.0,
+    **params: Any,
 ) -> MegatronComponent:
     """Write one REAL megatron-core ``torch_dist`` component (SkyRL ``policy/``) at ``out_dir``.
 
@@ -530,11 +510,10 @@ def write_megatron_component(
     ``rng_state`` ShardedObject).  ``fully_parallel``: save through
     ``FullyParallelSaveStrategyWrapper`` over the DP group (as SkyRL does), else plain
     ``("torch_dist", 1)``.  ``verl_nesting``: checkpoint under ``out_dir/dist_ckpt/``.
-    ``global_step``: AdamW steps taken (and the scheduler's ``num_steps``).
+    ``global_step``: AdamW steps taken (and the scheduler's ``num_steps``). ``params`` are the
+    keywords of :func:`_normalize` (the defaults and checks live there).
     """
-    kw = dict(locals())
-    for k in ("out_dir", "overwrite", "timeout"):
-        kw.pop(k)
+    kw = dict(params, reference_dir=reference_dir)
     return write_megatron_components([(out_dir, kw)], overwrite=overwrite, timeout=timeout)[0]
 
 
