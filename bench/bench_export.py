@@ -5,9 +5,15 @@ Run from the repository root::
     .venv/bin/python bench/bench_export.py [--dir DIR] [--repeat N] [--hidden 1024] [--layers 24]
                                            [--intermediate 3072] [--vocab 32000] [--world-size 4]
                                            [--lora [--lora-r 16] [--lora-alpha 32]] [--no-compare]
+                                           [--crc-off]
 
 Prints figures only (no asserts). Goals (from the export-hf issue): peak RSS of export-hf at most
-1/3 of the naive merge's, wall time at most 0.8x.
+1/3 of the naive merge's, wall time at most 0.8x. From the corruption issue: the CRC-32 checks of
+every tensor byte read cost at most 5% of export-hf's wall time. Printed: the seconds spent in
+``crc32`` (ISA-L's where the ``isal`` package is installed, else zlib's), counted by
+``ckptctl.formats.torchzip.CRC_STATS``, over export-hf's wall; with ``--crc-off`` also, each
+round, an export with checking disabled through the internal knob ``torchzip.CHECK_CRC``
+(a noisy difference of two wall times on a shared machine).
 
 What it does:
 1. Writes (once; cached in ``--dir``, default ``$TMPDIR/ckptctl-bench-export``) a REAL SkyRL FSDP2
@@ -32,8 +38,8 @@ What it does:
    the full model on every rank (4 x 1.42 GB at this size; measured: ~10 GB of RAM for the
    whole job, 2.7 GB in the largest rank process, ~45 s on 2 cores: fine on a 23 GB machine, so
    the default size is the same as without ``--lora``).
-2. Runs, each in a FRESH child process (interleaved, ``--repeat`` rounds, outputs deleted
-   between runs, page cache warm for both after the first round):
+2. Runs, each in a FRESH child process (interleaved, the order rotated each round, ``--repeat``
+   rounds, outputs deleted between runs, page cache warm for both after the first round):
 
    a. ``ckptctl export-hf POLICY --out OUT --json`` (through ``ckptctl.cli.app``, verification
       on, the default); with ``--lora``: ``export-hf POLICY --out OUT --merge-lora --json``;
@@ -78,6 +84,7 @@ TESTS = os.path.join(REPO, "tests")
 
 RSS_GOAL = 1 / 3
 TIME_GOAL = 0.8
+CRC_GOAL = 0.05  # CRC-32 checking: at most 5% of export-hf's wall time
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_ATOL = 1e-6
 
@@ -171,16 +178,25 @@ def _generate_main(policy: str, kwargs: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # 2. the two contenders (run in fresh children)
 # ---------------------------------------------------------------------------------------------
-def _child_export(src: str, out: str, lora: bool = False) -> dict:
+def _child_export(src: str, out: str, lora: bool = False, check_crc: bool = True) -> dict:
     from ckptctl.cli import app
+    from ckptctl.formats import torchzip
 
+    torchzip.CHECK_CRC = check_crc  # internal knob, for the "export, CRC off" contender only
     try:
         app(["export-hf", src, "--out", out] + (["--merge-lora"] if lora else []) + ["--json"],
             standalone_mode=False)
     except SystemExit as exc:  # typer.Exit from handle_errors
         if exc.code:
             raise
-    return {}
+    if not os.path.isfile(os.path.join(out, "config.json")):  # never time a run that wrote nothing
+        raise SystemExit(f"export-hf wrote no {out}/config.json")
+    return {"crc_s": torchzip.CRC_STATS.seconds, "crc_bytes": torchzip.CRC_STATS.bytes,
+            "crc_impl": torchzip.CRC_IMPLEMENTATION}
+
+
+def _child_export_no_crc(src: str, out: str, lora: bool = False) -> dict:
+    return _child_export(src, out, lora, check_crc=False)
 
 
 def _child_naive(src: str, out: str, lora: bool = False) -> dict:
@@ -230,13 +246,14 @@ def _child_naive(src: str, out: str, lora: bool = False) -> dict:
 
 def _child_main(mode: str, src: str, out: str, result_file: str, variant: str = "plain") -> int:
     t0 = time.perf_counter()
-    {"export": _child_export, "naive": _child_naive}[mode](src, out, lora=variant == "lora")
+    extra = {"export": _child_export, "export-nocrc": _child_export_no_crc,
+             "naive": _child_naive}[mode](src, out, lora=variant == "lora")
     with open(result_file, "w") as f:
         import resource
 
         ru = resource.getrusage(resource.RUSAGE_SELF)
         json.dump({"inner_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                   "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+                   "cpu_s": ru.ru_utime + ru.ru_stime, **(extra or {})}, f)
     return 0
 
 
@@ -359,6 +376,8 @@ def main() -> int:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (with --lora)")
     p.add_argument("--no-compare", action="store_true", help="skip the tensor-by-tensor output comparison")
+    p.add_argument("--crc-off", action="store_true",
+                   help="also run export-hf with CRC checking disabled (internal knob) each round")
     args = p.parse_args()
 
     os.makedirs(args.dir, exist_ok=True)
@@ -385,15 +404,18 @@ def main() -> int:
     scratch = os.path.join(args.dir, "out")
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
-    results: dict[str, list[dict]] = {"export": [], "naive": []}
+    modes = ("export", "naive") + (("export-nocrc",) if args.crc_off else ())
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     kept = {}
     for rnd in range(args.repeat):
-        for mode in ("export", "naive"):
+        # rotated each round: a run pays for the page-cache writeback of the one before it
+        for mode in modes[rnd % len(modes):] + modes[:rnd % len(modes)]:
             out = os.path.join(scratch, f"{mode}-{rnd}")
             res = run_child(mode, policy, out, lora=args.lora)
             results[mode].append(res)
             print(f"  round {rnd + 1} {mode:6s}: wall {res['wall_s']:6.1f} s  (inside {res['inner_s']:6.1f} s)  "
-                  f"CPU {res['cpu_s']:6.1f} s  peak RSS {res['peak_rss_mb']:7.0f} MB  output {mb(res['out_bytes'])}",
+                  f"CPU {res['cpu_s']:6.1f} s  peak RSS {res['peak_rss_mb']:7.0f} MB  output {mb(res['out_bytes'])}"
+                  + (f"  CRC {res['crc_s']:.2f} s over {mb(res['crc_bytes'])}" if mode == "export" else ""),
                   flush=True)
             if rnd == 0:
                 kept[mode] = out
@@ -429,6 +451,16 @@ def main() -> int:
     ec, nc = med("export", "cpu_s"), med("naive", "cpu_s")
     print(f"{'CPU time (s, median)':28s}{ec:12.1f}{nc:14.1f}{ec / nc:9.2f}{'-':>9s}  (user+sys; less noisy "
           "than wall time on a shared machine)")
+    crc_s, crc_bytes = med("export", "crc_s"), med("export", "crc_bytes")
+    print(f"{'CRC-32 checks (s, median)':28s}{crc_s:12.2f}{'':14s}{crc_s / ew:9.3f}{'<= 0.05':>9s}  "
+          f"{'yes' if crc_s / ew <= CRC_GOAL else 'NO'}  (time in {results['export'][0]['crc_impl']}'s crc32 over "
+          f"{mb(crc_bytes)}, as a share of export-hf's wall; it runs in the read-ahead thread, so this bounds the "
+          "wall it adds)")
+    if args.crc_off:
+        ow = med("export-nocrc", "wall_s")
+        print(f"{'export-hf, CRC off (s)':28s}{ow:12.1f}{'':14s}{(ew - ow) / ew:9.3f}{'<= 0.05':>9s}  "
+              f"{'yes' if (ew - ow) / ew <= CRC_GOAL else 'NO'}  (wall saved by not checking, as a share of "
+              "export-hf's wall; noisy)")
     print(f"({'LoRA, export-hf --merge-lora; ' if args.lora else ''}model files {mb(model_bytes)}; "
           f"{args.repeat} round(s); machine: {os.cpu_count()} CPUs)")
     return 0

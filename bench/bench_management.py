@@ -12,15 +12,19 @@ Sections:
 1. startup: ``ckptctl --help`` vs ``import typer``; heavy modules (torch, transformers,
    megatron) imported by ``--help``, ``list``, ``prune --dry-run``, ``resolve-resume``.
 2. S3 (in-process moto server with a request counter): a 300-step SkyRL FSDP tree (world
-   size 8, 32 objects a step, 9601 objects). ``ckptctl list --json`` vs ``aws s3 ls
-   --recursive``; then ``ckptctl prune --keep 5 --yes --json``.
+   size 8, 31 objects a step, 9301 objects; every ``.pt`` a tiny but well-formed torch.save
+   zip). ``ckptctl list --json`` vs ``aws s3 ls --recursive``; ``ckptctl list --deep --json``
+   (its extra requests and wall time beside plain ``list``); then ``ckptctl prune --keep 5
+   --yes --json``.
 3. the same ``list`` on a local-disk copy of the tree, for reference.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import resource
 import shutil
 import statistics
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zipfile
 from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +49,17 @@ PYTHON = os.path.join(VENV_BIN, "python") if os.path.exists(os.path.join(VENV_BI
 
 STEPS = 300
 WORLD = 8
-BODY = b"x" * 16
+def tiny_torch_save() -> bytes:
+    """A minimal archive shaped like ``torch.save`` output (``archive/data.pkl``, stored), so
+    that ``list --deep`` finds the tree sound: its checks read only the zip's tail."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+BODY = tiny_torch_save()
 KEEP = 5
 HEAVY = ("torch", "transformers", "megatron")
 
@@ -264,6 +279,30 @@ def bench_s3(server, env: dict, files: dict[str, bytes], results: dict) -> None:
                               per_1000=per_1000, client_cpu=med(runs, "client_cpu"),
                               server_cpu=med(runs, "server_cpu"))
 
+    # -- ckptctl list --deep ----------------------------------------------------------------
+    deep_counts: list[tuple[int, int, int]] = []
+
+    def after_deep(run: Run) -> None:
+        check(run.proc, "ckptctl list --deep")
+        damaged = None
+        if run.proc.returncode == 0:
+            damaged = sum(1 for st in json.loads(run.proc.stdout)["steps"] if not st["complete"])
+        deep_counts.append((len(counter.requests), counter.list_objects(), damaged))
+
+    runs_d = repeat([CKPTCTL, "list", url, "--deep", "--json"], 3, env=env, before=counter.reset, after=after_deep)
+    reqs_d, list_d, damaged = deep_counts[-1]
+    checked = sum(1 for rel in files if rel.endswith(".pt"))
+    print(f"  ckptctl list --deep     {describe(runs_d)}")
+    print(f"    requests: {reqs_d} total, {list_d} ListObjects, {reqs_d - reqs} more than plain list"
+          f" ({checked} .pt files checked: {(reqs_d - reqs) / checked:.2f} extra requests a file);"
+          f" steps found damaged: {damaged}")
+    print(f"  ckptctl list --deep / list: {med(runs_d) / med(runs):.2f}x wall"
+          f" (+{med(runs_d) - med(runs):.1f} s for {STEPS} steps, {(med(runs_d) - med(runs)) / STEPS * 1000:.0f} ms"
+          " a step)")
+    results["s3_list_deep"] = dict(time=med(runs_d), reqs=reqs_d, list_reqs=list_d, objects=checked,
+                                   extra_reqs=reqs_d - reqs, client_cpu=med(runs_d, "client_cpu"),
+                                   server_cpu=med(runs_d, "server_cpu"))
+
     # -- aws s3 ls --recursive ------------------------------------------------------------
     aws = shutil.which("aws")
     if aws is None:
@@ -346,6 +385,8 @@ def print_table(results: dict) -> None:
 
     s = results["s3_list"]
     rows.append(s3_row("ckptctl list (s3)", s))
+    d = results["s3_list_deep"]
+    rows.append(s3_row("ckptctl list --deep (s3)", d, objects=f"{d['objects']} checked"))
     a = results.get("aws")
     rows.append(s3_row("aws s3 ls --recursive", a) if a else ("aws s3 ls --recursive", "skipped", "", "", "", "", "",
                                                                ""))

@@ -12,12 +12,40 @@ import sys
 from typing import Annotated, Literal, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ckptctl import __version__
 from ckptctl.errors import CkptctlError, UsageError
-from ckptctl.output import Output, human_bytes, print_error
+from ckptctl.output import Output, human_bytes, print_error, report_error, silence_library_logs
+
+
+class _ContractGroup(TyperGroup):
+    """Click's own usage errors (unknown option, bad value, missing argument) follow the same
+    error contract as ckptctl's: one line on stderr, exit 2, and the JSON object with --json."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's (vendored) click exceptions derive from it
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ckptctl` or `ckptctl prune`: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            json_mode = "--json" in (args[:args.index("--")] if "--" in args else args)
+            report_error(exc.format_message() + where, exc.exit_code, json_mode)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_ContractGroup,
     name="ckptctl",
     help="Inspect and manage SkyRL-layout training checkpoints on local disk, S3 and GCS.",
     no_args_is_help=True,
@@ -42,25 +70,37 @@ AllowGlobalOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def handle_errors(func):
-    """Known errors become one line on stderr and their exit code; nothing prints a traceback."""
+    """Every failure of every command becomes one line on stderr and the exit code of the README's
+    table (the error's class decides it); with --json also ``{"error", "exit_code"}`` on stdout.
+    Nothing prints a traceback (CKPTCTL_DEBUG=1 re-raises unforeseen errors for bug reports)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        json_mode = bool(kwargs.get("json_output")) and _is_rank_zero()  # torchrun: one document
+
+        def fail(message: str, code: int):
+            report_error(message, code, json_mode)
+            return typer.Exit(code)
+
         try:
             return func(*args, **kwargs)
         except CkptctlError as exc:
-            print_error(str(exc))
-            raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            print_error("interrupted")
-            raise typer.Exit(130)
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM while writing (output_dir.Terminated): 143
+            raise fail(str(exc) or "interrupted", getattr(exc, "exit_code", 130)) from None
         except (typer.Exit, typer.Abort):
             raise
+        except OSError as exc:  # outside the storage layer (a local output file, ...): the same mapping
+            if os.environ.get("CKPTCTL_DEBUG"):
+                raise
+            from ckptctl.storage import translate_error
+
+            error = translate_error(str(exc.filename or "?"), exc)
+            raise fail(str(error), error.exit_code) from None
         except Exception as exc:  # a bug or an unforeseen backend error: still one line
             if os.environ.get("CKPTCTL_DEBUG"):
                 raise
-            print_error(f"unexpected {type(exc).__name__}: {exc} (set CKPTCTL_DEBUG=1 for a traceback)")
-            raise typer.Exit(1)
+            raise fail(f"unexpected {type(exc).__name__}: {exc} (set CKPTCTL_DEBUG=1 for a traceback)", 1) from None
 
     return wrapper
 
@@ -79,19 +119,30 @@ def main_callback(
     """Inspect and manage SkyRL-layout training checkpoints on local disk, S3 and GCS.
 
     Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 access denied / no credentials,
-    5 not a checkpoint tree, 6 not resumable.
+    5 not a checkpoint tree (or not the kind of path the command needs), 6 not resumable.
+    Errors are one line on stderr; with --json also {"error": ..., "exit_code": N} on stdout.
     """
+    if not os.environ.get("CKPTCTL_DEBUG"):
+        silence_library_logs()
 
 
 @app.command("list")
 @handle_errors
-def list_command(path: PathArg, json_output: JsonOpt = False, endpoint_url: EndpointOpt = None) -> None:
+def list_command(
+    path: PathArg,
+    deep: Annotated[bool, typer.Option(
+        "--deep", help="Also check every file's size against its own index (zip directory, DCP .metadata, "
+                       "safetensors header): about one small read per file.")] = False,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
     """List the steps of a checkpoint (or HF export) tree: backend, world size, size, completeness."""
     from ckptctl.ops.listing import list_checkpoints
     from ckptctl.render import render_tree
 
     out = Output(json_output)
-    out.result(list_checkpoints(path, endpoint_url=endpoint_url), render_tree)
+    out.result(list_checkpoints(path, endpoint_url=endpoint_url, deep=deep),
+               functools.partial(render_tree, deep=deep))
 
 
 @app.command("prune")
@@ -108,7 +159,12 @@ def prune_command(
         help="Allow deleting incomplete steps newer than the newest complete one (a save may be running).")] = False,
     include_above_pointer: Annotated[bool, typer.Option(
         "--include-above-pointer",
-        help="Allow deleting steps above the pointer (stale from an older run).")] = False,
+        help="Allow deleting an older run's steps above the current run's (written before the pointer target).")
+    ] = False,
+    without_pointer: Annotated[bool, typer.Option(
+        "--without-pointer",
+        help="Allow deleting when latest_ckpt_global_step.txt is missing or unusable (the current run is then "
+             "the most recently written one).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; delete nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_output: JsonOpt = False,
@@ -132,7 +188,7 @@ def prune_command(
 
     result = prune(path, keep=keep, keep_every=keep_every, drop_optimizer=drop_optimizer,
                    include_in_progress=include_in_progress, include_above_pointer=include_above_pointer,
-                   dry_run=dry_run, confirm=confirm, endpoint_url=endpoint_url)
+                   without_pointer=without_pointer, dry_run=dry_run, confirm=confirm, endpoint_url=endpoint_url)
     out.result(result, render_prune)
 
 
@@ -155,6 +211,9 @@ def resolve_resume_command(
         "--ckpt-interval", metavar="N", help="trainer.ckpt_interval, for SkyRL's consistency check.")] = None,
     fallback: Annotated[bool, typer.Option(
         "--fallback", help="When the chosen step is unusable, name the newest complete one.")] = False,
+    require_checkpoint: Annotated[bool, typer.Option(
+        "--require-checkpoint", help="Exit 6 when nothing would be loaded (SkyRL would start from scratch).")
+    ] = False,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -168,7 +227,7 @@ def resolve_resume_command(
 
     out = Output(json_output)
     res = resolve_resume(path, mode=mode, resume_path=resume_path, ckpt_interval=ckpt_interval,
-                         fallback=fallback, endpoint_url=endpoint_url)
+                         fallback=fallback, require_checkpoint=require_checkpoint, endpoint_url=endpoint_url)
     out.result(res, render_resolution)
     if not res.resumable:
         if not json_output:
@@ -226,8 +285,9 @@ def export_hf_command(
         help="A global_step_N directory, a policy/critic component, or a tree (its pointer target).",
         show_default=False)],
     out: OutOpt,
-    component: Annotated[Literal["policy", "critic"], typer.Option(
-        "--component", help="Which model component to export.")] = "policy",
+    component: Annotated[Optional[Literal["policy", "critic"]], typer.Option(
+        "--component", help="Which model component to export (default: policy; SRC itself when it is one).",
+        show_default=False)] = None,
     dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(
         "--dtype", help="auto keeps the source dtype; others cast explicitly.")] = "auto",
     max_shard_size: Annotated[str, typer.Option(
@@ -265,7 +325,8 @@ def convert_reshard_command(
         "--world-size", min=1, help="FSDP: target world size.")] = None,
     device_type: Annotated[Optional[str], typer.Option(
         "--device-type", metavar="DEVICE",
-        help="FSDP: device type of the target DeviceMesh (cuda, cpu); default: the source's.")] = None,
+        help="FSDP: device type of the target DeviceMesh (cuda, cpu, xpu, hpu, npu, mtia); default: the "
+             "source's.")] = None,
     drop_optimizer: Annotated[bool, typer.Option(
         "--drop-optimizer", help="Write no optimizer state (when its format cannot be resharded).")] = False,
     overwrite: OverwriteOpt = False,

@@ -8,6 +8,10 @@ Exit codes (documented in README.md):
   4  access denied or no credentials
   5  the path exists but is not a checkpoint tree (or not the kind of path the command needs)
   6  resolve-resume: SkyRL would fail to resume (or there is nothing usable to resume)
+
+Every command maps an error to its code the same way: the class decides (``exit_code``), and
+``ckptctl.cli.handle_errors`` prints it (one line on stderr; with ``--json`` also an object
+``{"error": ..., "exit_code": ...}`` on stdout).
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ class NotResumableError(CkptctlError):
 
 class StorageError(CkptctlError):
     """The store answered with an error that is neither 'missing' nor 'denied'."""
+
+    exit_code = 1
+
+
+class PartialDeleteError(StorageError):
+    """A bulk deletion stopped part-way; ``deleted`` objects are already gone (may be 0).
+
+    The exit code is that of the failure that stopped it (4 when access was denied, 1 for a
+    store that stopped answering, ...).
+    """
+
+    def __init__(self, message: str, *, deleted: int, exit_code: int = 1):
+        super().__init__(message)
+        self.deleted = deleted
+        self.exit_code = exit_code
+
+
+class CorruptFileError(CkptctlError):
+    """A file exists but its content cannot be parsed (invalid JSON, a truncated file, ...)."""
 
     exit_code = 1
 

@@ -120,3 +120,29 @@ def print_error(message: str) -> None:
     """One line on stderr, no traceback."""
     sys.stderr.write(ERROR_PREFIX + " ".join(str(message).split()) + "\n")
     sys.stderr.flush()
+
+
+def report_error(message: str, exit_code: int, json_mode: bool = False) -> None:
+    """How every failure reaches the user: one line on stderr and, with ``--json``, also
+    ``{"error": message, "exit_code": N}`` on stdout, so a script never parses an empty stream."""
+    line = " ".join(str(message).split())
+    print_error(line)
+    if json_mode:
+        sys.stdout.write(json.dumps({"error": line, "exit_code": exit_code}) + "\n")
+        sys.stdout.flush()
+
+
+#: Libraries that log their own retries and failures (gcsfs logs a traceback when it gives up);
+#: ckptctl reports the resulting exception once, as its one-line error.
+_CHATTY_LOGGERS = ("gcsfs", "s3fs", "fsspec", "aiobotocore", "botocore", "google", "urllib3", "asyncio")
+
+
+def silence_library_logs() -> None:
+    """Keep library log records (tracebacks included) off the terminal; CKPTCTL_DEBUG keeps them."""
+    import logging
+
+    for name in _CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())

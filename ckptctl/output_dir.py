@@ -16,10 +16,11 @@ Local destination ``D``
      ``run.json`` names this host and a dead pid (or, without ``run.json``, older than an hour).
      If such a run died in the middle of a non-atomic replace (5, fallback), the previous
      output it had moved aside is first renamed back to ``D``.
-  2. A non-empty ``D`` is refused (:class:`~ckptctl.errors.UsageError`) unless ``overwrite``.
+  2. A non-empty ``D`` is refused (:class:`~ckptctl.errors.UsageError`) unless ``overwrite`` and
+     it holds an earlier output of the same kind (see "What overwrite replaces" below).
   3. ``staging`` is ``.{name}.ckptctl-tmp-{random}/new/``, a sibling on the same filesystem.
-  4. Commit: every file and directory is fsync'ed; ``D`` missing or empty: one
-     ``rename(new, D)``, atomic.
+  4. Commit: :data:`OUTPUT_MARKER` is written into ``staging``, every file and directory is
+     fsync'ed, ``D`` is judged again; ``D`` missing or empty: one ``rename(new, D)``, atomic.
   5. ``D`` non-empty (``overwrite``): ``renameat2(new, D, RENAME_EXCHANGE)`` swaps the two
      directories atomically (``D`` is never missing), the old output is deleted with the temp
      sibling. Where the exchange is unsupported: ``rename(D, tmp/old)``, ``rename(new, D)``;
@@ -28,17 +29,17 @@ Local destination ``D``
   sibling that the next run removes.
 
 Object-store prefix ``P`` (S3, GCS: no rename)
-  1. A non-empty ``P`` is refused unless ``overwrite`` -- or unless it holds the marker
-     :data:`INCOMPLETE_MARKER` and none of the ``commit_last`` files: an output of ckptctl that
-     was interrupted, replaced without asking.
+  1. A non-empty ``P`` is refused unless ``overwrite`` and it holds an earlier output of the
+     same kind -- or unless it holds the marker :data:`INCOMPLETE_MARKER` and none of the
+     ``commit_last`` files: an output of ckptctl that was interrupted, replaced without asking.
   2. ``staging`` is a local temp directory (``TMPDIR``). Nothing touches ``P`` before the first
      upload (:meth:`OutputDir.publish` or :meth:`OutputDir.commit`).
   3. Before the first upload: the old ``commit_last`` files are deleted FIRST (alone, so the
      old output stops looking complete before anything else changes), the marker is written.
-  4. Commit: every staged file except ``commit_last`` is uploaded (parallel), old objects this
-     run did not write are deleted, then the ``commit_last`` files in their order, then the
-     marker is deleted. (So on object stores an overwrite destroys the old output when
-     uploading starts, not when it succeeds.)
+  4. Commit: every staged file except ``commit_last`` (:data:`OUTPUT_MARKER` included) is
+     uploaded (parallel), old objects this run did not write are deleted, then the
+     ``commit_last`` files in their order, then the marker is deleted. (So on object stores an
+     overwrite destroys the old output when uploading starts, not when it succeeds.)
   A kill at any moment leaves no ``commit_last`` file (or the complete output, plus at worst
   the marker); the rerun replaces it without ``overwrite``. :meth:`OutputDir.abort` deletes
   the objects this run uploaded and the marker.
@@ -48,6 +49,21 @@ Several processes (torchrun): the process that opened the :class:`OutputDir` sha
 destination with a staging directory of their own and :meth:`~OutputDir.publish` their files
 after the owner's :meth:`~OutputDir.begin`; the owner's :meth:`~OutputDir.commit` is told what
 they uploaded (``uploaded=``) so it neither deletes nor re-uploads them.
+
+What ``overwrite`` replaces (:func:`judge_destination`, the one rule for local and object-store
+destinations): only an earlier output of the same kind. Every committed :class:`OutputDir` holds
+:data:`OUTPUT_MARKER` (``ckptctl-output.json``: tool, kind, source and the list of its files), so
+an earlier output is recognised by that marker and its files; an HF export (written by
+:mod:`ckptctl.formats.hf_writer` exactly like ``save_pretrained``, no marker) by its content: only
+the files an HF model directory has, weights included. Anything else -- a checkpoint tree, step or
+component, an output of another kind, a directory holding any file such an output does not have --
+is refused with a one-line :class:`~ckptctl.errors.UsageError` naming what is there; so are,
+locally, the current directory, the home directory, ``/`` and their ancestors. (Ancestors of a
+source: :func:`refuse_overlap`.)
+
+SIGTERM: while an output is open in the main thread, SIGTERM raises :class:`Terminated` (a
+:class:`KeyboardInterrupt`), so a killed run removes its staging exactly as on Ctrl-C
+(:class:`TerminateAsInterrupt`).
 
 One writer per destination at a time: two concurrent runs to the same place are not detected
 (locally the second to commit is refused or replaces the first).
@@ -60,18 +76,25 @@ import errno
 import json
 import os
 import posixpath
+import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from ckptctl.errors import NotFoundError, UsageError
+from ckptctl import __version__
+from ckptctl.errors import NotACheckpointError, NotFoundError, UsageError
 from ckptctl.storage import Store, open_store, translate_errors
+from ckptctl.tree import (DISTCP_RE, FSDP_RANK_FILE_RE, FSDP_SINGLE_FILES, MODEL_COMPONENTS, POINTER_FILE,
+                          STEP_FILES, STEP_PREFIX)
 
 #: The local temp sibling is ``.{name}{TMP_INFIX}{random}``; it holds ``run.json`` and ``new/``.
 TMP_INFIX = ".ckptctl-tmp-"
@@ -82,6 +105,12 @@ INCOMPLETE_MARKER = ".ckptctl-export-incomplete"
 STALE_WITHOUT_INFO_S = 3600
 #: Parallel uploads at commit.
 UPLOAD_WORKERS = 8
+#: Written into every committed OutputDir: what wrote it (tool, kind, source) and its files.
+OUTPUT_MARKER = "ckptctl-output.json"
+#: Output kinds (the command that writes them); GENERIC for OutputDir users that name none.
+RESHARD, HF_EXPORT, GENERIC = "convert-reshard", "export-hf", "output"
+#: Exit status of a run stopped by SIGTERM (128 + 15, like 130 for Ctrl-C).
+SIGTERM_EXIT_CODE = 143
 
 #: Tests switch this off to exercise the two-rename fallback.
 _USE_EXCHANGE = True
@@ -190,32 +219,250 @@ def _run_info(dest: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# what a destination holds, and whether --overwrite may replace it
+# ---------------------------------------------------------------------------------------------
+#: The files an HF model directory holds (what export-hf and save_pretrained write, tokenizer
+#: and processor files, a model card); below, the name patterns.
+HF_MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "README.md"})
+_HF_MODEL_FILE_RE = re.compile(r"^(model-\d+-of-\d+\.safetensors|[\w.-]+\.tiktoken|additional_chat_templates/[^/]+"
+                               r"|lora_adapter/[^/]+)$")
+_HF_WEIGHTS_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+_COMPONENT_FILES = frozenset({".metadata", "metadata.json", "common.pt", *FSDP_SINGLE_FILES.values()})
+
+
+def _names(paths: Iterable[str], limit: int = 4) -> str:
+    paths = list(paths)
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def describe_checkpoint(paths: Iterable[str]) -> str | None:
+    """"a checkpoint tree (…)", "a training step (…)" or "a checkpoint component (…)" when the
+    relative file paths look like one (names only: a tree's pointer or global_step_* dirs; a
+    step's trainer_state.pt/data.pt or policy/critic dirs; FSDP rank files, Megatron files)."""
+    paths = list(paths)
+    top_files = {p for p in paths if "/" not in p}
+    top_dirs = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
+    steps = [d + "/" for d in top_dirs if d.startswith(STEP_PREFIX)]
+    if POINTER_FILE in top_files or steps:
+        return f"a checkpoint tree ({_names(([POINTER_FILE] if POINTER_FILE in top_files else []) + steps)})"
+    marks = [n for n in STEP_FILES if n in top_files] + [d + "/" for d in top_dirs if d in MODEL_COMPONENTS]
+    if marks:
+        return f"a training step ({_names(marks)})"
+    marks = [n for n in sorted(top_files) if n in _COMPONENT_FILES or FSDP_RANK_FILE_RE.match(n) or DISTCP_RE.match(n)]
+    marks += ["dist_ckpt/"] if "dist_ckpt" in top_dirs else []
+    if marks:
+        return f"a checkpoint component ({_names(marks)})"
+    return None
+
+
+def is_hf_model_file(rel: str) -> bool:
+    return rel in HF_MODEL_FILES or bool(_HF_MODEL_FILE_RE.match(rel))
+
+
+def read_output_marker(store: Store) -> dict | None:
+    """The :data:`OUTPUT_MARKER` of the output at ``store`` (None: absent or not ckptctl's)."""
+    try:
+        marker = json.loads(store.read_bytes(OUTPUT_MARKER))
+    except (NotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    ok = (isinstance(marker, dict) and marker.get("tool") == "ckptctl" and isinstance(marker.get("kind"), str)
+          and isinstance(marker.get("files"), list))
+    return marker if ok else None
+
+
+def _output_label(kind: str) -> str:
+    return "ckptctl output" if kind == GENERIC else f"{kind} output"
+
+
+def _what_is_there(store: Store, paths: list[str], kind: str) -> tuple[bool, str]:
+    """(whether an output of ``kind`` may replace it, what it is in words)."""
+    files = [p for p in paths if p != INCOMPLETE_MARKER]
+    marker = read_output_marker(store) if OUTPUT_MARKER in files else None
+    if marker is not None:
+        listed = set(map(str, marker["files"]))
+        label = f"an earlier {_output_label(marker['kind'])}" + (f" of {marker['source']}" if marker.get("source")
+                                                                  else "")
+        extra = sorted(set(files) - listed - {OUTPUT_MARKER})
+        if marker["kind"] != kind:
+            return False, label
+        if extra:
+            return False, f"{label} plus files it did not write ({_names(extra)})"
+        return True, f"{label} ({len(listed)} files)"
+    checkpoint = describe_checkpoint(files)
+    if checkpoint:
+        return False, checkpoint
+    foreign = [p for p in files if not is_hf_model_file(p)]
+    if not foreign and any(_HF_WEIGHTS_RE.match(p) for p in files):
+        if kind == HF_EXPORT:
+            return True, f"an HF model directory ({len(files)} files)"
+        return False, "an HF model directory"
+    if not foreign and kind == HF_EXPORT:
+        return False, f"HF side files without model weights ({_names(sorted(files))})"
+    return False, f"files that no {_output_label(kind)} has ({_names(sorted(foreign or files))})"
+
+
+def judge_destination(store: Store, paths: list[str], *, kind: str, overwrite: bool,
+                      commit_last: Iterable[str] = ()) -> str | None:
+    """What writing an output of ``kind`` to ``store`` replaces, in words (None: nothing is
+    there), or a :class:`UsageError` naming what is there. ``paths``: every file there,
+    relative. The one rule for every destination, local or object store:
+
+    - nothing there: None;
+    - ckptctl's own interrupted output (object stores only: :data:`INCOMPLETE_MARKER` and none
+      of ``commit_last``): ``"interrupted"``, replaced without ``overwrite``;
+    - an earlier output of the same kind (its marker lists every file there; an HF export: only
+      HF model files, weights included): replaced with ``overwrite``, refused without;
+    - anything else (a checkpoint tree/step/component, another kind's output, foreign files):
+      refused, ``overwrite`` or not."""
+    if not paths:
+        return None
+    if not store.is_local and INCOMPLETE_MARKER in paths and not any(f in paths for f in commit_last):
+        return "interrupted"  # our own interrupted output: replaced without asking
+    replaceable, what = _what_is_there(store, paths, kind)
+    if not replaceable:
+        if overwrite:
+            raise UsageError(f"{store.url}: refusing to overwrite {what}: --overwrite replaces only an earlier "
+                             f"{_output_label(kind)}")
+        raise UsageError(f"{store.url}: destination is not empty: it holds {what}; choose another destination")
+    if not overwrite:
+        raise UsageError(f"{store.url}: destination is not empty: it holds {what} (overwrite it with --overwrite)")
+    return what
+
+
+def refuse_special_destination(dest: str, url: str) -> None:
+    """UsageError when the local directory ``dest`` (resolved) is, or contains, the current
+    directory, the home directory or ``/``: never replaced, whatever they hold."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = None
+    home = os.path.realpath(os.path.expanduser("~"))
+    for path, what in ((cwd, "the current directory"), (home, "the home directory")):
+        if path is None:
+            continue
+        if path == dest:
+            raise UsageError(f"{url}: refusing to write over {what} ({dest}); name a new directory below it")
+        if path.startswith(dest.rstrip("/") + "/"):
+            raise UsageError(f"{url}: refusing to write over {dest}: it contains {what} ({path})")
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: the same cleanup as Ctrl-C
+# ---------------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while an output was being written (raised by :class:`TerminateAsInterrupt`)."""
+
+    exit_code = SIGTERM_EXIT_CODE
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM): the output in progress was removed"
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held back (delivered at the end) in the main thread, so that a step
+    such as "create a temp directory, remember its name" is not cut in half by the exception
+    they raise (the cleanup would not know the directory)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class TerminateAsInterrupt:
+    """While installed, SIGTERM raises :class:`Terminated` in the main thread, so the ``with``
+    blocks of an output being written abort it (staging removed) as on Ctrl-C. Installed
+    only from the main thread and only over the default action (a SIG_IGN or an application's
+    own handler is left alone); nested guards share one installation; :meth:`restore` puts
+    the previous handler back."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _previous = None
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def install(self) -> None:
+        if self.active or threading.current_thread() is not threading.main_thread():
+            return
+        cls = TerminateAsInterrupt
+        with cls._lock:
+            if cls._depth == 0:
+                if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                    return
+                cls._previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            cls._depth += 1
+            self.active = True
+
+    def restore(self) -> None:
+        if not self.active or threading.current_thread() is not threading.main_thread():
+            return
+        cls = TerminateAsInterrupt
+        with cls._lock:
+            self.active = False
+            cls._depth -= 1
+            if cls._depth == 0:
+                signal.signal(signal.SIGTERM, cls._previous)
+                cls._previous = None
+
+
+# ---------------------------------------------------------------------------------------------
 # local destination: temp sibling + rename / exchange
 # ---------------------------------------------------------------------------------------------
 class LocalStaging:
     """A local directory built in a temp sibling and renamed into place (see the module doc).
 
-    Construction cleans stale siblings and refuses a non-empty destination (unless
+    Construction cleans stale siblings and judges what the destination holds
+    (:func:`judge_destination`: refused unless it is an earlier output of ``kind`` and
     ``overwrite``); :meth:`prepare` creates the sibling; :meth:`commit` / :meth:`abort` end it.
     """
 
-    def __init__(self, store: Store, overwrite: bool, *, what: str = "output"):
+    def __init__(self, store: Store, overwrite: bool, *, kind: str = GENERIC):
         self.url = store.url
+        self.store = store
         self.dest = os.path.realpath(store.local_path())
         self.parent, self.name = os.path.split(self.dest)
         if not self.name:
-            raise UsageError(f"{self.dest}: cannot write an {what} to a filesystem root")
-        self.what = what
+            raise UsageError(f"{self.dest}: cannot write an output to a filesystem root")
+        refuse_special_destination(self.dest, self.url)
+        self.kind = kind
         self.overwrite = overwrite
         self.run_dir: str | None = None
         self.new_dir: str | None = None
         self.replaced: str | None = None
         self.cleaned = self._clean_stale()
-        if os.path.lexists(self.dest):
-            if not os.path.isdir(self.dest):
-                raise UsageError(f"{self.dest}: exists and is not a directory")
-            if not overwrite and not dir_is_empty(self.dest):
-                raise UsageError(f"{self.dest}: destination is not empty (overwrite it with --overwrite)")
+        self.replaced = self._judge()
+
+    def _judge(self) -> str | None:
+        """What committing would replace (:func:`judge_destination`); None: missing or empty."""
+        if not os.path.lexists(self.dest):
+            return None
+        if not os.path.isdir(self.dest):
+            raise NotACheckpointError(f"{self.dest}: exists and is a file, not a directory")
+        if dir_is_empty(self.dest):
+            return None
+        with translate_errors(self.url):
+            paths = [e.path for e in open_store(self.dest).walk()]
+        if not paths:  # only empty directories: nothing to lose, but not ours either
+            if not self.overwrite:
+                raise UsageError(f"{self.dest}: destination is not empty: it holds empty directories "
+                                 "(overwrite it with --overwrite)")
+            return "empty directories"
+        return judge_destination(self.store, paths, kind=self.kind, overwrite=self.overwrite)
 
     def _exchange(self, a: str, b: str) -> bool:
         return rename_exchange(a, b)
@@ -261,7 +508,7 @@ class LocalStaging:
         """Create the temp sibling; returns the directory to write into."""
         if self.new_dir is not None:
             return self.new_dir
-        with translate_errors(self.url):
+        with translate_errors(self.url), signals_deferred():  # the sibling and self.run_dir exist together
             os.makedirs(self.parent, exist_ok=True)
             while True:
                 run_dir = os.path.join(self.parent, f".{self.name}{TMP_INFIX}{secrets.token_hex(6)}")
@@ -289,27 +536,25 @@ class LocalStaging:
                     for name in filenames:
                         fsync_file(os.path.join(dirpath, name))
                 fsync_dir(dirpath)
-            if os.path.lexists(dest) and not os.path.isdir(dest):
-                raise UsageError(f"{dest}: exists and is not a directory")
-            if not os.path.isdir(dest) or dir_is_empty(dest):
-                try:
-                    os.rename(new, dest)  # atomic; replaces an empty directory
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
-                    raise
-            else:
-                if not self.overwrite:
-                    raise UsageError(f"{dest}: destination was filled by someone else meanwhile")
-                self.replaced = self.what
-                if not self._exchange(new, dest):
-                    old = os.path.join(self.run_dir, "old")
-                    os.rename(dest, old)
+            replaced = self._judge()  # again: it may have been filled meanwhile
+            with signals_deferred():  # the renames are not cut in half by Ctrl-C / SIGTERM
+                if replaced is None:
                     try:
-                        os.rename(new, dest)
-                    except BaseException:
-                        os.rename(old, dest)
+                        os.rename(new, dest)  # atomic; replaces an empty directory
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
                         raise
+                else:
+                    self.replaced = replaced
+                    if not self._exchange(new, dest):
+                        old = os.path.join(self.run_dir, "old")
+                        os.rename(dest, old)
+                        try:
+                            os.rename(new, dest)
+                        except BaseException:
+                            os.rename(old, dest)
+                            raise
             fsync_dir(self.parent)
         shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old output
         self.run_dir = self.new_dir = None
@@ -326,11 +571,13 @@ class LocalStaging:
 class RemoteCommit:
     """The object-store side of :class:`OutputDir` (see the module doc)."""
 
-    def __init__(self, store: Store, overwrite: bool, commit_last: tuple[str, ...], *, check: bool = True):
+    def __init__(self, store: Store, overwrite: bool, commit_last: tuple[str, ...], *, check: bool = True,
+                 kind: str = GENERIC):
         self.owner = check  # the owner writes and deletes the marker; attached helpers never do
         self.store = store
         self.url = store.url
         self.overwrite = overwrite
+        self.kind = kind
         self.commit_last = tuple(commit_last)
         self.written: list[str] = []
         self.begun = False
@@ -345,14 +592,8 @@ class RemoteCommit:
             return []
 
     def _judge(self, existing: list[str]) -> str | None:
-        if not existing:
-            return None
-        if INCOMPLETE_MARKER in existing and not any(f in existing for f in self.commit_last):
-            return "interrupted"  # our own interrupted output: replaced without asking
-        if not self.overwrite:
-            raise UsageError(f"{self.url}: destination is not empty ({len(existing)} objects; "
-                             f"overwrite it with --overwrite)")
-        return "output"
+        return judge_destination(self.store, existing, kind=self.kind, overwrite=self.overwrite,
+                                 commit_last=self.commit_last)
 
     def begin(self) -> None:
         """Make the old output stop looking complete, write the marker (once)."""
@@ -420,31 +661,37 @@ class OutputDir:
     """A command output directory at ``dest_url`` committed as one unit (see the module doc).
 
     ``commit_last``: files (relative paths) whose presence defines "complete", uploaded last in
-    this order on object stores and removed first when an old output is replaced.
+    this order on object stores and removed first when an old output is replaced. ``kind``
+    (e.g. :data:`RESHARD`) and ``source`` go into :data:`OUTPUT_MARKER`; ``overwrite`` replaces
+    only an earlier output of the same ``kind`` (:func:`judge_destination`).
     """
 
     def __init__(self, dest_url: str, *, overwrite: bool = False, commit_last: tuple[str, ...] = (),
-                 endpoint_url: str | None = None, store: Store | None = None, _attach: str | None = None):
+                 kind: str = GENERIC, source: str | None = None, endpoint_url: str | None = None,
+                 store: Store | None = None, _attach: str | None = None):
         self.store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
         self.dest = self.store.url
         self.overwrite = overwrite
+        self.kind = kind
+        self.source = source
         self.commit_last = tuple(posixpath.normpath(p) for p in commit_last)
         self.state = "new"  # new -> open -> committed | aborted
         self._local: LocalStaging | None = None
         self._remote: RemoteCommit | None = None
         self._tmp: str | None = None
         self._attached = _attach is not None
+        self._sigterm = TerminateAsInterrupt()
         self.staging: str = ""
         if self._attached:
             self.staging = _attach
             if not self.store.is_local:
-                self._remote = RemoteCommit(self.store, overwrite, self.commit_last, check=False)
+                self._remote = RemoteCommit(self.store, overwrite, self.commit_last, check=False, kind=kind)
                 self._remote.begun = True  # the owner began
             self.state = "open"
         elif self.store.is_local:
-            self._local = LocalStaging(self.store, overwrite)
+            self._local = LocalStaging(self.store, overwrite, kind=kind)
         else:
-            self._remote = RemoteCommit(self.store, overwrite, self.commit_last)
+            self._remote = RemoteCommit(self.store, overwrite, self.commit_last, kind=kind)
 
     @classmethod
     def attach(cls, dest_url: str, staging: str, *, endpoint_url: str | None = None,
@@ -461,8 +708,8 @@ class OutputDir:
 
     @property
     def replaced(self) -> str | None:
-        """None, ``"output"`` (an old output was replaced) or ``"interrupted"`` (object stores:
-        an interrupted earlier run's objects were replaced)."""
+        """What was replaced, in words (e.g. "an earlier convert-reshard output of SRC (17
+        files)"), ``"interrupted"`` (object stores: an interrupted earlier run's objects), or None."""
         target = self._local or self._remote
         return target.replaced if target is not None else None
 
@@ -479,12 +726,22 @@ class OutputDir:
     # -- life cycle -----------------------------------------------------------------------
     def open(self) -> "OutputDir":
         if self.state == "new":
-            if self._local is not None:
-                self.staging = self._local.prepare()
-            else:
-                self._tmp = tempfile.mkdtemp(prefix="ckptctl-out-")
-                self.staging = os.path.join(self._tmp, "new")
-                os.mkdir(self.staging)
+            self._sigterm.install()  # before the staging exists: from here on, SIGTERM aborts like Ctrl-C
+            try:
+                if self._local is not None:
+                    self.staging = self._local.prepare()
+                else:
+                    with signals_deferred():  # the temp dir and self._tmp exist together
+                        self._tmp = tempfile.mkdtemp(prefix="ckptctl-out-")
+                    self.staging = os.path.join(self._tmp, "new")
+                    os.mkdir(self.staging)
+            except BaseException:
+                self.state = "aborted"
+                if self._local is not None:
+                    self._local.abort()
+                self._cleanup_tmp()
+                self._sigterm.restore()
+                raise
             self.state = "open"
         elif self.state != "open":
             raise UsageError(f"output {self.dest} is {self.state}; start a new one")
@@ -524,23 +781,33 @@ class OutputDir:
         self._require_open()
         if self._attached:
             raise UsageError("an attached output handle cannot commit; the owner does")
-        rels = staged_files(self.staging)
         uploaded = list(uploaded)  # read more than once below
+        rels = [r for r in staged_files(self.staging) if r != OUTPUT_MARKER]
         missing = [f for f in self.commit_last if f not in rels and f not in uploaded]
         if missing:
             raise UsageError(f"{self.dest}: {missing[0]} was not written; refusing to commit an incomplete output")
         try:
+            self._write_marker(sorted({*rels, *uploaded, *self.published} - {OUTPUT_MARKER}))
             if self._local is not None:
                 self._local.commit(fsync_files=True)
                 files = rels
             else:
-                files = self._remote.commit(self.staging, rels, uploaded)
+                files = self._remote.commit(self.staging, [*rels, OUTPUT_MARKER], uploaded)
         except BaseException:
             self.abort(uploaded=uploaded)
             raise
         self.state = "committed"
+        self._sigterm.restore()
         self._cleanup_tmp()
-        return sorted(files)
+        return sorted(f for f in files if f != OUTPUT_MARKER)
+
+    def _write_marker(self, files: list[str]) -> None:
+        """:data:`OUTPUT_MARKER` into the staging directory (what wrote the output, and its files)."""
+        marker = {"tool": "ckptctl", "version": __version__, "kind": self.kind, "source": self.source,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
+        with open(os.path.join(self.staging, OUTPUT_MARKER), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1)
+            f.write("\n")
 
     def abort(self, *, uploaded: Iterable[str] = ()) -> None:
         """Remove what this run wrote (the staging directory; on object stores the objects it
@@ -555,6 +822,7 @@ class OutputDir:
                 self._remote.abort(uploaded)
         finally:
             self._cleanup_tmp()
+            self._sigterm.restore()
 
     def _require_open(self) -> None:
         if self.state != "open":
@@ -573,10 +841,12 @@ class OutputDir:
                 if self._local is not None:
                     self._local.abort()
                 self._cleanup_tmp()
+                self._sigterm.restore()
         except Exception:
             pass
 
 
-__all__ = ["INCOMPLETE_MARKER", "RUN_INFO", "TMP_INFIX", "LocalStaging", "OutputDir", "RemoteCommit",
-           "dir_is_empty", "fsync_dir", "is_inside", "pid_alive", "refuse_overlap", "rename_exchange",
-           "staged_files"]
+__all__ = ["GENERIC", "HF_EXPORT", "INCOMPLETE_MARKER", "OUTPUT_MARKER", "RESHARD", "RUN_INFO", "TMP_INFIX",
+           "LocalStaging", "OutputDir", "RemoteCommit", "TerminateAsInterrupt", "Terminated", "describe_checkpoint",
+           "dir_is_empty", "fsync_dir", "is_inside", "judge_destination", "pid_alive", "read_output_marker",
+           "refuse_overlap", "refuse_special_destination", "rename_exchange", "staged_files"]

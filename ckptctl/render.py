@@ -11,7 +11,7 @@ from ckptctl.output import human_bytes, human_time
 from ckptctl.tree import STEP_FILES, Tree
 
 
-def render_tree(console: Console, tree: Tree) -> None:
+def render_tree(console: Console, tree: Tree, *, deep: bool = False) -> None:
     newest = tree.newest_complete
     target = tree.pointer_target
     title = f"{tree.url}  ({'HF export tree' if tree.kind == 'export' else 'checkpoint tree'})"
@@ -44,6 +44,9 @@ def render_tree(console: Console, tree: Tree) -> None:
                       f"steps: {len(tree.steps)}   total: {human_bytes(tree.bytes)}", highlight=False)
     for warning in tree.warnings():
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if deep:
+        console.print("deep check: every .pt, .distcp and .safetensors file's size checked against its own index",
+                      highlight=False)
 
 
 def render_prune(console: Console, result: PruneResult) -> None:
@@ -58,6 +61,8 @@ def render_prune(console: Console, result: PruneResult) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     verb = "would free" if result.dry_run else "freed"
     n = len(plan.files_to_delete)
     if not n:
@@ -112,18 +117,21 @@ def _add_mapping(node, mapping: dict, skip: tuple[str, ...] = (), depth: int = 0
 
 
 def render_inspect(console: Console, report) -> None:
+    from rich.markup import escape
     from rich.tree import Tree as RichTree
 
-    head = f"[bold]{report.url}[/bold]  ({report.kind}" + (f", step {report.step}" if report.step is not None else "") + ")"
-    root = RichTree(head, highlight=False)
+    head = f"[bold]{report.url}[/bold]  ({report.kind}" + (f", step {report.step}" if report.step is not None else "")
+    if report.complete is not None:
+        head += ", [green]complete[/green]" if report.complete else ", [red]incomplete[/red]"
+    root = RichTree(head + ")", highlight=False)
+    for problem in report.problems:  # first, not below pages of metadata
+        root.add(f"[red]problem:[/red] {escape(problem)}", highlight=False)
     if report.tree:
         _add_mapping(root.add("[bold]tree[/bold]"), report.tree, skip=("warnings",))
     for comp in report.components:
         status = "[green]complete[/green]" if comp.complete else "[red]incomplete[/red]"
         node = root.add(f"[bold]{comp.name}[/bold]  {comp.backend}, world size {comp.world_size or '-'}, {status}",
                         highlight=False)
-        for problem in comp.problems:
-            node.add(f"[red]{problem}[/red]", highlight=False)
         if comp.model_config:
             _add_mapping(node.add("[bold]model config[/bold]"), comp.model_config)
         stats = node.add("[bold]tensors[/bold]")
@@ -175,6 +183,8 @@ def render_export(console: Console, summary) -> None:
         console.print(f"  LoRA: {lora.get('adapted_modules')} adapted modules, {how}", highlight=False)
     for name, why in summary.skipped.items():
         console.print(f"  skipped {name}: {why}", highlight=False)
+    if getattr(summary, "replaced", None):
+        console.print(f"  replaced: {summary.replaced}", highlight=False)
     for warning in summary.warnings:
         console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
     console.print("  verified: " + ("[green]yes[/green]" if summary.verified else "no (--no-verify)")

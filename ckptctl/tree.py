@@ -13,16 +13,22 @@ the documented single-file FSDP layout, whose file names do not carry the world 
   is complete, and ``trainer_state.pt`` is present and non-empty (it is written after the
   models, so it is the closest thing SkyRL has to a commit marker);
 - an export step (``{export_path}/global_step_N/policy/``) is complete when its components are.
+
+"The current run" has one definition too (:class:`CurrentRun`), used by prune, resolve-resume's
+fallback and every command given a whole tree: the steps up to the pointer, plus the steps above
+it written after the pointer target (a save in progress, or one the pointer does not name yet);
+steps above the pointer written before its target are an older run's. Without a usable pointer
+(SkyRL writes it non-atomically: a crash can leave it empty) the most recently written step
+stands in for it. Modification times are the stores' own (upload times on S3/GCS).
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ckptctl.errors import NotACheckpointError
 from ckptctl.storage import FileEntry, Store
@@ -189,12 +195,25 @@ class Tree:
 
     @property
     def pointer_target(self) -> Step | None:
-        return self.step(self.pointer.step) if self.pointer.step is not None else None
+        """The directory SkyRL loads for the pointer: named ``global_step_{int(pointer)}`` exactly
+        (a zero-padded ``global_step_05`` holds step 5 but is not the one SkyRL opens)."""
+        if self.pointer.step is None:
+            return None
+        name = canonical_step_name(self.pointer.step)
+        return next((s for s in self.steps if s.name == name), None)
+
+    @property
+    def pointer_usable(self) -> bool:
+        return self.pointer.step is not None
+
+    @property
+    def current_run(self) -> "CurrentRun":
+        return find_current_run(self)
 
     @property
     def newest_complete(self) -> Step | None:
-        complete = [s for s in self.steps if s.complete]
-        return complete[-1] if complete else None
+        """The newest complete step of the current run (never an older run's higher step)."""
+        return self.current_run.newest_complete
 
     @property
     def above_pointer(self) -> list[Step]:
@@ -217,15 +236,18 @@ class Tree:
             elif p.error:
                 out.append(f"{POINTER_FILE} is unusable: {p.error}")
             elif self.pointer_target is None:
-                out.append(f"{POINTER_FILE} points to step {p.step}, but {STEP_PREFIX}{p.step}/ does not exist")
+                other = self.step(p.step)
+                out.append(f"{POINTER_FILE} points to step {p.step}, but {canonical_step_name(p.step)}/ does not exist"
+                           + (f" ({other.name}/ holds step {p.step} under another name, which SkyRL does not open)"
+                              if other else ""))
             elif not self.pointer_target.complete:
                 out.append(f"{POINTER_FILE} points to step {p.step}, which is incomplete: "
                            + "; ".join(self.pointer_target.problems))
-            above = self.above_pointer
-            if above:
-                names = ", ".join(s.name for s in above)
-                out.append(f"step directories above the pointer ({p.step}): {names} "
-                           "(stale from an older run, or a save still being written)")
+        out.extend(self.current_run.warnings())
+        for step in self.steps:
+            if step.name != canonical_step_name(step.step):
+                out.append(f"{step.name}: not SkyRL's name for step {step.step} ({canonical_step_name(step.step)}); "
+                           "a pointer to this step would not find it")
         for name in self.unparsable:
             out.append(f"unparsable step directory name: {name} (SkyRL's int() on it would fail)")
         return out
@@ -238,12 +260,111 @@ class Tree:
             "pointer": self.pointer.to_dict(),
             "pointer_target": self.pointer.step if self.pointer_target else None,
             "newest_complete": newest.step if newest else None,
+            "current_run": self.current_run.to_dict(),
             "steps": [s.to_dict() for s in self.steps],
             "unparsable": list(self.unparsable),
             "warnings": self.warnings(),
             "bytes": self.bytes,
             "files": len(self.files),
         }
+
+
+POINTER = "pointer"
+MTIMES = "mtimes"
+NO_BASIS = "none"
+#: Modification times closer than this are not told apart: S3 keeps whole seconds, and a copied
+#: or uploaded run's steps land in any order within moments. Runs are minutes or more apart.
+MTIME_TOLERANCE = timedelta(seconds=2)
+
+
+@dataclass
+class CurrentRun:
+    """The steps of the run that wrote this tree last, and the steps of an older one.
+
+    ``basis`` says how it was decided: ``pointer`` (the pointer file names a step), ``mtimes``
+    (no usable pointer: the most recently written step stands in for it) or ``none`` (neither:
+    every step counts as the current run's). ``head`` is the pointer's step, or the most
+    recently written step. Steps above ``head`` are ``in_progress`` when written after it (or
+    when their time is unknown: ckptctl then protects them) and ``stale`` when written before.
+    """
+
+    tree: "Tree" = field(repr=False)
+    basis: str
+    head: int | None
+    head_name: str | None
+    in_progress: list[Step] = field(default_factory=list)
+    stale: list[Step] = field(default_factory=list)
+
+    def includes(self, step: Step) -> bool:
+        return self.head is None or step.step <= self.head or any(s is step for s in self.in_progress)
+
+    @property
+    def steps(self) -> list[Step]:
+        return [s for s in self.tree.steps if self.includes(s)]
+
+    @property
+    def newest_complete(self) -> Step | None:
+        complete = [s for s in self.steps if s.complete]
+        return complete[-1] if complete else None
+
+    def is_stale(self, step: Step) -> bool:
+        return any(s is step for s in self.stale)
+
+    def is_in_progress(self, step: Step) -> bool:
+        return any(s is step for s in self.in_progress)
+
+    def warnings(self) -> list[str]:
+        out = []
+
+        def names(steps: list[Step]) -> str:
+            return ", ".join(s.name for s in steps)
+
+        if self.basis == POINTER:
+            if self.stale:
+                out.append(f"step directories above the pointer ({self.head}) written before {self.head_name}: "
+                           f"{names(self.stale)} (an older run's; prune keeps them unless --include-above-pointer)")
+            if self.in_progress:
+                out.append(f"step directories above the pointer ({self.head}) written after {self.head_name}: "
+                           f"{names(self.in_progress)} (this run's save in progress, or one the pointer does not "
+                           "name yet)")
+        elif self.basis == MTIMES and self.stale:
+            out.append(f"two runs in one tree: {names(self.stale)} were written before {self.head_name}, the most "
+                       f"recently written step; steps up to {self.head} are taken as the current run and protected")
+        return out
+
+    def to_dict(self) -> dict:
+        newest = self.newest_complete
+        return {"basis": self.basis, "head": self.head,
+                "in_progress": [s.step for s in self.in_progress], "stale": [s.step for s in self.stale],
+                "newest_complete": newest.step if newest else None}
+
+
+def find_current_run(tree: "Tree") -> CurrentRun:
+    """Decide the current run of ``tree`` (see :class:`CurrentRun`)."""
+    if tree.pointer_usable:
+        head = tree.pointer.step
+        target = tree.pointer_target
+        # The target's newest file; without the target, the pointer file itself (written after it).
+        reference = target.mtime if target is not None else next(
+            (f.mtime for f in tree.files if f.path == POINTER_FILE), None)
+        run = CurrentRun(tree, POINTER, head, target.name if target else f"{STEP_PREFIX}{head}")
+        for step in tree.steps:
+            if step.step <= head:
+                continue
+            # Near-ties and unknown times count as this run's: protected, never taken for stale.
+            if reference is None or step.mtime is None or step.mtime >= reference - MTIME_TOLERANCE:
+                run.in_progress.append(step)
+            else:
+                run.stale.append(step)
+        return run
+    if not tree.steps or any(s.mtime is None for s in tree.steps):
+        return CurrentRun(tree, NO_BASIS, None, None)
+    # The most recently written step, or a higher one written moments before it (same upload).
+    newest = max(s.mtime for s in tree.steps)
+    latest = max((s for s in tree.steps if s.mtime >= newest - MTIME_TOLERANCE), key=lambda s: s.step)
+    run = CurrentRun(tree, MTIMES, latest.step, latest.name)
+    run.stale = [s for s in tree.steps if s.step > latest.step]
+    return run
 
 
 # -- components ---------------------------------------------------------------------------
@@ -290,7 +411,7 @@ def _classify_fsdp_single(comp: Component, store: Store) -> None:
 def read_fsdp_config_world_size(store: Store, rel: str) -> int | None:
     """World size from ``fsdp_config.json`` (SkyRL's and verl's variants), or None."""
     try:
-        config = json.loads(store.read_bytes(rel))
+        config = store.read_json(rel)
         return int(config["world_size"])
     except Exception:
         return None  # a broken config does not change what the file names say
@@ -413,6 +534,11 @@ def parse_pointer(text: str) -> Pointer:
     if value < 0:
         return Pointer(present=True, raw=raw, error=f"holds a negative step {value}")
     return Pointer(present=True, raw=raw, step=value)
+
+
+def canonical_step_name(number: int) -> str:
+    """The directory name SkyRL writes and opens for a step: ``global_step_{number}``."""
+    return f"{STEP_PREFIX}{number}"
 
 
 def parse_step_name(name: str) -> int | None:

@@ -19,9 +19,9 @@ __ckptctl_options()
 {
     case "$1" in
         'ckptctl') echo '--version -h --help' ;;
-        'ckptctl list') echo '--json --endpoint-url -h --help' ;;
-        'ckptctl prune') echo '-k --keep --keep-every --drop-optimizer --include-in-progress --include-above-pointer -n --dry-run -y --yes --json --endpoint-url -h --help' ;;
-        'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --json --endpoint-url -h --help' ;;
+        'ckptctl list') echo '--deep --json --endpoint-url -h --help' ;;
+        'ckptctl prune') echo '-k --keep --keep-every --drop-optimizer --include-in-progress --include-above-pointer --without-pointer -n --dry-run -y --yes --json --endpoint-url -h --help' ;;
+        'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --require-checkpoint --json --endpoint-url -h --help' ;;
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
         'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --json --endpoint-url -h --help' ;;
         'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --world-size --device-type --drop-optimizer --overwrite --allow-global --json --endpoint-url -h --help' ;;

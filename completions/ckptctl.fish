@@ -147,6 +147,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
 # ckptctl list
+complete -c ckptctl -n '__ckptctl_using ckptctl list' -l deep -d 'Also check every file\'s size against its own index (zip directory, DCP .metadata, safetensors header): about one small read per file.'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -s h -l help -d 'Show this message and exit.'
@@ -157,7 +158,8 @@ complete -c ckptctl -n '__ckptctl_using ckptctl prune' -s k -l keep -x -d 'Keep 
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l keep-every -x -d 'Also keep every step divisible by K.'
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l drop-optimizer -d 'For steps not kept, delete only the optimizer files (FSDP).'
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l include-in-progress -d 'Allow deleting incomplete steps newer than the newest complete one (a save may be running).'
-complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l include-above-pointer -d 'Allow deleting steps above the pointer (stale from an older run).'
+complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l include-above-pointer -d 'Allow deleting an older run\'s steps above the current run\'s (written before the pointer target).'
+complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l without-pointer -d 'Allow deleting when latest_ckpt_global_step.txt is missing or unusable (the current run is then the most recently written one).'
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -s n -l dry-run -d 'Print the plan; delete nothing.'
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -s y -l yes -d 'Do not ask for confirmation.'
 complete -c ckptctl -n '__ckptctl_using ckptctl prune' -l json -d 'Print a JSON document for scripts instead of tables.'
@@ -170,6 +172,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l mode -x -a 'l
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l resume-path -x -d 'trainer.resume_path (a global_step_N directory) for from_path.'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l ckpt-interval -x -d 'trainer.ckpt_interval, for SkyRL\'s consistency check.'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l fallback -d 'When the chosen step is unusable, name the newest complete one.'
+complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l require-checkpoint -d 'Exit 6 when nothing would be loaded (SkyRL would start from scratch).'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl resolve-resume' -s h -l help -d 'Show this message and exit.'
@@ -188,7 +191,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -F
 
 # ckptctl export-hf
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s o -l out -x -d 'Destination directory (local, s3://, gs://).'
-complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l component -x -a 'policy critic' -d 'Which model component to export.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l component -x -a 'policy critic' -d 'Which model component to export (default: policy; SRC itself when it is one).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l dtype -x -a 'auto bf16 fp16 fp32' -d 'auto keeps the source dtype; others cast explicitly.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l max-shard-size -x -d 'Largest safetensors shard, e.g. 5GB or 500MB.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l overwrite -d 'Replace a non-empty destination.'
@@ -205,7 +208,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l tp -x -d 'Me
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l pp -x -d 'Megatron: target pipeline-parallel size.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l dp -x -d 'Megatron: target data-parallel size.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l world-size -x -d 'FSDP: target world size.'
-complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l device-type -x -d 'FSDP: device type of the target DeviceMesh (cuda, cpu); default: the source\'s.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l device-type -x -d 'FSDP: device type of the target DeviceMesh (cuda, cpu, xpu, hpu, npu, mtia); default: the source\'s.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l drop-optimizer -d 'Write no optimizer state (when its format cannot be resharded).'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l overwrite -d 'Replace a non-empty destination.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l allow-global -x -d 'Keep objects of this pickled class as plain data (never executed). Repeatable.'

@@ -61,9 +61,9 @@ def test_list_reports_steps_pointer_and_completeness(make_tree):
     assert steps[10]["complete"] and steps[10]["backend"] == "fsdp" and steps[10]["world_size"] == 2
     assert steps[20]["problems"] == ["policy: missing model rank files 1 of world size 2"]
     assert steps[50]["problems"] == ["missing trainer_state.pt"]
-    # 3 kinds x 2 ranks x 100 bytes + hf files + trainer_state + data + fsdp_config.json
+    # 3 kinds x 2 ranks x 300 bytes + hf files + trainer_state + data + fsdp_config.json
     config_len = len(json.dumps({"fsdp_strategy": "fsdp2", "world_size": 2}))
-    assert steps[10]["bytes"] == 6 * 100 + 2 * 100 + 2 * 100 + config_len
+    assert steps[10]["bytes"] == 6 * 300 + 2 * 300 + 2 * 300 + config_len
     assert steps[10]["mtime"] is not None
     assert any("above the pointer" in w and "global_step_50" in w for w in doc["warnings"])
 
@@ -169,14 +169,15 @@ def test_prune_deletes_exactly_the_plan(make_tree, store_backend):
     assert "latest_ckpt_global_step.txt" in after
 
 
-def test_prune_keep_zero_still_keeps_pointer_and_newest(make_tree, store_backend):
-    def build(d):
-        for step in (1, 2, 3):
+def test_prune_keep_zero_still_keeps_pointer_and_newest(store_backend, tmp_path):
+    def saved(d):
+        for step in (1, 2):
             tb.fsdp_step(d, step)
         tb.pointer(d, 2)
-        tb.fsdp_step(d, 4, trainer_state=False)  # in progress
 
-    url = make_tree(build)
+    # Written after the pointer target (so this run's, not an older run's): 3 complete, 4 in progress.
+    url = tb.place_runs(store_backend, str(tmp_path), [
+        saved, lambda d: tb.fsdp_step(d, 3), lambda d: tb.fsdp_step(d, 4, trainer_state=False)])
     doc = run_json("prune", url, "--keep", "0", "--yes", "--include-above-pointer")
     # 3 is above the pointer but complete: it is the newest complete and is kept; 4 may be in progress.
     assert doc["deleted"] == [1] and doc["kept"] == [2, 3, 4]
@@ -186,15 +187,21 @@ def test_prune_keep_zero_still_keeps_pointer_and_newest(make_tree, store_backend
         "global_step_2", "global_step_3", "latest_ckpt_global_step.txt"]
 
 
-def test_prune_counts_only_the_current_run(make_tree):
+def test_prune_counts_only_the_current_run(store_backend, tmp_path):
     """Stale higher steps from an older run do not push the current run's checkpoints out."""
-    def build(d):
-        for step in (10, 20, 30, 500, 600):
+    def older_run(d):
+        for step in (500, 600):
+            tb.fsdp_step(d, step)
+
+    def current_run(d):
+        for step in (10, 20, 30):
             tb.fsdp_step(d, step)
         tb.pointer(d, 30)
 
-    doc = run_json("prune", make_tree(build), "--keep", "2", "--dry-run")
+    url = tb.place_runs(store_backend, str(tmp_path), [older_run, current_run])
+    doc = run_json("prune", url, "--keep", "2", "--dry-run")
     assert doc["kept"] == [20, 30, 500, 600] and doc["deleted"] == [10]
+    assert doc["current_run"]["stale"] == [500, 600]
 
 
 def test_prune_keep_every_and_drop_optimizer(make_tree, store_backend):

@@ -62,7 +62,7 @@ def cli_json(src, out, *args: str) -> dict:
 def refused(src, out, *args: str, code: int, match: str) -> None:
     got, stdout, stderr = cli(src, "--out", out, *args, "--json")
     assert got == code, (got, stdout, stderr)
-    assert stdout == ""
+    assert json.loads(stdout) == {"error": stderr.removeprefix("ckptctl: error: ").rstrip("\n"), "exit_code": code}
     assert stderr.startswith("ckptctl: error: ") and match in stderr, stderr
     assert stderr.count("\n") == 1  # one line, no traceback
 
@@ -544,8 +544,13 @@ def test_non_empty_destination_refused_unless_overwrite(fsdp_ckpts, tmp_path):
     refused(fsdp_ckpts["w2"].path, out, code=2, match="not empty")
     assert snapshot(out) == {"keep.txt": 4} and leftovers(out) == []
 
+    # --overwrite replaces only an earlier HF model directory: never a foreign file
+    refused(fsdp_ckpts["w2"].path, out, "--overwrite", code=2, match="refusing to overwrite files that no export-hf")
+    assert snapshot(out) == {"keep.txt": 4} and leftovers(out) == []
+    (out / "keep.txt").unlink()
+    cli_json(fsdp_ckpts["w2"].path, out)
     doc = cli_json(fsdp_ckpts["w2"].path, out, "--overwrite")
-    assert doc["verified"] and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert doc["verified"] and doc["replaced"].startswith("an HF model directory") and (out / "config.json").is_file()
     assert leftovers(out) == []
 
 

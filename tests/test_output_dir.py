@@ -17,7 +17,7 @@ import pytest
 
 from ckptctl import output_dir
 from ckptctl.errors import UsageError
-from ckptctl.output_dir import INCOMPLETE_MARKER, TMP_INFIX, OutputDir, refuse_overlap
+from ckptctl.output_dir import INCOMPLETE_MARKER, OUTPUT_MARKER, TMP_INFIX, OutputDir, refuse_overlap
 from ckptctl.storage import open_store
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,12 @@ def siblings(url: str) -> list[str]:
 
 
 def contents(backend, url) -> dict[str, bytes]:
-    return {rel: backend.get(backend.join(url, rel)) for rel in backend.list_files(url)}
+    """Every file at ``url`` but the output marker (checked by marker())."""
+    return {rel: backend.get(backend.join(url, rel)) for rel in backend.list_files(url) if rel != OUTPUT_MARKER}
+
+
+def marker(backend, url) -> dict:
+    return json.loads(backend.get(backend.join(url, OUTPUT_MARKER)))
 
 
 def test_commit_writes_every_file(store_backend):
@@ -58,6 +63,8 @@ def test_commit_writes_every_file(store_backend):
     out, written = produce(store_backend, url)
     assert written == sorted(FILES)
     assert contents(store_backend, url) == FILES
+    m = marker(store_backend, url)  # what wrote the output, and every file it holds
+    assert (m["tool"], m["kind"], m["files"]) == ("ckptctl", "output", sorted(FILES))
     assert out.replaced is None and out.state == "committed"
     if store_backend.kind == "local":
         assert siblings(url) == []
@@ -81,7 +88,7 @@ def test_empty_local_directory_is_accepted(tmp_path):
         write_all(out)
         out.commit()
     assert sorted(p.name for p in url.iterdir()) == sorted({"__0_0.distcp", "__1_0.distcp", "sub", ".metadata",
-                                                            "metadata.json"})
+                                                            "metadata.json", OUTPUT_MARKER})
 
 
 def test_overwrite_replaces_old_output(store_backend, monkeypatch):
@@ -97,7 +104,6 @@ def test_local_overwrite_without_rename_exchange(make_backend, monkeypatch):
 def check_overwrite(store_backend, monkeypatch):
     url = store_backend.new_root()
     produce(store_backend, url)
-    store_backend.put(store_backend.join(url, "junk/old.txt"), b"stale")
     new = {"__0_0.distcp": b"new0", ".metadata": b"new index", "metadata.json": b'{"v": 2}'}
 
     events = []
@@ -122,17 +128,19 @@ def check_overwrite(store_backend, monkeypatch):
     with out:
         write_all(out, new)
         written = out.commit()
-    assert written == sorted(new) and out.replaced == "output"
-    assert contents(store_backend, url) == new  # old files and junk are gone
+    assert written == sorted(new) and out.replaced == "an earlier ckptctl output (5 files)"
+    assert contents(store_backend, url) == new  # old files are gone
+    assert marker(store_backend, url)["files"] == sorted(new)
     if store_backend.kind == "local":
         assert siblings(url) == []
     else:
         # the old commit_last files go first, alone; data, then stale objects, then commit_last
         assert events[0] == ("delete", sorted(LAST))
         puts = [e[1] for e in events if e[0] == "put"]
-        assert puts == ["__0_0.distcp", ".metadata", "metadata.json"]
+        assert sorted(puts[:-2]) == sorted(["__0_0.distcp", OUTPUT_MARKER])
+        assert puts[-2:] == [".metadata", "metadata.json"]
         stale = [e for e in events[1:] if e[0] == "delete" and INCOMPLETE_MARKER not in e[1]]
-        assert stale == [("delete", ["__1_0.distcp", "junk/old.txt", "sub/dir/common.pt"])]
+        assert stale == [("delete", ["__1_0.distcp", "sub/dir/common.pt"])]
         assert events.index(stale[0]) < events.index(("put", ".metadata"))
 
 
@@ -207,7 +215,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(store_backend, ov
     left = store_backend.list_files(url)
     if store_backend.kind == "local":
         # the destination is untouched: the old output (overwrite) or nothing
-        assert left == (sorted(FILES) if overwrite else [])
+        assert left == (sorted([*FILES, OUTPUT_MARKER]) if overwrite else [])
         assert len(siblings(url)) == 1  # the dead run's temp sibling
     else:
         assert not set(LAST) & set(left)  # nothing complete-looking (the old output's went first)
@@ -216,7 +224,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(store_backend, ov
     assert written == sorted(FILES)
     assert contents(store_backend, url) == FILES
     if store_backend.kind == "local":
-        assert out.replaced == ("output" if overwrite else None)
+        assert out.replaced == ("an earlier ckptctl output (5 files)" if overwrite else None)
         assert len(out.cleaned) == 1 and siblings(url) == []
     else:
         assert out.replaced == "interrupted"  # (the fresh run's rerun needed no --overwrite)
@@ -234,7 +242,8 @@ def test_local_interrupted_replace_restores_previous_output(tmp_path):
     os.rename(url, run_dir / "old")  # died between the two renames of the fallback
     with pytest.raises(UsageError, match="not empty"):
         OutputDir(url, commit_last=LAST)
-    assert sorted(os.listdir(url)) == sorted({"__0_0.distcp", "__1_0.distcp", "sub", ".metadata", "metadata.json"})
+    assert sorted(os.listdir(url)) == sorted({"__0_0.distcp", "__1_0.distcp", "sub", ".metadata", "metadata.json",
+                                              OUTPUT_MARKER})
     assert not run_dir.exists()
 
 

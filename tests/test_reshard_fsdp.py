@@ -237,7 +237,7 @@ def test_files_are_what_fsdp2_saves(resharded, fsdp_ckpts):
         assert (out / "huggingface" / f.name).read_bytes() == f.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{k}_world_size_3_rank_{r}.pt" for k in ("model", "optim", "extra_state") for r in range(3)]
-        + ["fsdp_config.json", "huggingface"])
+        + ["fsdp_config.json", "huggingface", "ckptctl-output.json"])
 
     # W=1 from a sharded source: a 1-rank mesh, as fully_shard on one GPU saves it
     sd1 = torch.load(resharded["w2_to_1"][1] / "model_world_size_1_rank_0.pt", weights_only=True)
@@ -358,8 +358,13 @@ def test_destination_safety(fsdp_ckpts, tmp_path):
         reshard_fsdp(str(src), str(src / "w3"), world_size=3)
     with pytest.raises(UsageError, match="contains the source"):
         reshard_fsdp(str(src), str(tmp_path / "step"), world_size=3)
-    summary = reshard_fsdp(str(src), str(out), world_size=3, overwrite=True)
-    assert summary.replaced == "output" and not (out / "keep.txt").exists()
+    with pytest.raises(UsageError, match="refusing to overwrite files that no convert-reshard output has"):
+        reshard_fsdp(str(src), str(out), world_size=3, overwrite=True)  # --overwrite never deletes keep.txt
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    reshard_fsdp(str(src), str(out), world_size=2)
+    summary = reshard_fsdp(str(src), str(out), world_size=3, overwrite=True)  # its own earlier output
+    assert summary.replaced.startswith("an earlier convert-reshard output")
     assert (out / "model_world_size_3_rank_0.pt").exists() and leftovers(out) == []
 
 

@@ -42,7 +42,7 @@ from ckptctl.formats.dcp_writer import DcpFileWriter, build_metadata, metadata_b
 from ckptctl.formats.megatron import MegatronReader  # noqa: E402
 from ckptctl.ops import reshard_megatron as rm  # noqa: E402
 from ckptctl.ops.reshard_megatron import plan_reshard, reshard_megatron, split_kind, tp_blocks  # noqa: E402
-from ckptctl.output_dir import INCOMPLETE_MARKER, TMP_INFIX  # noqa: E402
+from ckptctl.output_dir import INCOMPLETE_MARKER, OUTPUT_MARKER, TMP_INFIX  # noqa: E402
 from ckptctl.storage import open_store  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -304,11 +304,13 @@ def test_output_files_and_summary(resharded, case):
     out = resharded["outputs"][case]
     s = resharded["summaries"][case]
     world = tp * pp * dp
-    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    names = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != OUTPUT_MARKER)
     assert names == sorted([*INDEX_FILES, *(f"__{r}_0.distcp" for r in range(world))])
     assert (out / "metadata.json").read_bytes() == (src.ckpt_dir / "metadata.json").read_bytes()
     assert (out / "common.pt").read_bytes() == (src.ckpt_dir / "common.pt").read_bytes()
     comp = out.parent if src.params["verl_nesting"] else out
+    marker = json.loads((comp / OUTPUT_MARKER).read_text())  # at the output's root (what --overwrite may replace)
+    assert marker["kind"] == "convert-reshard" and "metadata.json" in str(marker["files"])
     assert sorted(p.name for p in (comp / "huggingface").iterdir()) == sorted(
         p.name for p in src.component.hf_dir.iterdir())
     assert s["target_layout"] == {"tp": tp, "pp": pp, "dp": dp, "world_size": world, "writer_ranks": world}
@@ -413,8 +415,13 @@ def test_refuses_non_empty_destination_and_the_source(megatron_ckpts, tmp_path):
         with pytest.raises(UsageError, match="source"):
             reshard_megatron(str(c.out_dir), str(inside), tp=1, pp=1, overwrite=True)
     assert not (c.out_dir / "resharded").exists()
-    s = reshard_megatron(str(c.out_dir), str(dest), tp=1, pp=1, overwrite=True)
-    assert s.replaced == "output" and "keep.txt" not in os.listdir(dest)
+    with pytest.raises(UsageError, match="refusing to overwrite files that no convert-reshard output has"):
+        reshard_megatron(str(c.out_dir), str(dest), tp=1, pp=1, overwrite=True)  # never deletes keep.txt
+    assert sorted(os.listdir(dest)) == ["keep.txt"]
+    os.remove(dest / "keep.txt")
+    reshard_megatron(str(c.out_dir), str(dest), tp=1, pp=1)
+    s = reshard_megatron(str(c.out_dir), str(dest), tp=2, pp=1, overwrite=True)  # its own earlier output
+    assert s.replaced.startswith("an earlier convert-reshard output") and "__1_0.distcp" in os.listdir(dest)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

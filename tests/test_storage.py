@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from typing import Iterator
 
 import pytest
 
-from ckptctl.errors import AccessDeniedError, NotFoundError, UsageError
-from ckptctl.storage import DELETE_BATCH, open_store, split_url
+from ckptctl.errors import (AccessDeniedError, CorruptFileError, NotACheckpointError, NotFoundError,
+                            PartialDeleteError, StorageError, UsageError)
+from ckptctl.storage import (ATTEMPTS_ENV, DELETE_BATCH, READ_TIMEOUT_ENV, natural_key, open_store,
+                             split_url)
 from storage_servers import env_with
 
 TREE = {
@@ -245,7 +253,7 @@ def many_objects_root(make_backend, s3_request_counter):
     backend.put_many(root, files, direct=True)
     backend.put(root + "-decoy/a.bin", b"")  # a sibling prefix outside the tree
     s3_request_counter.reset()
-    return backend, root, sorted(files)
+    return backend, root, sorted(files, key=natural_key)  # the order walk lists in: step 2 before 10
 
 
 def test_s3_walk_costs_one_list_request_per_1000_objects(many_objects_root, s3_request_counter):
@@ -288,8 +296,10 @@ def test_s3_delete_denied(s3_denied, monkeypatch, request, which):
     # With a deny policy DeleteObjects answers 200 with a per-key AccessDenied error (so does
     # real S3), which s3fs's bulk delete ignores; the store must report it.
     s3_denied.use(monkeypatch, unknown_key=(which == "unknown-key"))
-    with pytest.raises(AccessDeniedError):
+    with pytest.raises(PartialDeleteError, match="nothing was deleted.*access denied|nothing was deleted.*refused") \
+            as caught:
         open_store(s3_denied.url).delete_many(list(s3_denied.files))
+    assert caught.value.exit_code == AccessDeniedError.exit_code and caught.value.deleted == 0
 
 
 def test_s3_no_credentials(s3_server, no_aws_credentials):
@@ -334,5 +344,235 @@ def test_file_url_and_plain_path_are_the_same_store(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.txt").write_bytes(b"abc")
     assert open_store(f"file://{tmp_path}/d").walk() == open_store(str(tmp_path / "d")).walk()
-    with pytest.raises(UsageError):
+    with pytest.raises(NotACheckpointError, match="is a file, not a directory"):
         open_store(str(tmp_path / "d" / "f.txt")).walk()
+
+
+# -- bounded requests: real loopback sockets, no mocks ------------------------------------------
+@pytest.fixture
+def closed_endpoint() -> str:
+    """An endpoint nothing listens on: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A listener that completes every TCP handshake (the kernel's backlog) and never answers."""
+    with socket.create_server(("127.0.0.1", 0), backlog=128) as s:
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _store_operations(store) -> dict:
+    return {"walk": store.walk, "read": lambda: store.read_bytes("global_step_1/trainer_state.pt"),
+            "delete": lambda: store.delete_many(["global_step_1/trainer_state.pt", "global_step_1/data.pt"])}
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_unreachable_store_fails_in_seconds(scheme, closed_endpoint, monkeypatch):
+    # Default limits (3 attempts): gcsfs alone would retry 6 times over ~35 s per request.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store = open_store(f"{scheme}://bucket/run", endpoint_url=closed_endpoint)
+    for name, operation in _store_operations(store).items():
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="cannot reach the store") as caught:
+            operation()
+        assert time.monotonic() - started < 20, name  # a bound against hanging, not a timing goal
+        if name == "delete":
+            assert isinstance(caught.value, PartialDeleteError) and caught.value.deleted == 0
+            assert "nothing was deleted" in str(caught.value)
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_frozen_store_fails_within_the_configured_limits(scheme, silent_endpoint, monkeypatch):
+    monkeypatch.setenv(READ_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(ATTEMPTS_ENV, "2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store = open_store(f"{scheme}://bucket/run", endpoint_url=silent_endpoint)
+    for name, operation in _store_operations(store).items():
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="did not answer") as caught:
+            operation()
+        # 2 attempts x 1 s plus backoff; without the limits this hangs for minutes
+        assert time.monotonic() - started < 20, name
+        assert "2 attempts" in str(caught.value) and READ_TIMEOUT_ENV in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_bad_limit_values_are_usage_errors(value, monkeypatch):
+    monkeypatch.setenv(ATTEMPTS_ENV, value)
+    with pytest.raises(UsageError, match=ATTEMPTS_ENV):
+        open_store("s3://bucket/run", endpoint_url="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("endpoint", ["garbage", "ftp://host:21", "http://", "http://host:port", "s3://bucket"])
+def test_invalid_endpoint_url_is_a_usage_error(endpoint, tmp_path):
+    with pytest.raises(UsageError, match="invalid endpoint URL"):
+        open_store("s3://bucket/run", endpoint_url=endpoint)
+    with pytest.raises(UsageError, match="invalid endpoint URL"):
+        open_store(str(tmp_path), endpoint_url=endpoint)  # wrong wherever it is given
+
+
+@pytest.mark.parametrize("variable, scheme", [("AWS_ENDPOINT_URL", "s3"), ("STORAGE_EMULATOR_HOST", "gs")])
+def test_invalid_endpoint_from_the_environment_names_the_variable(variable, scheme, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv(variable, "ftp://nowhere")
+    with pytest.raises(UsageError, match=variable):
+        open_store(f"{scheme}://bucket/run")
+
+
+# -- delete_many: what THIS call deleted, and where it stopped ----------------------------------
+def test_delete_many_counts_only_what_it_deleted(make_backend):
+    # S3 is left out: DeleteObjects says "deleted" for keys that were already gone (see _delete_s3).
+    for kind in ("local", "gs"):
+        backend = make_backend(kind)
+        root = make_tree(backend)
+        store = open_store(root)
+        doomed = sorted(TREE)[:3]
+        assert store.delete_many(doomed) == 3
+        assert store.delete_many(doomed) == 0, kind
+        assert store.delete_many(doomed + [sorted(TREE)[3]]) == 1, kind
+
+
+def test_concurrent_local_deletions_each_count_their_own(tmp_path):
+    files = {f"global_step_{i % 7}/policy/model_world_size_8_rank_{i}.pt": b"x" for i in range(400)}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    store = open_store(str(tmp_path))
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(lambda _: store.delete_many(sorted(files)), range(2)))
+    assert sum(counts) == len(files), counts
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_local_delete_stops_at_the_first_failure(tmp_path):
+    for name in ("a.pt", "b.pt", "d.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "c.pt").mkdir()  # unlink of a directory fails, for root too
+    with pytest.raises(PartialDeleteError) as caught:
+        open_store(str(tmp_path)).delete_many(["a.pt", "b.pt", "c.pt", "d.pt"])
+    assert caught.value.deleted == 2 and "2 of 4 objects were already deleted" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "d.pt"]  # nothing after the failure
+
+
+class FreezingProxy:
+    """A loopback TCP proxy in front of a real server that stops passing requests on once
+    ``freeze_after`` requests containing ``marker`` went through: later requests (and retries on
+    new connections) are swallowed unanswered, as by a store that hangs mid-way. Answers to
+    requests already passed on still come back."""
+
+    def __init__(self, upstream: str, marker: bytes, freeze_after: int):
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.marker, self.freeze_after, self.passed = marker, freeze_after, 0
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.upstream)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._backward, args=(upstream, client), daemon=True).start()
+
+    def _forward(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := client.recv(1 << 16):
+                with self.lock:
+                    if self.passed >= self.freeze_after:
+                        continue  # frozen: swallow
+                    self.passed += data.count(self.marker)
+                    if self.passed > self.freeze_after:
+                        continue
+                upstream.sendall(data)
+            upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _backward(self, upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(1 << 16):
+                client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.sockets:
+            s.close()
+
+
+def test_s3_delete_that_freezes_midway_reports_what_was_deleted(many_objects_root, monkeypatch):
+    backend, root, rels = many_objects_root
+    monkeypatch.setenv(READ_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(ATTEMPTS_ENV, "2")
+    proxy = FreezingProxy(backend.endpoint, marker=b"?delete", freeze_after=1)  # the 2nd DeleteObjects hangs
+    try:
+        with pytest.raises(PartialDeleteError) as caught:
+            open_store(root, endpoint_url=proxy.endpoint).delete_many(rels)
+    finally:
+        proxy.close()
+    error = caught.value
+    assert error.deleted == DELETE_BATCH and error.exit_code == 1
+    assert f"{DELETE_BATCH} of {N_MANY} objects were already deleted" in str(error) and "did not answer" in str(error)
+    assert backend.list_files(root) == rels[DELETE_BATCH:]  # deleted in the order given, and no further
+
+
+def test_gcs_delete_that_freezes_midway_reports_exactly_what_was_deleted(make_backend, monkeypatch):
+    backend = make_backend("gs")
+    total = 140
+    files = {f"global_step_{i // 20}/policy/model_world_size_20_rank_{i % 20}.pt": b"x" for i in range(total)}
+    root = make_tree(backend, files)
+    monkeypatch.setenv(READ_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(ATTEMPTS_ENV, "1")
+    proxy = FreezingProxy(backend.endpoint, marker=b"DELETE /", freeze_after=110)
+    try:
+        with pytest.raises(PartialDeleteError) as caught:
+            open_store(root, endpoint_url=proxy.endpoint).delete_many(sorted(files, key=natural_key))
+    finally:
+        proxy.close()
+    deleted = caught.value.deleted
+    assert 100 <= deleted <= 110, deleted  # the first batch of 100, then what passed before the freeze
+    assert f"{deleted} of {total} objects were already deleted" in str(caught.value)
+    assert len(backend.list_files(root)) == total - deleted  # GCS answers per object: the count is exact
+
+
+# -- order and file:// URLs -----------------------------------------------------------------------
+def test_walk_lists_numbers_in_natural_order(store_backend):
+    names = ["__10_0.distcp", "__2_0.distcp", "__2_1.distcp", "__1_0.distcp"]
+    files = {f"global_step_{s}/policy/{n}": b"x" for s in (10, 9, 100) for n in names}
+    root = make_tree(store_backend, files)
+    listed = [e.path for e in open_store(root).walk()]
+    order = ["__1_0.distcp", "__2_0.distcp", "__2_1.distcp", "__10_0.distcp"]
+    assert listed == [f"global_step_{s}/policy/{n}" for s in (9, 10, 100) for n in order]
+
+
+def test_file_urls_are_percent_decoded(tmp_path):
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "f.txt").write_bytes(b"abc")
+    for url in (f"file://{tmp_path}/my%20run", f"file://localhost{tmp_path}/my%20run"):
+        assert split_url(url) == ("file", str(tmp_path / "my run"))
+        assert open_store(url).read_bytes("f.txt") == b"abc"
+
+
+def test_read_json_names_a_corrupt_file(store_backend):
+    root = make_tree(store_backend, {"huggingface/config.json": b'{"architectures": [', "ok.json": b'{"a": 1}'})
+    store = open_store(root)
+    assert store.read_json("ok.json") == {"a": 1}
+    with pytest.raises(CorruptFileError, match=r"huggingface/config\.json: corrupt file, not valid JSON"):
+        store.read_json("huggingface/config.json")
+    with pytest.raises(NotFoundError):
+        store.read_json("missing.json")

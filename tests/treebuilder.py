@@ -1,25 +1,67 @@
 """Build SkyRL-shaped trees for the management-command tests (list, prune, resolve-resume).
 
-These commands decide everything from names, sizes and the pointer file and never open a
-tensor file, so the files here are small placeholders of a known size. Format tests use the
+These commands decide from names, sizes and the pointer file, plus the cheap deep check of the
+files they decide on (:mod:`ckptctl.formats.integrity`: a ``.pt`` file's zip directory, a
+``.safetensors`` header), and never read a tensor. So the files here are small stand-ins of a
+known size that pass that check: ``.pt`` files are well-formed ``torch.save``-style zips (a
+``data.pkl`` record, padded to the size asked for, or the smallest such zip when the size asked
+for is smaller), ``.safetensors`` files hold one uint8 tensor filling the file. Megatron
+``.metadata`` files are placeholders (a deep check calls them unreadable). Format tests use the
 real checkpoints written by torch and megatron-core (``realckpt``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import zipfile
+
+
+def torch_zip_bytes(size: int) -> bytes:
+    """A ``torch.save``-shaped zip (``archive/data.pkl`` plus a padding record) of exactly
+    ``size`` bytes, or the smallest one when ``size`` is smaller than that."""
+    def build(pad: int) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+            zf.writestr("archive/data/0", b"\0" * pad)
+        return buf.getvalue()
+
+    smallest = build(0)
+    return build(size - len(smallest)) if size > len(smallest) else smallest
+
+
+def safetensors_bytes(size: int) -> bytes:
+    """A safetensors file of exactly ``size`` bytes (at least 128): one uint8 tensor after a
+    space-padded header."""
+    size = max(size, 128)
+    for data_len in range(size, -1, -1):
+        header = json.dumps({"w": {"dtype": "U8", "shape": [data_len], "data_offsets": [0, data_len]}}).encode()
+        room = size - 8 - data_len
+        if room >= len(header):
+            header += b" " * (room - len(header))
+            return len(header).to_bytes(8, "little") + header + b"\1" * data_len
+    raise ValueError(size)
 
 
 def _write(path: str, size: int = 64, data: bytes | None = None) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if data is None:
+        if size and path.endswith(".pt"):
+            data = torch_zip_bytes(size)
+        elif size and path.endswith(".safetensors"):
+            data = safetensors_bytes(size)
+        else:
+            data = b"x" * size
     with open(path, "wb") as f:
-        f.write(data if data is not None else b"x" * size)
+        f.write(data)
 
 
 def fsdp_step(root: str, step: int, *, world: int = 2, critic: bool = False, missing: tuple[str, ...] = (),
               zero: tuple[str, ...] = (), trainer_state: bool = True, data: bool = True,
-              optimizer: bool = True, size: int = 100) -> str:
+              optimizer: bool = True, size: int = 300) -> str:
     """A SkyRL FSDP step: per-rank model/optim/extra_state files, fsdp_config.json, huggingface/.
 
     ``missing`` and ``zero`` name files (relative to the step dir) to leave out or make empty.
@@ -47,7 +89,7 @@ def fsdp_step(root: str, step: int, *, world: int = 2, critic: bool = False, mis
 
 
 def megatron_step(root: str, step: int, *, ranks: int = 2, nested: bool = False, metadata_json: bool = True,
-                  size: int = 100) -> str:
+                  size: int = 300) -> str:
     """A SkyRL Megatron step (names as dist_checkpointing's torch_dist strategy writes them)."""
     step_dir = os.path.join(root, f"global_step_{step}")
     base = os.path.join(step_dir, "policy", "dist_ckpt" if nested else "")
@@ -94,3 +136,36 @@ def export_step(root: str, step: int, *, shards: int = 1, missing_shard: int | N
 def pointer(root: str, value) -> None:
     """``latest_ckpt_global_step.txt``: a bare integer without a newline, like SkyRL writes."""
     _write(os.path.join(root, "latest_ckpt_global_step.txt"), data=str(value).encode())
+
+
+def age(root: str, seconds: float) -> None:
+    """Set the modification time of every file below ``root`` to ``seconds`` ago."""
+    import time
+
+    then = time.time() - seconds
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            os.utime(os.path.join(dirpath, name), (then, then))
+
+
+def place_runs(backend, workdir: str, builders) -> str:
+    """Write the files of each builder (``builder(dir)``) under one new root on ``backend``,
+    oldest first, so that modification times tell the runs apart as they would after real
+    training: locally each earlier run is aged by an hour more; on S3/GCS, where a file's time
+    is its upload time (whole seconds on S3), each later run is uploaded over 3 s later (more
+    than ckptctl.tree.MTIME_TOLERANCE).
+    Returns the root's URL."""
+    import time
+    import uuid
+
+    url = backend.new_root()
+    for i, build in enumerate(builders):
+        local = os.path.join(workdir, f"run-{uuid.uuid4().hex[:8]}")
+        os.makedirs(local)
+        build(local)
+        if backend.kind == "local":
+            age(local, 3600 * (len(builders) - i))
+        elif i:
+            time.sleep(3.1)
+        backend.upload_dir(local, url)
+    return url

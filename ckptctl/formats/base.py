@@ -13,12 +13,11 @@ module stays cheap.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ckptctl.errors import CkptctlError, NotFoundError
+from ckptctl.errors import CkptctlError, CorruptFileError, NotFoundError
 from ckptctl.formats.safe_load import CorruptCheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,15 +113,13 @@ def torch_dtype(info: TensorInfo, where: str) -> "torch.dtype":
 
 
 def read_json(store: "Store", rel: str) -> Any:
-    """The parsed JSON file ``rel`` of ``store``; None when it does not exist."""
+    """The parsed JSON file ``rel`` of ``store`` (:meth:`Store.read_json`); None when it does not exist."""
     try:
-        raw = store.read_bytes(rel)
+        return store.read_json(rel)
     except NotFoundError:
         return None
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"cannot read {store.url_of(rel)}: not valid JSON ({exc})") from exc
+    except CorruptFileError as exc:  # readers report damage as CorruptCheckpointError
+        raise CorruptCheckpointError(str(exc)) from exc
 
 
 class CheckpointReader:

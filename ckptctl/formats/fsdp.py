@@ -7,7 +7,8 @@ Per rank R of W (see shared/spec/checkpoint-layout.md, "FSDP policy/"):
 ``lr_scheduler_state.pt`` instead (one rank).
 
 Every file is read through :class:`~ckptctl.formats.torchzip.TorchZipFile`: metadata first
-(the pickled object tree with meta tensors, a few KiB of ranged reads), tensor bytes on demand.
+(the pickled object tree with meta tensors, a few KiB of ranged reads), tensor bytes on demand,
+CRC-checked on the bytes read.
 :meth:`FsdpReader.tensors` needs rank 0's model and optimizer files only: a DTensor carries its
 global shape, placements and mesh, from which every rank's slice follows (``torch.chunk``
 semantics along the sharded dim: trailing ranks may hold smaller or EMPTY shards); a legacy
@@ -33,12 +34,11 @@ buffers and without tied duplicates such as a tied ``lm_head.weight``), or
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from ckptctl.errors import NotFoundError
+from ckptctl.errors import CorruptFileError, NotFoundError
 from ckptctl.formats import safe_load
 from ckptctl.formats.base import MODEL, OPTIMIZER, CheckpointReader, Piece, TensorInfo
 from ckptctl.formats.safe_load import CorruptCheckpointError
@@ -212,8 +212,8 @@ class FsdpReader(CheckpointReader):
         config = None
         if CONFIG_FILE in sizes:
             try:
-                config = json.loads(self.store.read_bytes(CONFIG_FILE))
-            except (ValueError, UnicodeDecodeError):
+                config = self.store.read_json(CONFIG_FILE)
+            except CorruptFileError:
                 config = {"error": f"{CONFIG_FILE} is not valid JSON"}
         self._config = config if isinstance(config, dict) else None
         config_world = self._config.get("world_size") if self._config else None
@@ -549,7 +549,7 @@ class FsdpReader(CheckpointReader):
                     f"{zf.name}: {name}: rank {piece.rank} holds {tuple(local.shape)} {_dtype_name(local.dtype)}, "
                     f"expected {piece.sizes} {info.dtype}")
             index = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.sizes))
-            zf.materialize_into(local, out[index])  # straight into its place: no second copy
+            zf.materialize_into(local, out[index], name=name)  # straight into its place, CRC-checked
         return out
 
     def _local_tensor(self, entry: _Entry, zf: TorchZipFile, rank: int):
@@ -651,11 +651,13 @@ class FsdpReader(CheckpointReader):
                               else "indices"),
             "step": None,
         }
-        first = next((st for st in state.values() if isinstance(st, dict) and "step" in st), None)
+        index, first = next(((i, st) for i, st in state.items() if isinstance(st, dict) and "step" in st),
+                            (None, None))
         if first is not None:
             step = first["step"]
             if hasattr(step, "device"):
-                step = zf.materialize(step).item() if step.numel() == 1 else None
+                step = (zf.materialize(step, name=f"optimizer state {index}.step").item() if step.numel() == 1
+                        else None)
             if isinstance(step, float) and step.is_integer():
                 step = int(step)
             out["step"] = step

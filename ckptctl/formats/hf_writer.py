@@ -43,7 +43,10 @@ Local directory ``D``:
      those whose ``run.json`` names this host and a dead pid, or, without a ``run.json``,
      older than an hour). If such a run died in the middle of its non-atomic replace (step 5,
      fallback), the previous export it had moved aside is first renamed back to ``D``.
-  2. A non-empty ``D`` is refused (:class:`~ckptctl.errors.UsageError`) unless ``overwrite``.
+  2. A non-empty ``D`` is refused (:class:`~ckptctl.errors.UsageError`) unless ``overwrite`` and
+     it holds an HF model directory: only HF model files, weights included (the rule shared with
+     every output, :func:`ckptctl.output_dir.judge_destination`; never the current directory,
+     home, a checkpoint, or a directory with any other file).
   3. Everything is written into a sibling ``.{name}.ckptctl-tmp-{random}/new/`` (same
      filesystem), each file fsync'ed: shards, extra files, index, ``config.json``.
   4. ``D`` missing or empty: one ``rename(new, D)`` — atomic.
@@ -53,15 +56,17 @@ Local directory ``D``:
      supported: ``rename(D, tmp/old)`` then ``rename(new, D)``: ``D`` is missing between two
      syscalls; a crash there is repaired by step 1 of the next run (old export restored).
   A kill at any moment thus leaves either the old ``D`` or the complete new one, plus at most
-  a temp sibling that the next run removes. ``abort()`` removes the temp sibling.
+  a temp sibling that the next run removes. ``abort()`` removes the temp sibling, and so does
+  SIGTERM while writing (:class:`ckptctl.output_dir.TerminateAsInterrupt`: it raises like Ctrl-C).
   (Steps 1-5 are :class:`ckptctl.output_dir.LocalStaging`, shared with every command that
   writes a directory; the object-store side below streams shards straight to the store instead
   of staging them on local disk, so it stays here.)
 
 Object store prefix ``P`` (S3, GCS; no rename there):
-  1. A non-empty ``P`` is refused unless ``overwrite`` — or unless it holds the marker object
-     ``.ckptctl-export-incomplete`` and no ``config.json``: that is an export by ckptctl that
-     was interrupted, replaced without asking.
+  1. A non-empty ``P`` is refused unless ``overwrite`` and it holds an HF model directory (the
+     same rule as locally) — or unless it holds the marker object ``.ckptctl-export-incomplete``
+     and no ``config.json``: that is an export by ckptctl that was interrupted, replaced without
+     asking.
   2. Lazily, before the first data byte: the old ``config.json`` is deleted first (alone, so
      the old export stops looking complete even if the next step is cut short), the marker is
      written, then every other old object under ``P`` is deleted (one bulk delete): ``P``
@@ -102,8 +107,8 @@ from ckptctl.formats.base import TensorSize
 from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safetensors_header
 # INCOMPLETE_MARKER (object-store marker of an export in progress), TMP_INFIX and RUN_INFO (the
 # local temp sibling) are those of the shared output protocol.
-from ckptctl.output_dir import (INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
-                                pid_alive, rename_exchange)
+from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
+                                TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
 from ckptctl.storage import Store, open_store, translate_errors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -289,7 +294,7 @@ class HfWriteSummary:
     total_size: int  # tensor data bytes (the index's metadata.total_size)
     bytes_written: int  # every file, headers and JSON included
     dtype_counts: dict[str, int]
-    replaced: str | None = None  # None, "export" (overwrite) or "interrupted" (a dead run's leftovers)
+    replaced: str | None = None  # what was replaced, in words; "interrupted" (a dead run's leftovers); None
     cleaned: list[str] = field(default_factory=list)  # stale temp siblings removed (local)
     peak_buffered_bytes: int = 0  # most tensor bytes held in upload buffers at once (0 locally)
 
@@ -336,7 +341,7 @@ class _LocalTarget(LocalStaging):
     (:class:`ckptctl.output_dir.LocalStaging`), plus the streaming file operations."""
 
     def __init__(self, store: Store, overwrite: bool):
-        super().__init__(store, overwrite, what="export")
+        super().__init__(store, overwrite, kind=HF_EXPORT)
 
     def _exchange(self, a: str, b: str) -> bool:
         return _rename_exchange(a, b)
@@ -389,15 +394,14 @@ class _ObjectStoreTarget:
         self.block_size = upload_block_size
         self.written: list[str] = []
         self.marker_written = False
-        self.replaced: str | None = None
         self.cleaned: list[str] = []
-        existing = self._listing()
-        if existing and not overwrite:
-            if INCOMPLETE_MARKER in existing and CONFIG_NAME not in existing:
-                self.replaced = "interrupted"
-            else:
-                raise UsageError(f"{self.url}: destination is not empty ({len(existing)} objects; "
-                                 f"overwrite it with --overwrite)")
+        self.replaced = self._judge(self._listing())
+
+    def _judge(self, existing: list[str]) -> str | None:
+        """The shared rule (:func:`ckptctl.output_dir.judge_destination`): only an earlier HF
+        model directory is replaced, and only with ``overwrite``."""
+        return judge_destination(self.store, existing, kind=HF_EXPORT, overwrite=self.overwrite,
+                                 commit_last=(CONFIG_NAME,))
 
     def _listing(self) -> list[str]:
         try:
@@ -407,10 +411,7 @@ class _ObjectStoreTarget:
 
     def prepare(self) -> None:
         existing = self._listing()
-        if existing and not self.replaced:
-            if not self.overwrite:
-                raise UsageError(f"{self.url}: destination was filled by someone else meanwhile")
-            self.replaced = "export"
+        self.replaced = self._judge(existing)  # again: it may have been filled meanwhile
         if CONFIG_NAME in existing:
             self.store.delete_many([CONFIG_NAME])  # first, alone: the old export stops looking complete
         self.store.write_bytes(INCOMPLETE_MARKER, json.dumps({
@@ -540,6 +541,7 @@ class HfModelWriter:
         self._completed: list[str] = []
         self._bytes_written = 0
         self.peak_buffered_bytes = 0
+        self._sigterm = TerminateAsInterrupt()
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> "HfModelWriter":
@@ -560,6 +562,7 @@ class HfModelWriter:
                 self._open.clear()
                 if isinstance(self._target, _LocalTarget):
                     self._target.abort()
+                self._sigterm.restore()
         except Exception:
             pass
 
@@ -571,6 +574,7 @@ class HfModelWriter:
     def _start(self) -> None:
         if self._state == "new":
             self._state = "broken"
+            self._sigterm.install()  # before the staging exists: from here on, SIGTERM aborts like Ctrl-C
             self._target.prepare()
             self._state = "writing"
         elif self._state != "writing":
@@ -658,6 +662,7 @@ class HfModelWriter:
         self._bytes_written += len(config_data)
         self._target.commit()
         self._state = "finished"
+        self._sigterm.restore()
         return HfWriteSummary(
             dest=self.dest, files=list(self._completed), shard_files=list(self._files),
             shard_count=len(self._files), tensor_count=len(self._order), total_size=self.plan.total_size,
@@ -674,7 +679,10 @@ class HfModelWriter:
             self._target.discard(f)
         self._open.clear()
         self._state = "aborted"
-        self._target.abort()
+        try:
+            self._target.abort()
+        finally:
+            self._sigterm.restore()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ Metadata costs one read of ``.metadata`` and NO torch import: the pickle is deco
 :func:`ckptctl.formats.safe_load.load_pickle` with an allowlist (:data:`METADATA_GLOBALS`)
 that maps torch DCP's classes to small record classes defined here, ``torch.Size`` to
 ``tuple`` and dtypes to their names. Nothing the pickle names is ever imported or called,
-apart from those records and plain builtins. A tensor is read with one ranged read per chunk
-and decoded with :func:`~ckptctl.formats.safe_load.load_pt` (``weights_only``).
+apart from those records and plain builtins. A tensor is read with one ranged read per chunk,
+whose zip records are CRC-checked (:func:`~ckptctl.formats.torchzip.check_archive`; torch.load
+itself never checks) and decoded with :func:`~ckptctl.formats.safe_load.load_pt` (``weights_only``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from ckptctl.errors import CkptctlError, NotFoundError
 from ckptctl.formats.base import (MODEL, OPTIMIZER, OTHER, CheckpointReader, Piece, TensorInfo, dtype_size,
                                   read_json, torch_dtype)
 from ckptctl.formats.safe_load import CorruptCheckpointError, load_pickle, load_pt, to_plain
+from ckptctl.formats.torchzip import check_archive
+from ckptctl.storage import natural_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -202,6 +205,10 @@ class MegatronReader(CheckpointReader):
         self._objects: dict[str, ObjectInfo] | None = None
         self._transforms: dict[tuple[str, int], tuple[str, ...]] = {}
         self._metadata_json: tuple[dict | None] | None = None
+        # CRC-32 checks of the chunks (file, byte offset): those checked whole, and the record
+        # checks that partial reads (read_region) add up, finished by finish_crc_checks()
+        self._crc_verified: set[tuple[str, int]] = set()
+        self._crc_parts: dict[tuple[str, int], dict] = {}
 
     # -- locating and parsing .metadata -----------------------------------------------------
     @property
@@ -311,26 +318,53 @@ class MegatronReader(CheckpointReader):
             raise NotFoundError(f"{self.store.url}: no tensor named {name!r} in this Megatron checkpoint")
         return info
 
-    def _fetch(self, ranges: list[tuple[str, int, int]]) -> Iterator[bytes]:
-        """The bytes of each (file, offset, length), one ranged read each, in order."""
-        if self.store.is_local or len(ranges) < 2 or self.max_workers < 2:
-            for rel, off, length in ranges:
-                yield self.store.read_range(rel, off, off + length)
-            return
-        from concurrent.futures import ThreadPoolExecutor
+    def _where(self, piece: Piece, name: str) -> str:
+        return f"{self.store.url_of(piece.file)} (bytes {piece.byte_offset}+{piece.byte_length}, {name})"
 
-        with ThreadPoolExecutor(min(self.max_workers, len(ranges))) as pool:
-            yield from pool.map(lambda r: self.store.read_range(r[0], r[1], r[1] + r[2]), ranges)
-
-    def _decode(self, blob: bytes, piece: Piece, info: TensorInfo, dtype) -> "torch.Tensor":
-        import torch
-
-        where = f"{self.store.url_of(piece.file)} (bytes {piece.byte_offset}+{piece.byte_length}, {info.name})"
+    def read_chunk_bytes(self, piece: Piece, name: str) -> bytes:
+        """The ``torch.save`` blob of one chunk of tensor ``name`` (stream transforms undone):
+        one ranged read, its zip records CRC-checked on the bytes read (once per chunk)."""
+        where = self._where(piece, name)
+        blob = self.store.read_range(piece.file, piece.byte_offset, piece.byte_offset + piece.byte_length)
         if len(blob) != piece.byte_length:
             raise CorruptCheckpointError(f"cannot read {where}: truncated ({len(blob)} of {piece.byte_length} bytes)")
         descriptors = self._transforms.get((piece.file, piece.byte_offset))
         if descriptors:
             blob = _untransform(blob, descriptors, where)
+        key = (piece.file, piece.byte_offset)
+        if key not in self._crc_verified:
+            check_archive(blob, where)
+            self._crc_verified.add(key)
+            self._crc_parts.pop(key, None)  # checked whole: what partial reads added is moot
+        return blob
+
+    def finish_crc_checks(self) -> None:
+        """Finish the CRC checks that partial chunk reads (:meth:`read_region`) started: read the
+        bytes of those records no read covered, and compare. Call it before committing."""
+        for key, checks in list(self._crc_parts.items()):
+            for check in checks.values():
+                check.complete()
+            if checks:  # the chunk's tensor data is checked (its data.pkl was, when it was read)
+                self._crc_verified.add(key)
+            self._crc_parts.pop(key, None)
+
+    def _read_chunks(self, pieces: list[Piece], name: str) -> Iterator[bytes]:
+        """:meth:`read_chunk_bytes` of each piece, in order; on object stores several at once
+        (the CRC checks run in those threads too: zlib releases the GIL)."""
+        if self.store.is_local or len(pieces) < 2 or self.max_workers < 2:
+            for piece in pieces:
+                yield self.read_chunk_bytes(piece, name)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(self.max_workers, len(pieces))) as pool:
+            yield from pool.map(lambda p: self.read_chunk_bytes(p, name), pieces)
+
+    def _decode(self, blob: bytes, piece: Piece, info: TensorInfo, dtype) -> "torch.Tensor":
+        """The chunk tensor in ``blob`` (from :meth:`read_chunk_bytes`)."""
+        import torch
+
+        where = self._where(piece, info.name)
         numel = math.prod(piece.sizes)
         if blob[:4] == ZIP_MAGIC:
             t = load_pt(blob, name=where)
@@ -367,8 +401,7 @@ class MegatronReader(CheckpointReader):
             shape = shape[1:]
         out = torch.empty(shape, dtype=dtype)
         covered = 0
-        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p in pieces])
-        for piece, blob in zip(pieces, blobs):
+        for piece, blob in zip(pieces, self._read_chunks(pieces, name)):
             chunk = self._decode(blob, piece, info, dtype)
             if index is not None:
                 chunk = chunk[index - piece.offsets[0]]
@@ -392,7 +425,9 @@ class MegatronReader(CheckpointReader):
         chunks that overlap it. A chunk the block covers only in part is not read whole when
         that saves enough (see ``REGION_*``): its ``torch.save`` blob is opened as a zip through
         ranged reads (:class:`~ckptctl.formats.torchzip.TorchZipFile`: directory, ``data.pkl``)
-        and only the bytes between the first and the last element needed are fetched."""
+        and only the bytes between the first and the last element needed are fetched. Such
+        partial reads add up to the chunk's CRC check across calls: call
+        :meth:`finish_crc_checks` before trusting (committing) the results."""
         import torch
 
         info = self._info(name)
@@ -423,7 +458,7 @@ class MegatronReader(CheckpointReader):
                 continue
             out[dest] = block
             covered += block.numel()
-        blobs = self._fetch([(p.file, p.byte_offset, p.byte_length) for p, _, _ in whole])
+        blobs = self._read_chunks([p for p, _, _ in whole], name)
         for (p, local, dest), blob in zip(whole, blobs):
             chunk = self._decode(blob, p, info, dtype)[local]
             out[dest] = chunk
@@ -454,7 +489,9 @@ class MegatronReader(CheckpointReader):
         last = sum((s.stop - 1) * st for s, st in zip(local, strides))
         if not item or (last - first + 1) * item > self.REGION_MAX_FRACTION * piece.byte_length:
             return None
-        zf = TorchZipFile(_BlobStore(self.store, piece), "blob", size=piece.byte_length)
+        key = (piece.file, piece.byte_offset)
+        checks = {} if key in self._crc_verified else self._crc_parts.setdefault(key, {})
+        zf = TorchZipFile(_BlobStore(self.store, piece), "blob", size=piece.byte_length, crc_checks=checks)
         meta = zf.metadata()
         if (not isinstance(meta, torch.Tensor) or zf.legacy or zf.byteorder != sys.byteorder
                 or tuple(meta.shape) != tuple(piece.sizes) or meta.dtype != dtype
@@ -464,7 +501,7 @@ class MegatronReader(CheckpointReader):
         stride = meta.stride()
         lo = loc.storage_offset + sum(s.start * st for s, st in zip(local, stride))
         hi = loc.storage_offset + sum((s.stop - 1) * st for s, st in zip(local, stride)) + 1
-        data = zf.read_storage_bytes(loc.storage.key, lo * item, hi * item)
+        data = zf.read_storage_bytes(loc.storage.key, lo * item, hi * item, tensor=info.name)
         with warnings.catch_warnings():  # not writable: only ever copied into the caller's output
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(data, dtype=dtype)
@@ -480,6 +517,7 @@ class MegatronReader(CheckpointReader):
         where = f"{self.store.url_of(obj.file)} (bytes {obj.byte_offset}+{obj.byte_length}, {name})"
         if len(blob) != obj.byte_length:
             raise CorruptCheckpointError(f"cannot read {where}: truncated")
+        check_archive(blob, where)
         return load_pt(blob, name=where, extra_stand_ins=self.extra_stand_ins)
 
     # -- summary ------------------------------------------------------------------------------
@@ -588,23 +626,33 @@ class MegatronReader(CheckpointReader):
             if isinstance(rng, dict):
                 out["rng"]["keys"] = sorted(map(str, rng))
 
+    def data_file_extents(self) -> dict[str, int]:
+        """Every data file ``.metadata`` names (relative to the component) and the end of its last
+        chunk (every ``_StorageInfo``: tensors, objects, ``_extra_state``): the size the file must
+        at least have."""
+        md = self._load_metadata()
+        need: dict[str, int] = defaultdict(int)
+        try:
+            for si in md.storage_data.values():
+                rel = self.prefix + str(si.relative_path)
+                need[rel] = max(need[rel], int(si.offset) + int(si.length))
+        except (TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"cannot read {self.store.url_of(self._rel_raw(METADATA_FILE))}: "
+                                         f"a storage entry without file, offset or length ({exc})") from exc
+        return dict(need)
+
     def _check_files(self, files: list[str], infos: list[TensorInfo], objs: list[ObjectInfo]) -> list[str]:
         try:
             listing = {f.path: f.size for f in self.store.walk()}
         except CkptctlError as exc:
             return [f"could not list {self.store.url}: {exc}"]
-        need: dict[str, int] = defaultdict(int)
-        for t in infos:
-            for p in t.pieces:
-                need[p.file] = max(need[p.file], p.byte_offset + p.byte_length)
-        for o in objs:
-            need[o.file] = max(need[o.file], o.byte_offset + o.byte_length)
+        need = self.data_file_extents()
         problems = []
-        missing = sorted(f for f in files if f not in listing)
+        missing = sorted((f for f in files if f not in listing), key=natural_key)
         if missing:
             problems.append(f"missing data files named in {self._rel(METADATA_FILE)}: {', '.join(missing[:8])}"
                             + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-        for f, end in sorted(need.items()):
+        for f, end in sorted(need.items(), key=lambda item: natural_key(item[0])):
             if f in listing and listing[f] < end:
                 problems.append(f"{f} is truncated: {listing[f]} bytes, chunks need {end}")
         return problems

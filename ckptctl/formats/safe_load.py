@@ -387,7 +387,7 @@ def load_pt(source: str | BinaryIO | bytes, *, name: str | None = None, mmap: bo
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
             TypeError, OSError, IndexError, AssertionError, OverflowError, struct.error) as exc:
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, (FileNotFoundError, PermissionError)):  # not damage: the CLI says "not found"/"access denied"
             raise
         culprits = []
         if isinstance(exc, pickle.UnpicklingError):

@@ -16,7 +16,6 @@ standalone model: each adapted weight is read with its two small factors and mer
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import time
@@ -61,6 +60,7 @@ class ExportSummary:
     warnings: list[str] = field(default_factory=list)
     lora: dict | None = None  # a LoRA model: merged or not, adapted modules, scaling settings
     verified: bool = False
+    replaced: str | None = None  # what --overwrite replaced at the destination, in words
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -99,27 +99,40 @@ def component_at(store: Store, files: list[FileEntry]) -> Component:
 
 def chosen_step(tree: Tree) -> Step | None:
     """The step a command given a whole tree works on: the pointer target when it is complete,
-    else the newest complete step."""
+    else the newest complete step of the current run (:class:`ckptctl.tree.CurrentRun`: never an
+    older run's higher step above the pointer)."""
     target = tree.pointer_target
-    return target if target is not None and target.complete else tree.newest_complete
+    return target if target is not None and target.complete else tree.current_run.newest_complete
 
 
-def resolve_component(store: Store, component: str) -> tuple[Store, Component, int | None, list[str]]:
+def check_component_choice(store: Store, comp: Component, component: str | None) -> None:
+    """A component directory given as SRC with ``--component`` naming another one: a usage error
+    (the option would otherwise be silently ignored)."""
+    if component and store.name in MODEL_COMPONENTS and store.name != component:
+        raise UsageError(f"{store.url} is the {store.name}/ component, but --component {component} was given "
+                         f"(pass the step directory to choose, or drop --component)")
+
+
+def resolve_component(store: Store, component: str | None) -> tuple[Store, Component, int | None, list[str]]:
     """Find the model component to export in a tree, a step directory or a component directory.
 
+    ``component``: policy or critic (None: policy in a step or tree, whichever SRC is when it is
+    a component directory; naming another one than SRC is is a usage error).
     Returns (store rooted at the component's parent, component, step, notes)."""
     kind, found, _ = locate(store)
     notes: list[str] = []
     if kind == COMPONENT:
         if found.backend == UNKNOWN:
             raise NotACheckpointError(f"{store.url}: not a checkpoint tree, step or model component")
+        check_component_choice(store, found, component)
         return store.parent(), found, parse_step_name(store.parent().name), notes
+    component = component or "policy"
     if kind == TREE:
         tree = scan_tree(store)
         step = chosen_step(tree)
         if step is None:
             raise NotACheckpointError(f"{store.url}: no complete step to export")
-        why = "pointer target" if step is tree.pointer_target else "newest complete step"
+        why = "pointer target" if step is tree.pointer_target else "newest complete step of the current run"
         notes.append(f"exporting {step.name}, the {why}")
         parent = store
     else:
@@ -175,7 +188,7 @@ def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[
         raise CkptctlError(f"{store.url_of(comp.path)}: no {HF_DIR}/config.json, so the model architecture is "
                            "unknown; SkyRL writes it with every checkpoint")
     comp_store = store.child(comp.path)
-    config = json.loads(comp_store.read_bytes(posixpath.join(rel_dir, "config.json")))
+    config = comp_store.read_json(posixpath.join(rel_dir, "config.json"))
     extra = {n: comp_store.read_bytes(posixpath.join(rel_dir, n)) for n in names
              if n != "config.json" and "/" not in n and not n.endswith((".safetensors", ".bin", ".pt"))
              and n != "model.safetensors.index.json"}
@@ -367,7 +380,7 @@ def _prefetched(items: Iterator[Any], slots: int = PREFETCH_SLOTS) -> Iterator[A
         thread.join()
 
 
-def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "auto",
+def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = "auto",
               max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
               verify: bool = True, endpoint_url: str | None = None,
               progress: Callable[[int, int], None] | None = None) -> ExportSummary:
@@ -380,7 +393,7 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if component not in MODEL_COMPONENTS:
+    if component is not None and component not in MODEL_COMPONENTS:
         raise UsageError(f"--component must be policy or critic, not {component!r}")
     src_store = open_store(src, endpoint_url=endpoint_url)
     dst_store = open_store(out, endpoint_url=endpoint_url)
@@ -465,5 +478,6 @@ def export_hf(src: str, out: str, *, component: str = "policy", dtype: str = "au
     summary.files = list(result.files)
     summary.dtypes_written = dict(result.dtype_counts)
     summary.verified = verify
+    summary.replaced = result.replaced
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary

@@ -7,16 +7,16 @@ pickle goes through :mod:`ckptctl.formats.safe_load`.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptctl.errors import CkptctlError, NotACheckpointError, NotFoundError, UsageError
+from ckptctl.errors import CorruptFileError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import MODEL, TensorInfo
-from ckptctl.ops.export import HF_DIR, LORA_DIR, STEP, TREE, chosen_step, locate
+from ckptctl.formats.integrity import deep_check_component, deep_check_step
+from ckptctl.ops.export import HF_DIR, LORA_DIR, STEP, TREE, check_component_choice, chosen_step, locate
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import HF, MEGATRON, UNKNOWN, Component, Step, scan_tree
 
@@ -64,10 +64,14 @@ class InspectReport:
     data_loader: dict[str, Any] | None = None
     files: dict[str, Any] | None = None  # for a single file
     warnings: list[str] = field(default_factory=list)
+    # the inspected step's (or component's) problems, deep checks included; None for a file
+    complete: bool | None = None
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
-            "url": self.url, "kind": self.kind, "step": self.step, "tree": self.tree,
+            "url": self.url, "kind": self.kind, "step": self.step, "complete": self.complete,
+            "problems": self.problems, "tree": self.tree,
             "components": [c.to_dict() for c in self.components],
             "trainer_state": self.trainer_state, "data_loader": self.data_loader, "file": self.files,
             "warnings": self.warnings,
@@ -87,11 +91,9 @@ def _dig(data: Any, dotted: str) -> Any:
 def read_model_config(store: Store, rel: str) -> dict[str, Any] | None:
     """The architecture summary from an HF ``config.json``; None when absent."""
     try:
-        config = json.loads(store.read_bytes(rel))
+        config = store.read_json(rel)
     except NotFoundError:
         return None
-    except ValueError as exc:
-        raise CkptctlError(f"{store.url_of(rel)}: not valid JSON ({exc})") from exc
     return {k: config[k] for k in CONFIG_FIELDS if k in config}
 
 
@@ -188,10 +190,10 @@ def lora_summary(comp_store: Store, comp: Component, model: list[TensorInfo], wa
     rel = f"{LORA_DIR}/{ADAPTER_CONFIG}"
     if any(f.path == rel for f in comp.files):
         try:
-            config = json.loads(comp_store.read_bytes(rel))
+            config = comp_store.read_json(rel)
             out["adapter_config"] = {k: config.get(k) for k in _ADAPTER_KEYS if k in config}
-        except ValueError as exc:
-            warnings.append(f"{rel}: not valid JSON ({exc})")
+        except CorruptFileError as exc:
+            warnings.append(str(exc))
     elif peft_state:
         warnings.append(f"a LoRA (PEFT) model without {rel}: export-hf cannot copy or merge its adapter")
     return out
@@ -199,9 +201,12 @@ def lora_summary(comp_store: Store, comp: Component, model: list[TensorInfo], wa
 
 def _inspect_step(store: Store, step: Step, report: InspectReport, *, with_tensors: bool, with_config: bool,
                   component: str | None, allow_globals: tuple[str, ...]) -> None:
-    """Fill ``report`` from a step; ``store`` is rooted at the step's parent."""
+    """Fill ``report`` from a step; ``store`` is rooted at the step's parent. The step is
+    deep-checked first (file sizes against their own indexes): its problems lead the report."""
     report.step = step.step if step.step >= 0 else None
-    report.warnings += [f"incomplete: {p}" for p in step.problems] + step.notes
+    deep_check_step(store, step)
+    report.complete, report.problems = step.complete, list(step.problems)
+    report.warnings += step.notes
     for comp in step.components.values():
         if component and comp.name != component:
             continue
@@ -229,10 +234,14 @@ def _inspect_file(store: Store, report: InspectReport, allow_globals: tuple[str,
 
         report.files = {"format": "safetensors", **read_safetensors_header(parent, name)}
     elif name.endswith(".json"):
-        report.files = {"format": "json", "content": json.loads(parent.read_bytes(name))}
+        report.files = {"format": "json", "content": parent.read_json(name)}
     elif name == ".metadata" or name.endswith(".distcp"):
         raise UsageError(f"{store.url}: part of a torch DCP / Megatron checkpoint; inspect its directory instead")
     else:
+        head = parent.read_range(name, 0, 4)
+        if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip archive (torch.save) nor a pickle
+            raise NotACheckpointError(f"{store.url}: not a checkpoint file (not a torch.save archive, pickle, "
+                                      "safetensors or JSON file)")
         state = _load_state_file(parent, name, allow_globals)
         report.files = {"format": "torch.save", "content": describe_object(state)}
 
@@ -277,12 +286,13 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
         tree = scan_tree(store)
         step = chosen_step(tree) or tree.pointer_target
         report.kind = "tree"
-        report.tree = {"kind": tree.kind, "steps": [s.step for s in tree.steps],
-                       "pointer": tree.pointer.step, "newest_complete": tree.newest_complete.step
-                       if tree.newest_complete else None, "warnings": tree.warnings()}
         if step is None:
             raise NotACheckpointError(f"{store.url}: no step to inspect")
         _inspect_step(store, step, report, **kw)
+        # after the step's deep check: a damaged step is no longer the newest complete one
+        report.tree = {"kind": tree.kind, "steps": [s.step for s in tree.steps],
+                       "pointer": tree.pointer.step, "newest_complete": tree.newest_complete.step
+                       if tree.newest_complete else None, "warnings": tree.warnings()}
         report.warnings.insert(0, f"inspected {step.name} (the "
                                + ("pointer target" if step is tree.pointer_target else "newest complete step") + ")")
         return report
@@ -292,7 +302,10 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
         return report
     if found.backend == UNKNOWN:
         raise NotACheckpointError(f"{store.url}: not a checkpoint tree, step, component or checkpoint file")
+    check_component_choice(store, found, component)
     report.kind = "component"
+    deep_check_component(store.parent(), found)
+    report.complete, report.problems = found.complete, list(found.problems)
     report.components.append(inspect_component(store.parent(), found, with_tensors=with_tensors,
                                                 allow_globals=allow_globals))
     return report

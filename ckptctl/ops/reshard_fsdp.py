@@ -48,6 +48,9 @@ the target rank holds, by ranged reads of the source shards that overlap them (a
 from :class:`~ckptctl.formats.torchzip.TorchZipFile` narrowed to the rows, then
 materialised), so peak memory is about one target rank's model (or optimizer) file, and the
 source is read about once per target rank's share. Small replicated tensors are read once.
+Every byte read is CRC-checked: a shard read in row ranges by several target ranks adds its
+parts up, and what no target rank needed (padding) is read before the commit, so a corrupted
+source fails the run instead of being re-saved under fresh, valid CRCs.
 
 DTensors without a process group: the target mesh is a real
 :class:`~torch.distributed.device_mesh.DeviceMesh` built with ``_init_backend=False`` and
@@ -87,8 +90,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
 from ckptctl.formats.safe_load import CorruptCheckpointError
+from ckptctl.formats.side_files import is_checked, read_side_file
 from ckptctl.ops.export import STEP, TREE, component_at, locate
-from ckptctl.output_dir import OutputDir, refuse_overlap
+from ckptctl.output_dir import OUTPUT_MARKER, RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, UNKNOWN, Component, parse_step_name
 
@@ -110,6 +114,9 @@ CACHE_TOTAL = 256 * 1024 * 1024
 OPTIMIZER_PREFIX = "optimizer.state."
 #: Device type of the target meshes when the source has none (plain tensors): SkyRL trains on GPUs.
 DEFAULT_DEVICE_TYPE = "cuda"
+#: ``--device-type`` values: the device types a DeviceMesh of a training run can have (CPU/gloo,
+#: NVIDIA/AMD GPUs, Intel XPU, Gaudi HPU, Ascend NPU, MTIA).
+DEVICE_TYPES = ("cuda", "cpu", "xpu", "hpu", "npu", "mtia")
 
 RNG_RULE = ("target rank r takes the extra state of source rank r mod W_source (RNG streams cpu/numpy/"
             "random/cuda, lr_scheduler, client_state, ...); its world_size and rank fields are set to W and r")
@@ -260,8 +267,16 @@ class _SourceFiles:
             for d, (l, h, o) in enumerate(zip(lo, hi, piece.offsets)):
                 if l - o != 0 or h - o != view.shape[d]:
                     view = view.narrow(d, l - o, h - l)
-            zf.materialize_into(view, out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))])
+            # rows of a shard: partial reads whose CRC checks add up across target ranks
+            zf.materialize_into(view, out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))],
+                                name=info.name, partial=True)
         return out
+
+    def finish_crc_checks(self) -> None:
+        """Finish the CRC checks of every source record read in parts (reads what no target rank
+        needed, e.g. padding): a corrupt source fails here, before the commit."""
+        for zf in list(self._zips.values()):
+            zf.finish_crc_checks()
 
 
 def _lookup(tree: Any, path: tuple, file: str, name: str) -> Any:
@@ -284,7 +299,7 @@ def _plain_data(obj: Any, zf: "TorchZipFile", what: str) -> Any:
     if isinstance(obj, (safe_load.PickledObject, safe_load.TensorStandIn)):
         raise CkptctlError(f"{zf.name}: {what} holds a {obj.qualname}, which ckptctl cannot write back")
     if isinstance(obj, torch.Tensor):
-        return zf.materialize(obj).clone()
+        return zf.materialize(obj, name=what).clone()
     if isinstance(obj, OrderedDict):
         return OrderedDict((k, _plain_data(v, zf, what)) for k, v in obj.items())
     if isinstance(obj, dict):
@@ -379,11 +394,13 @@ class _ComponentJob:
         self.source_world = reader.world_size
         self.strategy = summary.get("strategy")
         self.config = summary.get("fsdp_config")
+        if isinstance(self.config, dict) and "error" in self.config:
+            read_side_file(comp_store, CONFIG_FILE)  # invalid JSON: refused (raises), never dropped or copied
         self.source_mesh = summary.get("mesh")
         self.files = summary.get("files") or {}
         self.src = _SourceFiles(reader, {f.path: f.size for f in comp.files})
-        self.copy_files = [f.path for f in comp.files
-                           if not FSDP_RANK_FILE_RE.match(f.path) and f.path != CONFIG_FILE]
+        self.copy_files = [f.path for f in comp.files  # (a resharded source's marker is not carried over)
+                           if not FSDP_RANK_FILE_RE.match(f.path) and f.path not in (CONFIG_FILE, OUTPUT_MARKER)]
 
         model = [t for t in infos.values() if t.group == MODEL]
         if any(t.layout == "sharded_tensor" for t in model):
@@ -553,15 +570,13 @@ class _ComponentJob:
             rels = [posixpath.join(prefix, f) for f in files]
             written += rels
             publish([r for r in rels if posixpath.basename(r) != self.target_file("model", 0)])
+        self.src.finish_crc_checks()
         if self.writes_config:
             with open(os.path.join(base, CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump({**self.config, "world_size": self.world}, f, indent=4)
             written.append(posixpath.join(prefix, CONFIG_FILE))
-        elif self.config is not None:
-            self.warnings.append(f"{self.name}: {CONFIG_FILE} is not valid JSON: not written (the world size is in "
-                                 "the file names)")
         for rel in self.copy_files:
-            _copy_file(self.store, rel, os.path.join(base, *rel.split("/")))
+            _copy_file(self.store, rel, os.path.join(base, *rel.split("/")), self.src.extra_stand_ins)
         return written, [posixpath.join(prefix, rel) for rel in self.copy_files]
 
     @staticmethod
@@ -635,11 +650,13 @@ class _ComponentJob:
         import torch
 
         from ckptctl.formats.safe_load import load_pt
+        from ckptctl.formats.torchzip import check_archive
 
         src_rank = rank % self.source_world
         rel = self._rank_file("extra_state", src_rank)
         name = self.target_file("extra_state", rank)
         data = self.store.read_bytes(rel)
+        check_archive(data, self.store.url_of(rel))  # rewritten below: its CRCs are checked first
         extra = load_pt(data, name=self.store.url_of(rel), extra_stand_ins=self.src.extra_stand_ins)
         if _has_stand_ins(extra) or not isinstance(extra, dict):
             with open(os.path.join(base, name), "wb") as f:  # cannot be rewritten faithfully: kept as is
@@ -667,8 +684,15 @@ class _ComponentJob:
             tensors_replicated=sum(s.how in ("plain", "replicate_dtensor") for s in slots), files=files, copied=copied)
 
 
-def _copy_file(store: Store, rel: str, dest: str) -> None:
+def _copy_file(store: Store, rel: str, dest: str, extra_stand_ins: Iterable[str] = ()) -> None:
+    """Copy a side file unchanged; one whose format can be checked (.pt, .json) is checked first
+    (:mod:`ckptctl.formats.side_files`): a damaged one fails the run instead of being copied."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if is_checked(rel):
+        data = read_side_file(store, rel, extra_stand_ins=extra_stand_ins)
+        with open(dest, "wb") as out:
+            out.write(data)
+        return
     with store.open(rel, "rb") as src, open(dest, "wb") as out:
         shutil.copyfileobj(src, out, 8 * 1024 * 1024)
 
@@ -707,8 +731,9 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
     started = time.perf_counter()
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"--world-size must be a positive integer, not {world_size!r}")
-    if device_type is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", str(device_type)):
-        raise UsageError(f"--device-type must be a torch device type such as cuda or cpu, not {device_type!r}")
+    if device_type is not None and device_type not in DEVICE_TYPES:
+        raise UsageError(f"--device-type must be a DeviceMesh device type ({', '.join(DEVICE_TYPES)}), "
+                         f"not {device_type!r}")
     stand_ins = tuple(extra_stand_ins)
     src_store = open_store(src, endpoint_url=endpoint_url)
     dst_store = open_store(out, endpoint_url=endpoint_url)
@@ -732,7 +757,8 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
             jobs.append((name, _ComponentJob(src_store.child(name), comp, name, world_size,
                                              drop_optimizer=drop_optimizer, w1_plain=w1_plain,
                                              device_type=device_type, extra_stand_ins=stand_ins)))
-        step_copies = [f.path for f in files if f.path.split("/", 1)[0] not in step.components]
+        step_copies = [f.path for f in files if f.path.split("/", 1)[0] not in step.components
+                       and f.path != OUTPUT_MARKER]
 
     commit_last: list[str] = []
     for prefix, job in jobs:
@@ -755,7 +781,8 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
         if progress:
             progress(done[0], total)
 
-    with OutputDir(dst_store.url, overwrite=overwrite, commit_last=tuple(commit_last), store=dst_store) as outdir:
+    with OutputDir(dst_store.url, overwrite=overwrite, commit_last=tuple(commit_last), kind=RESHARD,
+                   source=src_store.url, store=dst_store) as outdir:
         copied_all: list[str] = []
         for prefix, job in jobs:
             written, copied = job.write(outdir.staging, prefix, outdir.publish, on_bytes)
@@ -764,7 +791,7 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
             summary.components.append(job.result(written, copied))
             summary.warnings.extend(job.warnings)
         for rel in step_copies:
-            _copy_file(src_store, rel, os.path.join(outdir.staging, *rel.split("/")))
+            _copy_file(src_store, rel, os.path.join(outdir.staging, *rel.split("/")), stand_ins)
             if rel != TRAINER_STATE:
                 outdir.publish([rel])
             copied_all.append(rel)

@@ -34,8 +34,10 @@ tests against megatron-core's ``sharded_state_dict`` at the target layout):
 Each target rank reads only the source chunks overlapping its own chunks, by ranged reads
 (:meth:`~ckptctl.formats.megatron.MegatronReader.read_region`: a large source chunk needed only
 in part is read by the byte span of that part); a target chunk identical to a source chunk is
-copied byte for byte. Memory is bounded by one target chunk plus its source bytes, whatever
-the model size.
+copied byte for byte. Every source chunk's CRC-32 is checked on the bytes read (chunks read in
+parts add up their parts, and the rest is read before the commit), so corrupted bytes fail the
+run instead of being written out under fresh CRCs. Memory is bounded by one target chunk plus
+its source bytes, whatever the model size.
 
 Optimizer state in a layout-bound format (``dp_reshardable``: flattened per-bucket buffers,
 ``dp_zero_gather_scatter``, the N-D flattened ``fully_sharded_model_space``) can only change
@@ -71,8 +73,10 @@ from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSO
                                         data_file_name, metadata_bytes)
 from ckptctl.formats.megatron import _OPT_RE, _OPT_STATE_RE, _PER_LAYER_RE, MegatronReader, _model_key
 from ckptctl.formats.megatron import _STACKED_PREFIX as _STACKED
+from ckptctl.formats.side_files import read_side_file
+from ckptctl.formats.torchzip import check_archive
 from ckptctl.ops.export import HF_DIR, resolve_component
-from ckptctl.output_dir import OutputDir, refuse_overlap
+from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import MEGATRON
 
@@ -507,10 +511,7 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
         """The chunk's bytes (a source blob copied as is) or its tensor (assembled)."""
         p = t.verbatim
         if p is not None and (p.file, p.byte_offset) not in reader._transforms:
-            blob = store.read_range(p.file, p.byte_offset, p.byte_offset + p.byte_length)
-            if len(blob) != p.byte_length:
-                raise CkptctlError(f"{store.url_of(p.file)}: truncated chunk of {t.key}")
-            return blob
+            return reader.read_chunk_bytes(p, t.key)  # CRC-checked: copied bytes are good bytes
         return reader.read_region(t.key, t.offsets, t.sizes)
 
     # One chunk ahead: the next chunk is read and assembled while this one is serialised.
@@ -533,6 +534,7 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
             data = store.read_range(o.file, o.byte_offset, o.byte_offset + o.byte_length)
             if len(data) != o.byte_length:
                 raise CkptctlError(f"{store.url_of(o.file)}: truncated object {o.key}")
+            check_archive(data, f"{store.url_of(o.file)} (bytes {o.byte_offset}+{o.byte_length}, {o.key})")
             w.add_bytes(o.key, data)
     return RankResult(rank, [e.as_tuple() for e in w.entries], rel, verbatim, _bytes_read(store) - read_before)
 
@@ -541,21 +543,27 @@ def _write_ranks(reader, plan: ReshardPlan, ranks: range, outdir: OutputDir, pre
                  on_bytes: Callable[[int], None], published: list[str]) -> list[RankResult]:
     """Write the target ranks ``ranks`` into ``outdir``; each data file is published as soon as
     it is written (object stores: uploaded, so local disk holds one file at a time) and added to
-    ``published``."""
+    ``published``. Ends with the CRC checks of source chunks read only in parts (a corrupt
+    source fails here, before anything is committed)."""
     results = []
     for rank in ranks:
         res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
         if res.file:
             published += outdir.publish([res.file])
         results.append(res)
+    reader.finish_crc_checks()
     return results
 
 
 def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: OutputDir, prefix: str,
             uploaded: Iterable[str] = ()) -> list[str]:
     """``.metadata``, ``common.pt``, ``metadata.json`` and the component's ``huggingface/``
-    (config + tokenizer) into the staging directory, then the commit; returns the files."""
+    (config + tokenizer) into the staging directory, then the commit; returns the files. The
+    copied files are checked first (:mod:`ckptctl.formats.side_files`): damage is refused."""
     store = reader.store
+
+    def copied(rel: str) -> bytes:
+        return read_side_file(store, rel, extra_stand_ins=reader.extra_stand_ins)
 
     def put(rel: str, data: bytes) -> None:
         path = os.path.join(outdir.staging, *rel.split("/"))
@@ -568,26 +576,24 @@ def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: Output
                         checkpoint_id=outdir.store.url_of(prefix.rstrip("/")))
     put(prefix + METADATA_FILE, metadata_bytes(md))
     try:
-        put(prefix + COMMON_FILE, store.read_bytes(prefix + COMMON_FILE))
+        put(prefix + COMMON_FILE, copied(prefix + COMMON_FILE))
     except NotFoundError:
         pass
-    put(prefix + METADATA_JSON, store.read_bytes(prefix + METADATA_JSON))
+    put(prefix + METADATA_JSON, copied(prefix + METADATA_JSON))
     try:  # a listing of huggingface/ only: the whole component was listed once already
         hf_files = [f.path for f in store.child(HF_DIR).walk()]
     except CkptctlError:
         hf_files = []
     for rel in hf_files:
-        put(f"{HF_DIR}/{rel}", store.read_bytes(f"{HF_DIR}/{rel}"))
+        put(f"{HF_DIR}/{rel}", copied(f"{HF_DIR}/{rel}"))
     return outdir.commit(uploaded=uploaded)
 
 
 def _hf_config(comp: Store) -> dict | None:
     """The component's ``huggingface/config.json`` (plain JSON), or None."""
-    import json
-
     try:
-        config = json.loads(comp.read_bytes(f"{HF_DIR}/config.json"))
-    except (CkptctlError, ValueError):
+        config = comp.read_json(f"{HF_DIR}/config.json")
+    except CkptctlError:
         return None
     return config if isinstance(config, dict) else None
 
@@ -624,7 +630,7 @@ def _open_source(src: str, component: str, endpoint_url: str | None) -> tuple[St
     except NotFoundError:
         parent, found, _, _ = resolve_component(src_store, component)
         if found.backend != MEGATRON:
-            raise NotACheckpointError(f"{parent.url_of(found.path)} is a {found.backend} component, not Megatron")
+            raise UsageError(f"{parent.url_of(found.path)}: a {found.backend} component; --tp/--pp/--dp are for Megatron checkpoints (FSDP: --world-size)")
         comp = parent.child(found.path)
         reader = MegatronReader(comp, nesting=found.nesting)
         prefix = reader.prefix
@@ -645,7 +651,7 @@ def _prepare(src: str, out: str, *, component: str, endpoint_url: str | None, ov
     plan = plan_reshard(reader, hf_config=_hf_config(comp), **plan_args)
     commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
     return comp, prefix, reader, plan, OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last,
-                                                 store=dst_store)
+                                                 kind=RESHARD, source=comp.url, store=dst_store)
 
 
 def _progress_counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
