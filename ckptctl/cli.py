@@ -278,6 +278,35 @@ def render_config(config_data, fmt: str) -> None:
         sys.stdout.write(yaml.safe_dump(config_data, sort_keys=False, default_flow_style=False))
 
 
+@app.command("verify")
+@handle_errors
+def verify_command(
+    path: Annotated[str, typer.Argument(
+        help="A tree (every step), a global_step_N directory, a policy/critic component or an HF export.",
+        show_default=False)],
+    full: Annotated[bool, typer.Option(
+        "--full", help="Also read every byte and check every zip entry's CRC-32 (.pt records, DCP chunks).")] = False,
+    write_manifest: Annotated[bool, typer.Option(
+        "--write-manifest", help="Write ckptctl-manifest.json (size and SHA-256 of every file) into each step "
+                                 "that verifies sound.")] = False,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Check that a checkpoint is intact: sizes against each format's index, safe metadata, pieces covering
+    every tensor, completeness; with --full every CRC; with a manifest present every SHA-256.
+
+    Exit 0 when everything checked holds, 1 when anything is wrong (one line per problem).
+    """
+    from ckptctl.ops.verify import verify
+    from ckptctl.render import render_verify
+
+    out = Output(json_output)
+    report = verify(path, full=full, write_manifest=write_manifest, endpoint_url=endpoint_url)
+    out.result(report, render_verify)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("export-hf")
 @handle_errors
 def export_hf_command(
@@ -296,7 +325,8 @@ def export_hf_command(
     merge_lora: Annotated[bool, typer.Option(
         "--merge-lora", help="Merge the LoRA adapter into the weights (one standalone model).")] = False,
     no_verify: Annotated[bool, typer.Option(
-        "--no-verify", help="Skip re-reading the output before it is committed.")] = False,
+        "--no-verify",
+        help="Skip re-reading the output before it is committed, and the source's manifest check.")] = False,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -331,6 +361,8 @@ def convert_reshard_command(
         "--drop-optimizer", help="Write no optimizer state (when its format cannot be resharded).")] = False,
     overwrite: OverwriteOpt = False,
     allow_global: AllowGlobalOpt = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip checking the source against its ckptctl-manifest.json.")] = False,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -347,9 +379,47 @@ def convert_reshard_command(
         summary = convert_reshard(src, out, tp=tp, pp=pp, dp=dp, world_size=world_size,
                                   drop_optimizer=drop_optimizer, overwrite=overwrite, device_type=device_type,
                                   allow_globals=tuple(allow_global or ()), endpoint_url=endpoint_url,
+                                  verify=not no_verify,
                                   progress=lambda done, total: advance(done, total, absolute=True))
     if _is_rank_zero():
         out_.result(summary, render_reshard)
+
+
+@app.command("diff")
+@handle_errors
+def diff_command(
+    a: Annotated[str, typer.Argument(
+        metavar="A", help="A step, a policy/critic component, an HF export, or a tree (its pointer target).",
+        show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="What to compare A with (any of the same, any backend).",
+                                     show_default=False)],
+    atol: Annotated[float, typer.Option("--atol", min=0.0, metavar="X",
+                                        help="Absolute tolerance: equal where |A-B| <= atol + rtol*|B|.")] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", min=0.0, metavar="Y", help="Relative tolerance.")] = 0.0,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also show every tensor's figures.")] = False,
+    component: Annotated[Optional[Literal["policy", "critic"]], typer.Option(
+        "--component", help="Which model component (default: policy; a component path is itself).",
+        show_default=False)] = None,
+    json_output: JsonOpt = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Compare the model weights of two checkpoints under HF names, tensor by tensor (optimizer state is not compared).
+
+    FSDP, Megatron (through the mcore -> HF mapping) and HF exports, in any pairing. Reports tensors
+    only in A or B, shape/dtype mismatches, max |A-B| and ||A-B||/||A|| per layer and module type.
+    Exit 0 when every common tensor is equal within the tolerances (default: exactly) and nothing
+    is missing or mismatched, 1 otherwise.
+    """
+    from ckptctl.ops.diff import diff
+    from ckptctl.render import render_diff
+
+    out = Output(json_output)
+    with out.progress("comparing tensors", None) as advance:
+        report = diff(a, b, atol=atol, rtol=rtol, per_tensor=tensors, component=component,
+                      endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total))
+    out.result(report, render_diff)
+    if not report.equal:
+        raise typer.Exit(1)
 
 
 def _is_rank_zero() -> bool:

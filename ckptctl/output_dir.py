@@ -93,8 +93,8 @@ from typing import Iterable, Iterator
 from ckptctl import __version__
 from ckptctl.errors import NotACheckpointError, NotFoundError, UsageError
 from ckptctl.storage import Store, open_store, translate_errors
-from ckptctl.tree import (DISTCP_RE, FSDP_RANK_FILE_RE, FSDP_SINGLE_FILES, MODEL_COMPONENTS, POINTER_FILE,
-                          STEP_FILES, STEP_PREFIX)
+from ckptctl.tree import (DISTCP_RE, FSDP_RANK_FILE_RE, FSDP_SINGLE_FILES, MANIFEST_FILE, MODEL_COMPONENTS,
+                          POINTER_FILE, STEP_FILES, STEP_PREFIX)
 
 #: The local temp sibling is ``.{name}{TMP_INFIX}{random}``; it holds ``run.json`` and ``new/``.
 TMP_INFIX = ".ckptctl-tmp-"
@@ -281,7 +281,8 @@ def _output_label(kind: str) -> str:
 
 def _what_is_there(store: Store, paths: list[str], kind: str) -> tuple[bool, str]:
     """(whether an output of ``kind`` may replace it, what it is in words)."""
-    files = [p for p in paths if p != INCOMPLETE_MARKER]
+    # verify --write-manifest's manifest is no output's own file, nor foreign: replaced with the rest
+    files = [p for p in paths if p not in (INCOMPLETE_MARKER, MANIFEST_FILE)]
     marker = read_output_marker(store) if OUTPUT_MARKER in files else None
     if marker is not None:
         listed = set(map(str, marker["files"]))
@@ -681,6 +682,7 @@ class OutputDir:
         self._tmp: str | None = None
         self._attached = _attach is not None
         self._sigterm = TerminateAsInterrupt()
+        self._checks: list = []  # source checks that must pass before the commit
         self.staging: str = ""
         if self._attached:
             self.staging = _attach
@@ -774,6 +776,12 @@ class OutputDir:
         self.begin()
         return self._remote.upload(self.staging, rels, remove_local=True)
 
+    def check_before_commit(self, check) -> None:
+        """Have :meth:`commit` call ``check.result()`` first (it raises on a problem: nothing is
+        committed) and :meth:`abort` call ``check.cancel()``: e.g. a source's manifest hashes,
+        computed while the output is written."""
+        self._checks.append(check)
+
     def commit(self, *, uploaded: Iterable[str] = ()) -> list[str]:
         """Make the output visible; returns the files written (relative paths).
 
@@ -787,6 +795,8 @@ class OutputDir:
         if missing:
             raise UsageError(f"{self.dest}: {missing[0]} was not written; refusing to commit an incomplete output")
         try:
+            for check in self._checks:
+                check.result()
             self._write_marker(sorted({*rels, *uploaded, *self.published} - {OUTPUT_MARKER}))
             if self._local is not None:
                 self._local.commit(fsync_files=True)
@@ -821,6 +831,8 @@ class OutputDir:
             elif self._remote is not None:
                 self._remote.abort(uploaded)
         finally:
+            for check in self._checks:
+                check.cancel()
             self._cleanup_tmp()
             self._sigterm.restore()
 

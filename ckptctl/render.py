@@ -188,6 +188,7 @@ def render_export(console: Console, summary) -> None:
     for warning in summary.warnings:
         console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
     console.print("  verified: " + ("[green]yes[/green]" if summary.verified else "no (--no-verify)")
+                  + ("   source matches its manifest" if summary.manifest_checked else "")
                   + f"   in {summary.seconds:.1f} s")
 
 
@@ -216,3 +217,66 @@ def render_reshard(console: Console, summary) -> None:
         console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
     if data.get("seconds") is not None:
         console.print(f"done in {data['seconds']:.1f} s", highlight=False)
+
+
+def _figure(value: float) -> str:
+    return "0" if value == 0 else f"{value:.3e}"
+
+
+def render_diff(console: Console, report) -> None:
+    from rich.markup import escape
+
+    for label, side in (("A", report.a), ("B", report.b)):
+        step = f", step {side.step}" if side.step is not None else ""
+        console.print(f"{label}: [bold]{escape(side.path)}[/bold] ({side.backend}{step})", highlight=False)
+    tables = [("per layer", report.layers), ("per module type", report.modules)]
+    if report.tensors is not None:
+        tables.append(("per tensor", report.tensors))
+    for title, rows in tables:
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "tensors", "max |A-B|", "‖A-B‖/‖A‖", "equal"):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        for row in rows:
+            table.add_row(escape(row.name), str(row.tensors), _figure(row.max_abs_diff), _figure(row.rel_change),
+                          "[green]yes[/green]" if row.equal else "[red]no[/red]")
+        console.print(table)
+    for label, names in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
+        for name in names:
+            console.print(f"[red]{label}:[/red] {escape(name)}", highlight=False)
+    for m in report.mismatches:
+        console.print(f"[red]mismatch:[/red] {escape(m.name)}: A {m.a_dtype} {m.a_shape}, B {m.b_dtype} {m.b_shape}",
+                      highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    total = report.total
+    console.print(f"compared {report.compared} tensors ({total.numel:,} values): {report.differing} differ "
+                  f"(atol {report.atol:g}, rtol {report.rtol:g}); max |A-B| {_figure(total.max_abs_diff)}, "
+                  f"‖A-B‖/‖A‖ {_figure(total.rel_change)}", highlight=False)
+    console.print("equal: " + ("[green]yes[/green]" if report.equal else "[red]no[/red]")
+                  + f"   in {report.seconds:.1f} s")
+
+
+def render_verify(console: Console, report) -> None:
+    checks = ["structure"] + (["crc"] if report.full else []) + (["manifest"] if any(
+        "manifest" in t.checks for t in report.targets) else [])
+    console.print(f"verify {report.path}  ({report.kind}; checked: {', '.join(checks)})", highlight=False)
+    for problem in report.problems:
+        console.print(f"  [red]{problem}[/red]", highlight=False)
+    for t in report.targets:
+        mark = "[green]ok[/green]  " if t.ok else "[red]FAIL[/red]"
+        manifest = f"  manifest {t.manifest}" if t.manifest != "absent" else ""
+        console.print(f"  {mark} {t.path}  {t.backend}  {t.files} files  {human_bytes(t.bytes)}{manifest}",
+                      highlight=False)
+        for problem in t.problems:
+            console.print(f"         [red]{problem}[/red]", highlight=False)
+        for note in t.notes:
+            console.print(f"         note: {note}", highlight=False)
+    bad = sum(1 for t in report.targets if not t.ok)
+    if report.ok:
+        console.print(f"[green]all {len(report.targets)} checked sound[/green] ({human_bytes(report.bytes_read)} "
+                      f"read in {report.seconds:.1f}s)", highlight=False)
+    else:
+        console.print(f"[red]{report.problem_count} problem(s)[/red] in {bad} of {len(report.targets)}",
+                      highlight=False)

@@ -34,6 +34,9 @@ from ckptctl.errors import NotACheckpointError
 from ckptctl.storage import FileEntry, Store
 
 POINTER_FILE = "latest_ckpt_global_step.txt"
+#: ``ckptctl verify --write-manifest``'s file (sizes and SHA-256 of a step's or an export's files):
+#: no checkpoint file, so it changes neither a backend's classification nor completeness.
+MANIFEST_FILE = "ckptctl-manifest.json"
 STEP_PREFIX = "global_step_"
 MODEL_COMPONENTS = ("policy", "critic")
 STEP_FILES = ("data.pt", "trainer_state.pt", "fully_async_state.pt")

@@ -10,7 +10,7 @@
 __ckptctl_subcommands()
 {
     case "$1" in
-        'ckptctl') echo 'list prune resolve-resume inspect export-hf convert-reshard' ;;
+        'ckptctl') echo 'list prune resolve-resume inspect verify export-hf convert-reshard diff' ;;
     esac
 }
 
@@ -23,8 +23,10 @@ __ckptctl_options()
         'ckptctl prune') echo '-k --keep --keep-every --drop-optimizer --include-in-progress --include-above-pointer --without-pointer -n --dry-run -y --yes --json --endpoint-url -h --help' ;;
         'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --require-checkpoint --json --endpoint-url -h --help' ;;
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
+        'ckptctl verify') echo '--full --write-manifest --json --endpoint-url -h --help' ;;
         'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --json --endpoint-url -h --help' ;;
-        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --world-size --device-type --drop-optimizer --overwrite --allow-global --json --endpoint-url -h --help' ;;
+        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --json --endpoint-url -h --help' ;;
+        'ckptctl diff') echo '--atol --rtol --tensors --component --json --endpoint-url -h --help' ;;
     esac
 }
 
@@ -44,6 +46,7 @@ __ckptctl_nvalues()
         'ckptctl inspect --component') return 1 ;;
         'ckptctl inspect --allow-global') return 1 ;;
         'ckptctl inspect --endpoint-url') return 1 ;;
+        'ckptctl verify --endpoint-url') return 1 ;;
         'ckptctl export-hf -o'|'ckptctl export-hf --out') return 1 ;;
         'ckptctl export-hf --component') return 1 ;;
         'ckptctl export-hf --dtype') return 1 ;;
@@ -57,6 +60,10 @@ __ckptctl_nvalues()
         'ckptctl convert-reshard --device-type') return 1 ;;
         'ckptctl convert-reshard --allow-global') return 1 ;;
         'ckptctl convert-reshard --endpoint-url') return 1 ;;
+        'ckptctl diff --atol') return 1 ;;
+        'ckptctl diff --rtol') return 1 ;;
+        'ckptctl diff --component') return 1 ;;
+        'ckptctl diff --endpoint-url') return 1 ;;
     esac
     return 0
 }
@@ -69,6 +76,7 @@ __ckptctl_option_value()
         'ckptctl inspect --config-format') __ckptctl_words 'yaml json' "$3" ;;
         'ckptctl export-hf --component') __ckptctl_words 'policy critic' "$3" ;;
         'ckptctl export-hf --dtype') __ckptctl_words 'auto bf16 fp16 fp32' "$3" ;;
+        'ckptctl diff --component') __ckptctl_words 'policy critic' "$3" ;;
     esac
 }
 
@@ -80,8 +88,10 @@ __ckptctl_positional()
         'ckptctl prune') __ckptctl_files "$2" ;;
         'ckptctl resolve-resume') __ckptctl_files "$2" ;;
         'ckptctl inspect') __ckptctl_files "$2" ;;
+        'ckptctl verify') __ckptctl_files "$2" ;;
         'ckptctl export-hf') __ckptctl_files "$2" ;;
         'ckptctl convert-reshard') __ckptctl_files "$2" ;;
+        'ckptctl diff') __ckptctl_files "$2" ;;
     esac
 }
 

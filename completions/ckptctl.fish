@@ -9,7 +9,7 @@
 function __ckptctl_subcommands
     switch $argv[1]
         case 'ckptctl'
-            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect' 'export-hf' 'convert-reshard'
+            printf '%s\n' 'list' 'prune' 'resolve-resume' 'inspect' 'verify' 'export-hf' 'convert-reshard' 'diff'
     end
 end
 
@@ -52,6 +52,9 @@ function __ckptctl_nvalues
         case 'ckptctl inspect --endpoint-url'
             echo 1
             return
+        case 'ckptctl verify --endpoint-url'
+            echo 1
+            return
         case 'ckptctl export-hf -o' 'ckptctl export-hf --out'
             echo 1
             return
@@ -89,6 +92,18 @@ function __ckptctl_nvalues
             echo 1
             return
         case 'ckptctl convert-reshard --endpoint-url'
+            echo 1
+            return
+        case 'ckptctl diff --atol'
+            echo 1
+            return
+        case 'ckptctl diff --rtol'
+            echo 1
+            return
+        case 'ckptctl diff --component'
+            echo 1
+            return
+        case 'ckptctl diff --endpoint-url'
             echo 1
             return
     end
@@ -141,8 +156,10 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'list' -d 'List the steps of
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'prune' -d 'Delete all but the newest N complete checkpoints (never the pointer target or newest complete).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print what a SkyRL restart would load, by SkyRL\'s rules, and check that it is usable.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'verify' -d 'Check that a checkpoint is intact: sizes against each format\'s index, safe metadata, pieces covering every tensor, completeness; with --full every...'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'export-hf' -d 'Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'convert-reshard' -d 'Reshard a Megatron checkpoint to a new TP/PP (or an FSDP one to a new world size), offline.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'diff' -d 'Compare the model weights of two checkpoints under HF names, tensor by tensor (optimizer state is not compared).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
@@ -189,6 +206,14 @@ complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -l endpoint-url -x -d '
 complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -s h -l help -d 'Show this message and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl inspect' -F
 
+# ckptctl verify
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -l full -d 'Also read every byte and check every zip entry\'s CRC-32 (.pt records, DCP chunks).'
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -l write-manifest -d 'Write ckptctl-manifest.json (size and SHA-256 of every file) into each step that verifies sound.'
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -l json -d 'Print a JSON document for scripts instead of tables.'
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -s h -l help -d 'Show this message and exit.'
+complete -c ckptctl -n '__ckptctl_using ckptctl verify' -F
+
 # ckptctl export-hf
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s o -l out -x -d 'Destination directory (local, s3://, gs://).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l component -x -a 'policy critic' -d 'Which model component to export (default: policy; SRC itself when it is one).'
@@ -196,7 +221,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l dtype -x -a 'auto 
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l max-shard-size -x -d 'Largest safetensors shard, e.g. 5GB or 500MB.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l overwrite -d 'Replace a non-empty destination.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l merge-lora -d 'Merge the LoRA adapter into the weights (one standalone model).'
-complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l no-verify -d 'Skip re-reading the output before it is committed.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l no-verify -d 'Skip re-reading the output before it is committed, and the source\'s manifest check.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s h -l help -d 'Show this message and exit.'
@@ -212,7 +237,18 @@ complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l device-type 
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l drop-optimizer -d 'Write no optimizer state (when its format cannot be resharded).'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l overwrite -d 'Replace a non-empty destination.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l allow-global -x -d 'Keep objects of this pickled class as plain data (never executed). Repeatable.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l no-verify -d 'Skip checking the source against its ckptctl-manifest.json.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -s h -l help -d 'Show this message and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -F
+
+# ckptctl diff
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l atol -x -d 'Absolute tolerance: equal where |A-B| <= atol + rtol*|B|.'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l rtol -x -d 'Relative tolerance.'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l tensors -d 'Also show every tensor\'s figures.'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l component -x -a 'policy critic' -d 'Which model component (default: policy; a component path is itself).'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l json -d 'Print a JSON document for scripts instead of tables.'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -s h -l help -d 'Show this message and exit.'
+complete -c ckptctl -n '__ckptctl_using ckptctl diff' -F

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import MODEL, TensorInfo
+from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft_state, merge_lora_weight,
                                   parse_adapter_config, split_peft_state)
 from ckptctl.formats.safe_load import CorruptCheckpointError
@@ -60,6 +61,7 @@ class ExportSummary:
     warnings: list[str] = field(default_factory=list)
     lora: dict | None = None  # a LoRA model: merged or not, adapted modules, scaling settings
     verified: bool = False
+    manifest_checked: bool = False  # the source's files matched its ckptctl-manifest.json
     replaced: str | None = None  # what --overwrite replaced at the destination, in words
     seconds: float = 0.0
 
@@ -180,26 +182,85 @@ def _config_dtype(out_specs: list[tuple[str, Any, Any]]) -> str | None:
     return max(counts, key=counts.get) if counts else None
 
 
-def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _hf_dir_names(comp: Component) -> tuple[str, list[str]]:
+    """Where a component's HF files lie (``huggingface/``; an export's top) and their names there."""
     rel_dir = HF_DIR if comp.backend != HF else ""
-    names = [f.path[len(rel_dir) + 1:] if rel_dir else f.path for f in comp.files
-             if (f.path.startswith(rel_dir + "/") if rel_dir else "/" not in f.path)]
+    return rel_dir, [f.path[len(rel_dir) + 1:] if rel_dir else f.path for f in comp.files
+                     if (f.path.startswith(rel_dir + "/") if rel_dir else "/" not in f.path)]
+
+
+def read_model_config(store: Store, comp: Component) -> dict[str, Any]:
+    """The HF ``config.json`` of ``comp`` (``store``: rooted at its parent); a one-line error without it."""
+    rel_dir, names = _hf_dir_names(comp)
     if "config.json" not in names:
         raise CkptctlError(f"{store.url_of(comp.path)}: no {HF_DIR}/config.json, so the model architecture is "
                            "unknown; SkyRL writes it with every checkpoint")
+    return store.child(comp.path).read_json(posixpath.join(rel_dir, "config.json"))
+
+
+def open_component_reader(store: Store, comp: Component):
+    """The format reader of ``comp`` (``store``: rooted at its parent)."""
+    kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
+    return open_reader(store.child(comp.path), comp.backend, **kwargs)
+
+
+def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[str, bytes]]:
+    config = read_model_config(store, comp)
+    rel_dir, names = _hf_dir_names(comp)
     comp_store = store.child(comp.path)
-    config = comp_store.read_json(posixpath.join(rel_dir, "config.json"))
     extra = {n: comp_store.read_bytes(posixpath.join(rel_dir, n)) for n in names
              if n != "config.json" and "/" not in n and not n.endswith((".safetensors", ".bin", ".pt"))
              and n != "model.safetensors.index.json"}
     return config, extra
 
 
+@dataclass
+class HfTensors:
+    """A component's model tensors under HF names and in HF layout, as an export writes them.
+
+    ``specs``: (HF name, metadata) in export order; ``stream()``: (HF name, tensor) in that order;
+    ``read(name)``: one tensor by HF name (Megatron: its conversion step is run and its outputs
+    kept until another step is needed, so reading in ``specs`` order reads each source once).
+    ``lora``: the LoRA side of a PEFT model, else None."""
+
+    specs: list[tuple[str, TensorInfo]]
+    stream: Callable[[], Iterator[tuple[str, Any]]]
+    read: Callable[[str], Any]
+    lora: "_LoraSource | None" = None
+
+
+def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary: ExportSummary, *,
+               merge_lora: bool = False) -> HfTensors:
+    """The model tensors of ``comp`` (opened as ``reader``) under HF names, whatever its backend:
+    FSDP names unwrapped (a PEFT model's base weights, or with ``merge_lora`` the merged ones),
+    Megatron through the mcore -> HF name mapping (``config``: its HF config), an HF export as
+    stored. Tensors an export leaves out are named in ``summary.skipped``."""
+    if comp.backend in (FSDP, FSDP_SINGLE):
+        infos = {_strip_wrappers(t.name): t for t in reader.tensors() if t.group == MODEL}
+        peft = is_peft_state(infos)
+        if merge_lora and not peft:
+            raise UsageError(f"--merge-lora: {summary.source} is not a LoRA (PEFT) model, nothing to merge"
+                             + (f" ({LORA_DIR}/ is there, but the model files hold no LoRA weights)"
+                                if comp.has_lora else ""))
+        lora = _LoraSource(reader, comp_store, comp, merge_lora) if peft else None
+        found = _fsdp_outputs(reader, infos, config, summary, lora)
+        found.lora = lora
+        return found
+    if comp.backend == MEGATRON:
+        return _megatron_outputs(reader, config, summary)
+    specs = [(t.name, t) for t in reader.tensors()]
+
+    def stream() -> Iterator[tuple[str, Any]]:
+        for name, _ in specs:
+            yield name, reader.read_tensor(name)
+
+    return HfTensors(specs, stream, reader.read_tensor)
+
+
 def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: ExportSummary,
-                  lora: "_LoraSource | None") -> tuple[list[tuple[str, TensorInfo]], Callable]:
-    """The HF tensors of an FSDP component (``infos``: its model tensors by unwrapped name):
-    (name, source metadata) in order, and a stream of (name, tensor). A LoRA (PEFT) model
-    exports its base weights, or with ``lora.merge`` the merged ones."""
+                  lora: "_LoraSource | None") -> HfTensors:
+    """The HF tensors of an FSDP component (``infos``: its model tensors by unwrapped name).
+    A LoRA (PEFT) model exports its base weights, or with ``lora.merge`` the merged ones."""
     if lora is not None:
         entries = lora.entries(infos, summary)
     else:
@@ -215,11 +276,18 @@ def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: E
         else:
             outputs.append((name, info, source))
 
-    def stream() -> Iterator[tuple[str, Any]]:
-        for name, _, source in outputs:
-            yield name, (source() if callable(source) else reader.read_tensor(source))
+    sources = {name: source for name, _, source in outputs}
 
-    return [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs], stream
+    def read(name: str) -> Any:
+        source = sources[name]
+        return source() if callable(source) else reader.read_tensor(source)
+
+    def stream() -> Iterator[tuple[str, Any]]:
+        for name in sources:
+            yield name, read(name)
+
+    specs = [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs]
+    return HfTensors(specs, stream, read)
 
 
 class _LoraSource:
@@ -313,10 +381,25 @@ def _megatron_outputs(reader, config: dict, summary: ExportSummary):
             dtype_of[out.name] = source_dtype
     specs = [(o.name, TensorInfo(name=o.name, shape=tuple(o.shape), dtype=dtype_of[o.name])) for o in plan.outputs]
 
-    def stream():
-        return plan.iter_tensors(lambda src: reader.read_tensor(src.key, src.layer))
+    def read_source(src):
+        return reader.read_tensor(src.key, src.layer)
 
-    return specs, stream
+    def stream():
+        return plan.iter_tensors(read_source)
+
+    step_of = {out.name: step for step in plan.steps for out in step.outputs}
+    kept_step, kept = None, {}  # one step's outputs, no more
+
+    def read(name: str) -> Any:
+        nonlocal kept_step, kept
+        step = step_of[name]
+        if step is not kept_step:
+            kept_step, kept = None, {}  # drop the previous step's tensors before reading
+            kept = step.apply(*[read_source(src) for src in step.sources])
+            kept_step = step
+        return kept[name]
+
+    return HfTensors(specs, stream, read)
 
 
 #: Tensors alive at once while exporting: the one being written plus the one being read.
@@ -386,10 +469,9 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
               progress: Callable[[int, int], None] | None = None) -> ExportSummary:
     """Export ``component`` of the checkpoint at ``src`` to an HF model directory ``out``.
 
-    ``progress(done, total)`` is called after each tensor.
+    ``progress(done, total)`` is called after each tensor. ``verify`` re-reads the output before
+    committing it and, where the source has a ``ckptctl-manifest.json``, checks the source's hashes.
     """
-    from ckptctl.formats.hf_writer import HfModelWriter
-
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -411,21 +493,27 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
         raise UsageError("--merge-lora is supported for FSDP checkpoints (PEFT LoRA); not for Megatron ones")
     config, extra_files = _read_hf_files(parent, comp)
     comp_store = parent.child(comp.path)
+    # With a manifest (verify --write-manifest), the source files are hashed while the export runs.
+    manifest = ManifestCheck.start(parent, comp) if verify else None
+    try:
+        summary.manifest_checked = manifest is not None
+        return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
+                       max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora, verify=verify,
+                       manifest=manifest, progress=progress, started=started)
+    finally:
+        if manifest is not None:
+            manifest.cancel()
 
-    kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
-    lora: _LoraSource | None = None
-    with open_reader(comp_store, comp.backend, **kwargs) as reader:
-        if comp.backend in (FSDP, FSDP_SINGLE):
-            infos = {_strip_wrappers(t.name): t for t in reader.tensors() if t.group == MODEL}
-            peft = is_peft_state(infos)
-            if merge_lora and not peft:
-                raise UsageError(f"--merge-lora: {summary.source} is not a LoRA (PEFT) model, nothing to merge"
-                                 + (f" ({LORA_DIR}/ is there, but the model files hold no LoRA weights)"
-                                    if comp.has_lora else ""))
-            lora = _LoraSource(reader, comp_store, comp, merge_lora) if peft else None
-            specs, stream = _fsdp_outputs(reader, infos, config, summary, lora)
-        else:
-            specs, stream = _megatron_outputs(reader, config, summary)
+
+def _export(parent: Store, comp: Component, comp_store: Store, config: dict, extra_files: dict,
+            summary: ExportSummary, dst_store: Store, *, dtype: str, max_shard_size: str | int, overwrite: bool,
+            merge_lora: bool, verify: bool, manifest: "ManifestCheck | None",
+            progress: Callable[[int, int], None] | None, started: float) -> ExportSummary:
+    from ckptctl.formats.hf_writer import HfModelWriter
+
+    with open_component_reader(parent, comp) as reader:
+        found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
+        specs, stream, lora = found.specs, found.stream, found.lora
         if comp.has_lora and not merge_lora:
             # In a subdirectory: an adapter_config.json at the top would make transformers load the
             # directory as a PEFT adapter, and a stray *.safetensors there is not a model shard.
@@ -470,6 +558,8 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
             finally:
                 tensors.close()  # stops and joins the reading thread before the reader closes
             fixed = _fix_config(config, config_dtype, summary)
+            if manifest is not None:
+                manifest.result()  # the source's hashes: a mismatch aborts before the commit
             # Verified before the commit: a failed check leaves nothing behind.
             result = writer.finish(fixed, extra_files, verify=verify)
     summary.tensors = result.tensor_count

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ckptctl.errors import AbortedError, CkptctlError, PartialDeleteError, UsageError
 from ckptctl.storage import Store, open_store
-from ckptctl.tree import HF, MEGATRON, POINTER, POINTER_FILE, Step, Tree, scan_tree
+from ckptctl.tree import HF, MANIFEST_FILE, MEGATRON, POINTER, POINTER_FILE, Step, Tree, scan_tree
 
 KEEP = "keep"
 DELETE = "delete"
@@ -179,8 +179,14 @@ def _decide(step: Step, keep_reasons: list[str], drop_optimizer: bool) -> StepDe
         sizes = {f"{step.name}/{f.path}": f.size for f in step.files}
         decision.action = DROP_OPTIMIZER
         decision.reasons = ["not kept: optimizer files only"]
-        decision.files = files
-        decision.bytes = sum(sizes.get(f, 0) for f in files)
+        # A manifest listing the dropped files would no longer describe the step: it goes first.
+        manifests = [f"{step.name}/{f.path}" for f in step.files if posixpath.basename(f.path) == MANIFEST_FILE
+                     and f.path.count("/") <= 1]
+        if manifests:
+            decision.reasons.append(f"its {MANIFEST_FILE} too (it lists them)")
+        decision.markers = manifests
+        decision.files = manifests + files
+        decision.bytes = sum(sizes.get(f, 0) for f in decision.files)
         return decision
     decision.action = DELETE
     decision.reasons = ["not kept" if step.complete else "incomplete, older than the newest complete step"]
@@ -198,7 +204,7 @@ def execute_prune(store: Store, plan: PrunePlan) -> int:
     reorder the objects within one batch: gcsfs sorts them), then the rest, batched. When the
     store fails part-way, the error says what is already gone.
     """
-    markers = [m for d in plan.decisions if d.action == DELETE for m in d.markers]
+    markers = [m for d in plan.decisions if d.action != KEEP for m in d.markers]
     marked = set(markers)
     rest = [f for f in plan.files_to_delete if f not in marked]
     deleted = 0
@@ -217,13 +223,13 @@ def execute_prune(store: Store, plan: PrunePlan) -> int:
 def _interrupted(plan: PrunePlan, exc: CkptctlError, done: int, *, markers_done: bool,
                  markers_deleted: int) -> PartialDeleteError:
     total = len(plan.files_to_delete)
-    doomed = [d for d in plan.decisions if d.action == DELETE]
+    touched = [d for d in plan.decisions if d.action != KEEP]
     if markers_done:
-        opened = [d.step for d in doomed if d.markers]
+        opened = [d.step for d in touched if d.markers and d.action == DELETE]
     else:  # the markers go in plan order: the first ``markers_deleted`` of them are gone
         opened, seen = [], 0
-        for d in doomed:
-            if d.markers and seen < markers_deleted:
+        for d in touched:
+            if d.markers and seen < markers_deleted and d.action == DELETE:
                 opened.append(d.step)
             seen += len(d.markers)
     what = f"{done} of {total} files were already deleted"

@@ -10,8 +10,10 @@ from ckptctl.errors import UsageError
 def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None = None, dp: int | None = None,
                     world_size: int | None = None, drop_optimizer: bool = False, overwrite: bool = False,
                     device_type: str | None = None, allow_globals: tuple[str, ...] = (),
-                    endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None) -> Any:
-    """Megatron when --tp/--pp/--dp are given, FSDP when --world-size is; never both."""
+                    endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None,
+                    verify: bool = True) -> Any:
+    """Megatron when --tp/--pp/--dp are given, FSDP when --world-size is; never both. ``verify``:
+    a source with a ``ckptctl-manifest.json`` must match its hashes before the output is committed."""
     megatron = any(v is not None for v in (tp, pp, dp))
     if megatron and device_type is not None:
         raise UsageError("--device-type is for FSDP checkpoints (the mesh device their DTensors record)")
@@ -21,11 +23,12 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
         from ckptctl.ops.reshard_megatron import reshard_megatron
 
         return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, overwrite=overwrite,
-                                drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress)
+                                drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
+                                verify=verify)
     if world_size is not None:
         from ckptctl.ops.reshard_fsdp import reshard_fsdp
 
         return reshard_fsdp(src, out, world_size=world_size, overwrite=overwrite, drop_optimizer=drop_optimizer,
                             device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
-                            progress=progress)
+                            progress=progress, verify=verify)
     raise UsageError("say the target layout: --tp/--pp[/--dp] for Megatron, --world-size for FSDP")

@@ -92,6 +92,7 @@ from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.formats.side_files import is_checked, read_side_file
 from ckptctl.ops.export import STEP, TREE, component_at, locate
+from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import OUTPUT_MARKER, RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, UNKNOWN, Component, parse_step_name
@@ -718,7 +719,7 @@ def _resolve(src_store: Store) -> tuple[str, Any, list]:
 def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False, drop_optimizer: bool = False,
                  endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None,
                  w1_plain: bool | None = None, device_type: str | None = None,
-                 extra_stand_ins: Iterable[str] = ()) -> ReshardSummary:
+                 extra_stand_ins: Iterable[str] = (), verify: bool = True) -> ReshardSummary:
     """Reshard the FSDP component or step at ``src`` for ``world_size`` ranks into ``out``.
 
     ``drop_optimizer``: leave the optimizer state out (required for FSDP1 flat-parameter
@@ -727,7 +728,8 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
     ``device_type``: of the target meshes ("cuda", "cpu", ...); None takes the source mesh's
     (a checkpoint saved on GPUs resumes on GPUs), "cuda" for a plain source.
     ``progress(done_bytes, total_bytes)`` is called after each tensor. ``extra_stand_ins``:
-    more globals to keep as data when reading (the CLI's ``--allow-global``)."""
+    more globals to keep as data when reading (the CLI's ``--allow-global``). ``verify``: where
+    the source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit."""
     started = time.perf_counter()
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"--world-size must be a positive integer, not {world_size!r}")
@@ -783,6 +785,9 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
 
     with OutputDir(dst_store.url, overwrite=overwrite, commit_last=tuple(commit_last), kind=RESHARD,
                    source=src_store.url, store=dst_store) as outdir:
+        check = ManifestCheck.start_at(src_store) if verify else None
+        if check is not None:
+            outdir.check_before_commit(check)
         copied_all: list[str] = []
         for prefix, job in jobs:
             written, copied = job.write(outdir.staging, prefix, outdir.publish, on_bytes)

@@ -76,6 +76,7 @@ from ckptctl.formats.megatron import _STACKED_PREFIX as _STACKED
 from ckptctl.formats.side_files import read_side_file
 from ckptctl.formats.torchzip import check_archive
 from ckptctl.ops.export import HF_DIR, resolve_component
+from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import MEGATRON
@@ -654,6 +655,14 @@ def _prepare(src: str, out: str, *, component: str, endpoint_url: str | None, ov
                                                  kind=RESHARD, source=comp.url, store=dst_store)
 
 
+def _check_source_manifest(outdir: OutputDir, comp: Store, verify: bool) -> None:
+    """With ``verify``, the source's manifest hashes (where it has one) are computed while the
+    opened ``outdir`` is written, and checked before it is committed."""
+    check = ManifestCheck.start_at(comp) if verify else None
+    if check is not None:
+        outdir.check_before_commit(check)
+
+
 def _progress_counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
     """``on_bytes(n)`` for :func:`write_rank`: adds up and reports ``progress(done, total)``."""
     done = 0
@@ -683,25 +692,27 @@ def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[Rank
 def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, overwrite: bool = False,
                      drop_optimizer: bool = False, endpoint_url: str | None = None,
                      progress: Callable[[int, int], None] | None = None, component: str = "policy",
-                     distributed: bool | None = None) -> ReshardSummary:
+                     distributed: bool | None = None, verify: bool = True) -> ReshardSummary:
     """Reshard the Megatron ``torch_dist`` checkpoint at ``src`` for TP=``tp`` x PP=``pp`` x
     DP=``dp`` into ``out`` (a new component directory: the checkpoint files, in ``dist_ckpt/``
     when the source is verl-nested, plus the source's ``huggingface/``).
 
     ``src``: the component directory (or a step / tree: ``component`` of the step chosen like
     export-hf). ``progress(done_bytes, total_bytes)`` after each chunk. ``distributed``: None
-    detects torchrun (``WORLD_SIZE`` > 1 or an initialised process group)."""
+    detects torchrun (``WORLD_SIZE`` > 1 or an initialised process group). ``verify``: where the
+    source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit."""
     if distributed is None:
         distributed = _under_torchrun()
     if distributed:
         return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, overwrite=overwrite,
                                     drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
-                                    component=component)
+                                    component=component, verify=verify)
     started = time.perf_counter()
     comp, prefix, reader, plan, outdir = _prepare(src, out, component=component, endpoint_url=endpoint_url,
                                                   overwrite=overwrite, tp=tp, pp=pp, dp=dp,
                                                   drop_optimizer=drop_optimizer)
     with outdir:
+        _check_source_manifest(outdir, comp, verify)
         results = _write_ranks(reader, plan, range(plan.world), outdir, prefix,
                                _progress_counter(plan.total_bytes, progress), [])
         files = _commit(reader, plan, results, outdir, prefix)
@@ -743,7 +754,7 @@ def _raise_payload(payload: tuple[str, str, int], where: str = "") -> None:
 
 
 def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overwrite: bool, drop_optimizer: bool,
-                         endpoint_url: str | None, progress, component: str) -> ReshardSummary:
+                         endpoint_url: str | None, progress, component: str, verify: bool = True) -> ReshardSummary:
     import tempfile
 
     import torch.distributed as dist
@@ -772,6 +783,7 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                                                               endpoint_url=endpoint_url, overwrite=overwrite,
                                                               **plan_args)
                 outdir.open().begin()  # object stores: old output no longer complete-looking, marker written
+                _check_source_manifest(outdir, comp, verify)
                 status = [("ok", outdir.staging if outdir.is_local else None)]
             except BaseException as exc:  # noqa: BLE001 - reported to every process
                 status = [("error", _error_payload(exc))]
