@@ -4,30 +4,15 @@ older one's 20 and 25, written first (older modification times; on S3/GCS upload
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
 import treebuilder as tb
-from ckptctl.cli import app
+from cli_runner import run, run_json
 from ckptctl.ops.export import chosen_step
 from ckptctl.storage import open_store
 from ckptctl.tree import scan_tree
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def run_json(*args: str, expect: int = 0) -> dict:
-    code, out, err = run(*args, "--json")
-    assert code == expect, (code, out, err)
-    return json.loads(out)
 
 
 def older_run(d: str) -> None:

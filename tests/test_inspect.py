@@ -9,22 +9,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from ckptctl.cli import app
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def run_json(*args: str, expect: int = 0) -> dict:
-    code, out, err = run(*args, "--json")
-    assert code == expect, (code, out, err)
-    return json.loads(out)
+from cli_runner import run, run_json
 
 
 def test_tree_inspects_the_pointer_target(fsdp_tree):

@@ -9,27 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from ckptctl.cli import app
+from cli_runner import run, run_json
 from ckptctl.formats.integrity import deep_check_component, deep_check_step, deep_check_steps
 from ckptctl.storage import open_store
 from ckptctl.tree import classify_component, scan_tree
 from realckpt.fsdp_fixtures import FSDP_VARIANTS
 from realckpt.megatron_fixtures import HF_EXPORTS, MEGATRON_VARIANTS
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def run_json(*args: str, expect: int = 0) -> dict:
-    code, out, err = run(*args, "--json")
-    assert code == expect, (code, out, err)
-    return json.loads(out)
 
 
 def component_of(directory: Path):
