@@ -327,19 +327,39 @@ def export_hf_command(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify",
         help="Skip re-reading the output before it is committed, and the source's manifest check.")] = False,
+    steps: Annotated[Optional[str], typer.Option(
+        "--steps", metavar="all|latest|N[,M...]",
+        help="SRC is a tree: export these steps to OUT/global_step_N/<component>, skipping steps already "
+             "exported complete (--overwrite re-exports them).", show_default=False)] = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory."""
+    out_ = Output(json_output)
+    if steps is not None:
+        _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
+                    overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url)
+        return
     from ckptctl.ops.export import export_hf
     from ckptctl.render import render_export
 
-    out_ = Output(json_output)
     with out_.progress("exporting tensors", None) as advance:
         summary = export_hf(src, out, component=component, dtype=dtype, max_shard_size=max_shard_size,
                             overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify,
                             endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total))
     out_.result(summary, render_export)
+
+
+def _export_run(out_: Output, src: str, out: str, **options) -> None:
+    from ckptctl.ops.export_run import export_run
+    from ckptctl.render import describe_step_export, render_export_run
+
+    with out_.progress("exporting tensors", None) as advance:
+        summary = export_run(src, out, on_step=lambda result: out_.info(describe_step_export(result)),
+                             progress=lambda done, total: advance(done, total, absolute=True), **options)
+    out_.result(summary, render_export_run)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command("convert-reshard")

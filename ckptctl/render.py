@@ -280,3 +280,36 @@ def render_verify(console: Console, report) -> None:
     else:
         console.print(f"[red]{report.problem_count} problem(s)[/red] in {bad} of {len(report.targets)}",
                       highlight=False)
+
+
+_STEP_EXPORT_STYLE = {"exported": "green", "re-exported": "green", "refused": "red", "failed": "red"}
+
+
+def describe_step_export(result) -> str:
+    """One line for a step of ``export-hf --steps`` as it is settled (shown while the run goes on)."""
+    line = f"{result.name}: {result.status}"
+    if result.export is not None:
+        line += f" -> {result.destination} ({human_bytes(result.export.bytes)}, {result.export.seconds:.1f} s)"
+    return line + (f" ({result.reason})" if result.reason else "")
+
+
+def render_export_run(console: Console, summary) -> None:
+    console.print(f"export-hf {summary.source} -> [bold]{summary.destination}[/bold]  "
+                  f"(--steps {summary.steps_asked}, {summary.component})", highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("step", "status", "destination", "size", "time", "why"):
+        table.add_column(column, justify="right" if column in ("step", "size", "time") else "left")
+    for s in summary.steps:
+        style = _STEP_EXPORT_STYLE.get(s.status)
+        export = s.export
+        there = s.status in ("exported", "re-exported", "already exported")
+        table.add_row(str(s.step), f"[{style}]{s.status}[/{style}]" if style else s.status,
+                      s.destination if there else "-",
+                      human_bytes(export.bytes) if export else "", f"{export.seconds:.1f} s" if export else "",
+                      s.reason)
+    console.print(table)
+    for warning in summary.warnings:
+        console.print(f"[yellow]note:[/yellow] {warning}", highlight=False)
+    counts = summary.to_dict()
+    console.print(f"{counts['exported']} exported, {counts['skipped']} skipped, {counts['refused']} refused, "
+                  f"{counts['failed']} failed   in {summary.seconds:.1f} s", highlight=False)

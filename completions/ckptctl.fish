@@ -67,6 +67,9 @@ function __ckptctl_nvalues
         case 'ckptctl export-hf --max-shard-size'
             echo 1
             return
+        case 'ckptctl export-hf --steps'
+            echo 1
+            return
         case 'ckptctl export-hf --endpoint-url'
             echo 1
             return
@@ -222,6 +225,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l max-shard-size -x 
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l overwrite -d 'Replace a non-empty destination.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l merge-lora -d 'Merge the LoRA adapter into the weights (one standalone model).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l no-verify -d 'Skip re-reading the output before it is committed, and the source\'s manifest check.'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l steps -x -d 'SRC is a tree: export these steps to OUT/global_step_N/<component>, skipping steps already exported complete (--overwrite re-exports them).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s h -l help -d 'Show this message and exit.'
