@@ -316,13 +316,13 @@ def test_architecture_resolution_fallbacks():
     assert plan.architecture == "MistralForCausalLM"
 
 
-def test_moe_keys_are_refused():
+def test_moe_keys_in_a_dense_architecture_are_refused():
     shapes = dict(llama_shapes(), **{"decoder.layers.mlp.router.weight": (2, 8, 64),
                                      "decoder.layers.mlp.experts.linear_fc1.weight0": (2, 256, 64)})
     with pytest.raises(MappingError) as e:
         build_plan(LLAMA_CFG, shapes)
     msg = str(e.value)
-    assert "MoE experts are not supported yet" in msg and "\n" not in msg
+    assert "MoE layers, but LlamaForCausalLM is a dense architecture" in msg and "\n" not in msg
     assert "decoder.layers.mlp.router.weight" in msg and "decoder.layers.mlp.experts.linear_fc1.weight0" in msg
 
 

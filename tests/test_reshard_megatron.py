@@ -554,3 +554,26 @@ def test_dp_reshardable_dp_change_copies_the_optimizer(dp_reshardable, tmp_path)
     assert out.read_object("optimizer.distributed.dp_group_idx_0.param_groups/shard_0_1") == [{"lr": 1e-3}]
     # each flat chunk stays with the TP rank (0, 1) of the source file that held it
     assert sorted({p.rank for p in out.tensor_infos()[DP_KEY].pieces}) == [0, 1]
+
+
+def test_target_checks_need_the_hf_config(megatron_ckpts, tmp_path):
+    """A corrupt config.json is an error and a missing one a warning naming what went unchecked;
+    an impossible target is refused (exit 2) before anything is written."""
+    from cli_runner import run, run_json
+
+    src = tmp_path / "policy"
+    shutil.copytree(megatron_ckpts["tp2"].out_dir, src)
+    config = src / "huggingface" / "config.json"
+    code, _, err = run("convert-reshard", src, "--out", tmp_path / "tp8", "--tp", "8")
+    assert code == 2 and "--tp 8 does not divide the model's 4 attention heads" in err
+    assert not (tmp_path / "tp8").exists()
+    doc = run_json("convert-reshard", src, "--out", tmp_path / "tp4", "--tp", "4")
+    assert any("replicated on 2 ranks" in w and "0.16" in w for w in doc["warnings"])
+
+    config.write_text('{"num_attention_heads": 4,')
+    code, _, err = run("convert-reshard", src, "--out", tmp_path / "bad", "--tp", "1")
+    assert code == 1 and "config.json: corrupt file" in err and not (tmp_path / "bad").exists()
+
+    config.unlink()
+    doc = run_json("convert-reshard", src, "--out", tmp_path / "tp1", "--tp", "1")
+    assert any("no huggingface/config.json: --tp 1 was not checked" in w for w in doc["warnings"])

@@ -174,6 +174,9 @@ class TensorSpec(TensorSize):
     name: str
     shape: tuple[int, ...]
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    #: Consecutive specs with one group share a storage in transformers' state dict (the experts of
+    #: one MoE projection): placed in one shard, sized together, as save_pretrained does.
+    shard_group: str | None = field(default=None, compare=False)
 
     @classmethod
     def coerce(cls, obj: Any) -> "TensorSpec":
@@ -239,26 +242,39 @@ class ShardPlan:
         return [sum(s.nbytes for s in shard) for shard in self.shards]
 
 
-def plan_shards(specs: Iterable[Any], max_shard_size: int | str) -> ShardPlan:
-    """Split ``specs`` into shards like ``huggingface_hub.split_torch_state_dict_into_shards``."""
-    limit = parse_size(max_shard_size)
-    shards: list[list[TensorSpec]] = []
-    current: list[TensorSpec] = []
-    current_size = 0
+def _storage_units(specs: Iterable[Any]) -> list[list[TensorSpec]]:
+    """``specs`` as save_pretrained's sharding sees them: one unit per storage (a run of specs
+    with the same ``shard_group``, else one tensor)."""
+    units: list[list[TensorSpec]] = []
     seen: set[str] = set()
     for obj in specs:
         spec = TensorSpec.coerce(obj)
         if spec.name in seen:
             raise UsageError(f"tensor {spec.name!r} listed twice")
         seen.add(spec.name)
-        size = spec.nbytes
+        if spec.shard_group is not None and units and units[-1][0].shard_group == spec.shard_group:
+            units[-1].append(spec)
+        else:
+            units.append([spec])
+    return units
+
+
+def plan_shards(specs: Iterable[Any], max_shard_size: int | str) -> ShardPlan:
+    """Split ``specs`` into shards like ``huggingface_hub.split_torch_state_dict_into_shards``
+    (tensors sharing a storage, here a ``shard_group``, count once and stay together)."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_size = 0
+    for unit in _storage_units(specs):
+        size = sum(spec.nbytes for spec in unit)
         if size > limit:
-            shards.append([spec])  # alone, and before the shard being filled (as HF does)
+            shards.append(unit)  # alone, and before the shard being filled (as HF does)
             continue
         if current_size + size > limit:
             shards.append(current)
             current, current_size = [], 0
-        current.append(spec)
+        current.extend(unit)
         current_size += size
     if current:
         shards.append(current)

@@ -115,13 +115,39 @@ class Source:
     key: str
     layer: int | None
     shape: tuple[int, ...]
+    expert: int | None = None  # then one expert: the slice [expert] along the expert axis (after the layer's)
+    rows: tuple[int, int] | None = None  # then only rows [start, stop) of what is left (gate or up of fc1)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def where(self) -> str:
+        """``key[layer, expert, start:stop]`` as far as it is indexed (for messages)."""
+        index = [str(i) for i in (self.layer, self.expert) if i is not None]
+        if self.rows is not None:
+            index.append(f"{self.rows[0]}:{self.rows[1]}")
+        return self.key + (f"[{', '.join(index)}]" if index else "")
+
+    def region(self, global_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(offsets, sizes) of this source in the global tensor of ``global_shape``."""
+        lead = [i for i in (self.layer, self.expert) if i is not None]
+        offsets, sizes = list(lead), [1] * len(lead)
+        rest = list(global_shape[len(lead):])
+        if self.rows is not None:
+            offsets.append(self.rows[0])
+            sizes.append(self.rows[1] - self.rows[0])
+            rest = rest[1:]
+        return tuple(offsets + [0] * len(rest)), tuple(sizes + rest)
+
     def to_dict(self) -> dict:
-        return {"key": self.key, "layer": self.layer, "shape": list(self.shape)}
+        out = {"key": self.key, "layer": self.layer, "shape": list(self.shape)}
+        if self.expert is not None:
+            out["expert"] = self.expert
+        if self.rows is not None:
+            out["rows"] = list(self.rows)
+        return out
 
 
 @dataclass(frozen=True)
@@ -130,6 +156,11 @@ class Output:
 
     name: str
     shape: tuple[int, ...]
+    #: Outputs sharing one storage in transformers' own state dict (one expert projection of a layer,
+    #: all experts): save_pretrained keeps them in one shard, and so does the writer.
+    shard_group: str | None = None
+    #: Where save_pretrained puts this tensor in its (sorted) state dict; None: the plan's order.
+    order: tuple | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape)}
@@ -158,9 +189,7 @@ class PlanStep:
             raise ValueError(f"step {self.rule}: expected {len(self.sources)} source tensors, got {len(tensors)}")
         for src, t in zip(self.sources, tensors):
             if tuple(t.shape) != src.shape:
-                raise MappingError(
-                    f"{src.key}{'' if src.layer is None else f'[{src.layer}]'}: read shape "
-                    f"{list(t.shape)}, planned {list(src.shape)}")
+                raise MappingError(f"{src.where}: read shape {list(t.shape)}, planned {list(src.shape)}")
         results = self.transform(*tensors)
         return {out.name: t for out, t in zip(self.outputs, results)}
 
@@ -181,6 +210,15 @@ class Geometry:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
+    num_experts: int = 0  # 0: a dense model
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0  # all shared experts together (0: none)
+    # multi-latent attention (DeepSeek-V3 family); q_lora_rank 0: no q-LoRA (linear_q_proj)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def q_per_group(self) -> int:
@@ -208,7 +246,12 @@ class ConversionPlan:
 
     @property
     def outputs(self) -> list[Output]:
-        return [o for s in self.steps for o in s.outputs]
+        """Every output, in the order an export writes them: save_pretrained's order (the plan's
+        step order, or transformers' sorted state dict for the architectures it converts on save)."""
+        outputs = [o for s in self.steps for o in s.outputs]
+        if any(o.order is not None for o in outputs):
+            outputs.sort(key=lambda o: o.order)
+        return outputs
 
     @property
     def hf_names(self) -> list[str]:
@@ -223,15 +266,32 @@ class ConversionPlan:
         """Elements read by the largest step (times the dtype size = peak input bytes)."""
         return max((s.source_numel for s in self.steps), default=0)
 
-    def iter_tensors(self, read: Callable[[Source], "torch.Tensor"]) -> Iterator[tuple[str, "torch.Tensor"]]:
-        """Stream the conversion: for each step, ``read`` its sources, transform, yield
-        ``(hf_name, tensor)`` for each output; nothing is kept between steps."""
-        for step in self.steps:
+    def reader(self, read: Callable[[Source], "torch.Tensor"]) -> Callable[[str], "torch.Tensor"]:
+        """``read_output(hf_name)``: runs the output's step (its sources through ``read``) and keeps
+        the step's other outputs until they are asked for, each handed out once. Asked in
+        :attr:`outputs` order, what is kept is bounded by one layer's attention or MLP outputs."""
+        step_of = {out.name: step for step in self.steps for out in step.outputs}
+        pending: dict[str, "torch.Tensor"] = {}
+
+        def read_output(name: str):
+            if name in pending:
+                return pending.pop(name)
+            step = step_of[name]
             inputs = [read(src) for src in step.sources]
             results = step.apply(*inputs)
             del inputs
-            yield from results.items()
-            del results
+            tensor = results.pop(name)
+            pending.update(results)
+            return tensor
+
+        return read_output
+
+    def iter_tensors(self, read: Callable[[Source], "torch.Tensor"]) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Stream the conversion in :attr:`outputs` order: each step's sources are read through
+        ``read`` when its first output is due; a step's outputs are kept only until written."""
+        read_output = self.reader(read)
+        for out in self.outputs:
+            yield out.name, read_output(out.name)
 
     def convert(self, read: Callable[[Source], "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
         """All outputs in one dict (holds the whole model: for tests and small models)."""
@@ -309,6 +369,10 @@ def _always(config: Mapping) -> bool:
     return True
 
 
+def _every_layer(config: Mapping, layer: int) -> bool:
+    return True
+
+
 def _cfg_flag(name: str) -> Callable[[Mapping], bool]:
     def pred(config: Mapping) -> bool:
         return bool(config.get(name) or False)
@@ -334,18 +398,49 @@ class LayerRule:
     transform: str
     shape: Callable[[Geometry], tuple]
     when: Callable[[Mapping], bool] = _always
+    #: Which layers it applies to (config, layer index): dense-MLP rows only at dense layers of an MoE model.
+    at: Callable[[Mapping, int], bool] = _every_layer
+    #: transformers' in-memory names (relative to the layer) where they differ from ``hf``: they
+    #: decide where save_pretrained puts the tensors of the architectures it converts on save.
+    memory: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ExpertRule:
+    """The routed experts of one MoE layer: the mcore tensor ``[E, rows, cols]`` (per layer; a
+    stacked key adds the layer axis first) gives one HF tensor per expert, read one expert at a time.
+
+    ``hf``: the per-expert name relative to ``model.layers.{i}.`` with ``{e}``.  ``part``: for
+    ``linear_fc1`` (``[gate; up]`` rows of each expert) 0 = the gate half, 1 = the up half; None =
+    the whole expert (``linear_fc2``).  ``memory``: transformers' fused in-memory tensor these
+    come from (save_pretrained's order and shard grouping)."""
+
+    name: str
+    mcore: tuple[str, ...]
+    hf: str
+    part: int | None
+    memory: str
+    shape: Callable[[Geometry], tuple]  # the per-layer shape [E, rows, cols]
+    at: Callable[[Mapping, int], bool] = _every_layer
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     """How one HF architecture maps.  ``head_dim_default``: the config class's ``head_dim`` when
-    config.json has no ``head_dim`` key (None: ``hidden_size // num_attention_heads``)."""
+    config.json has no ``head_dim`` key (None: ``hidden_size // num_attention_heads``).
+    ``experts``: routed-expert rules (MoE).  ``sorted_save``: transformers 5 converts this class's
+    weights on save, which sorts its state dict (``dot_natural_key`` of the in-memory names) before
+    sharding: the export writes in that order.  ``skip``: key prefixes left out on purpose, with why."""
 
     name: str
     model_type: str
     layer_rules: tuple[LayerRule, ...]
     tie_default: bool = False
     head_dim_default: int | None = None
+    experts: tuple[ExpertRule, ...] = ()
+    sorted_save: bool = False
+    skip: tuple[tuple[str, str], ...] = ()
+    geometry: Callable[[Mapping], dict] | None = None  # MoE / MLA dimensions from config.json
 
 
 _H = lambda g: (g.hidden_size,)  # noqa: E731
@@ -427,6 +522,141 @@ register_architecture(ArchSpec(
     "MistralForCausalLM", "mistral", _llama_like(qkv_bias=_never, o_bias=_never, mlp_bias=_never)))
 
 
+# -- mixture of experts ----------------------------------------------------------------------
+# Megatron keys (megatron-moe-and-optimizer.md): routed experts ``mlp.experts.experts.linear_fc1``
+# [E, 2F, H] (each expert's rows: gate then up) and ``linear_fc2`` [E, H, F] per layer, the router
+# ``mlp.router.weight`` [E, H] (+ ``expert_bias`` [E]), shared experts ``mlp.shared_experts.*``;
+# global expert order = the tensor's expert axis (megatron's EP offsets put it there).
+
+_EXPERT_FC1 = ("mlp.experts.experts.linear_fc1.weight", "mlp.experts.linear_fc1.weight")
+_EXPERT_FC2 = ("mlp.experts.experts.linear_fc2.weight", "mlp.experts.linear_fc2.weight")
+
+
+#: config.json names of the routed-expert count (transformers 5 writes num_local_experts for every
+#: class; hub configs of Qwen3-MoE say num_experts, DeepSeek's n_routed_experts)
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _moe_dims(*, ffn: str, shared: str | None = None) -> Callable[[Mapping], dict]:
+    def dims(config: Mapping) -> dict:
+        moe_ffn = int(config.get(ffn) or config.get("intermediate_size") or 0)
+        n_shared = int(config.get(shared) or 0) if shared else 0
+        experts = next((int(config[k]) for k in _EXPERT_COUNT_KEYS if config.get(k)), 0)
+        return {"num_experts": experts, "moe_intermediate_size": moe_ffn, "shared_intermediate_size": n_shared * moe_ffn}
+    return dims
+
+
+def _moe_layers(config: Mapping, layer: int) -> bool:
+    """Which layers are MoE, as each config class says (Qwen3-MoE: ``decoder_sparse_step`` and
+    ``mlp_only_layers``; DeepSeek-V3 / GLM: ``first_k_dense_replace`` and ``moe_layer_freq``)."""
+    if layer in (config.get("mlp_only_layers") or ()):
+        return False
+    if "first_k_dense_replace" in config and layer < int(config.get("first_k_dense_replace") or 0):
+        return False
+    step = int(config.get("decoder_sparse_step") or config.get("moe_layer_freq") or 1)
+    return (layer + 1) % step == 0 if "decoder_sparse_step" in config else layer % step == 0
+
+
+def _dense_layers(config: Mapping, layer: int) -> bool:
+    return not _moe_layers(config, layer)
+
+
+def _dense_mlp() -> tuple[LayerRule, ...]:
+    return (LayerRule(_FC1_W.name, _FC1_W.mcore, _FC1_W.hf, _FC1_W.transform, _FC1_W.shape, at=_dense_layers),
+            LayerRule(_FC2_W.name, _FC2_W.mcore, _FC2_W.hf, _FC2_W.transform, _FC2_W.shape, at=_dense_layers))
+
+
+def _experts(hf_prefix: str, gate: str, up: str, down: str) -> tuple[ExpertRule, ...]:
+    fc1 = lambda g: (g.num_experts, 2 * g.moe_intermediate_size, g.hidden_size)  # noqa: E731
+    fc2 = lambda g: (g.num_experts, g.hidden_size, g.moe_intermediate_size)  # noqa: E731
+    return (ExpertRule("expert_gate", _EXPERT_FC1, f"{hf_prefix}.{{e}}.{gate}.weight", 0, "mlp.experts.gate_up_proj",
+                       fc1, _moe_layers),
+            ExpertRule("expert_up", _EXPERT_FC1, f"{hf_prefix}.{{e}}.{up}.weight", 1, "mlp.experts.gate_up_proj",
+                       fc1, _moe_layers),
+            ExpertRule("expert_down", _EXPERT_FC2, f"{hf_prefix}.{{e}}.{down}.weight", None, "mlp.experts.down_proj",
+                       fc2, _moe_layers))
+
+
+def _router(hf: str, *, bias: bool = False) -> tuple[LayerRule, ...]:
+    rules = (LayerRule("router", ("mlp.router.weight",), (f"{hf}.weight",), "copy",
+                       lambda g: (g.num_experts, g.hidden_size), at=_moe_layers, memory=("mlp.gate.weight",)),)
+    if bias:
+        rules += (LayerRule("router_expert_bias", ("mlp.router.expert_bias",), (f"{hf}.e_score_correction_bias",),
+                            "copy", lambda g: (g.num_experts,), at=_moe_layers,
+                            memory=("mlp.gate.e_score_correction_bias",)),)
+    return rules
+
+
+_SHARED_EXPERTS = (
+    LayerRule("shared_gate_up_split", ("mlp.shared_experts.linear_fc1.weight",),
+              ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), "gate_up",
+              lambda g: (2 * g.shared_intermediate_size, g.hidden_size), at=_moe_layers),
+    LayerRule("shared_down_proj", ("mlp.shared_experts.linear_fc2.weight",), ("mlp.shared_experts.down_proj.weight",),
+              "copy", lambda g: (g.hidden_size, g.shared_intermediate_size), at=_moe_layers),
+)
+
+register_architecture(ArchSpec(
+    "Qwen3MoeForCausalLM", "qwen3_moe",
+    (_QKV_W, _qkv_bias(_attn_bias), _O_W, _o_bias(_attn_bias), *_QK_NORM, *_dense_mlp(), *_router("mlp.gate"),
+     *_NORMS),
+    head_dim_default=128, experts=_experts("mlp.experts", "gate_proj", "up_proj", "down_proj"), sorted_save=True,
+    geometry=_moe_dims(ffn="moe_intermediate_size")))
+
+register_architecture(ArchSpec(
+    "MixtralForCausalLM", "mixtral",
+    (_QKV_W, _O_W, *_router("block_sparse_moe.gate"), *_NORMS),
+    experts=_experts("block_sparse_moe.experts", "w1", "w3", "w2"), sorted_save=True,
+    geometry=_moe_dims(ffn="intermediate_size")))
+
+
+# -- multi-latent attention (DeepSeek-V3 family) ------------------------------------------------
+
+def _mla_dims(config: Mapping) -> dict:
+    return {"q_lora_rank": int(config.get("q_lora_rank") or 0), "kv_lora_rank": int(config.get("kv_lora_rank") or 0),
+            "qk_nope_head_dim": int(config.get("qk_nope_head_dim") or 0),
+            "qk_rope_head_dim": int(config.get("qk_rope_head_dim") or 0),
+            "v_head_dim": int(config.get("v_head_dim") or 0)}
+
+
+_q_lora = lambda config: bool(config.get("q_lora_rank"))  # noqa: E731
+_no_q_lora = lambda config: not config.get("q_lora_rank")  # noqa: E731
+_q_rows = lambda g: g.num_heads * (g.qk_nope_head_dim + g.qk_rope_head_dim)  # noqa: E731
+
+_MLA = (
+    LayerRule("q_a_proj", ("self_attention.linear_q_down_proj.weight",), ("self_attn.q_a_proj.weight",), "copy",
+              lambda g: (g.q_lora_rank, g.hidden_size), _q_lora),
+    LayerRule("q_a_layernorm", ("self_attention.linear_q_up_proj.layer_norm_weight",
+                                "self_attention.q_layernorm.weight"), ("self_attn.q_a_layernorm.weight",), "copy",
+              lambda g: (g.q_lora_rank,), _q_lora),
+    LayerRule("q_b_proj", ("self_attention.linear_q_up_proj.weight",), ("self_attn.q_b_proj.weight",), "copy",
+              lambda g: (_q_rows(g), g.q_lora_rank), _q_lora),
+    LayerRule("q_proj", ("self_attention.linear_q_proj.weight",), ("self_attn.q_proj.weight",), "copy",
+              lambda g: (_q_rows(g), g.hidden_size), _no_q_lora),
+    LayerRule("kv_a_proj_with_mqa", ("self_attention.linear_kv_down_proj.weight",),
+              ("self_attn.kv_a_proj_with_mqa.weight",), "copy",
+              lambda g: (g.kv_lora_rank + g.qk_rope_head_dim, g.hidden_size)),
+    LayerRule("kv_a_layernorm", ("self_attention.linear_kv_up_proj.layer_norm_weight",
+                                 "self_attention.kv_layernorm.weight"), ("self_attn.kv_a_layernorm.weight",), "copy",
+              lambda g: (g.kv_lora_rank,)),
+    LayerRule("kv_b_proj", ("self_attention.linear_kv_up_proj.weight",), ("self_attn.kv_b_proj.weight",), "copy",
+              lambda g: (g.num_heads * (g.qk_nope_head_dim + g.v_head_dim), g.kv_lora_rank)),
+    LayerRule("o_proj", ("self_attention.linear_proj.weight",), ("self_attn.o_proj.weight",), "copy",
+              lambda g: (g.hidden_size, g.num_heads * g.v_head_dim)),
+    LayerRule("input_layernorm", ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+              ("input_layernorm.weight",), "copy", _H),
+    _NORMS[1],
+)
+
+_MTP_SKIP = (("mtp.", "multi-token-prediction layers: transformers' model class has no MTP module, so they are "
+                      "dropped on purpose"),)
+
+register_architecture(ArchSpec(
+    "DeepseekV3ForCausalLM", "deepseek_v3",
+    (*_MLA, *_dense_mlp(), *_router("mlp.gate", bias=True), *_SHARED_EXPERTS),
+    experts=_experts("mlp.experts", "gate_proj", "up_proj", "down_proj"), sorted_save=True, skip=_MTP_SKIP,
+    geometry=lambda config: {**_moe_dims(ffn="moe_intermediate_size", shared="n_shared_experts")(config), **_mla_dims(config)}))
+
+
 def supported_architectures() -> tuple[str, ...]:
     return tuple(sorted(_ARCHS))
 
@@ -501,7 +731,21 @@ def _geometry(config: Mapping[str, Any], spec: ArchSpec) -> Geometry:
         num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
         intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
         tie_word_embeddings=spec.tie_default if tie is None else bool(tie),
+        **(spec.geometry(config) if spec.geometry else {}),
     )
+
+
+def dot_natural_key(name: str) -> list[tuple]:
+    """transformers 5's sort key for state-dict names (``core_model_loading.dot_natural_key``):
+    dot-separated parts, numbers numerically, a trailing number of a word too."""
+    parts: list[tuple] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        text = part.rstrip("0123456789")
+        parts.append((1, text, int(part[len(text):])) if text != part else (1, text))
+    return parts
 
 
 def _short(items: Sequence[str], n: int = 6) -> str:
@@ -538,11 +782,36 @@ class _Planner:
                         self.bad_shapes.append(msg)
                     return None
                 return Source(stacked, layer, shape[1:])
-        self.missing.setdefault(names[0], []).append(layer)
+        missing = self.missing.setdefault(names[0], [])
+        if layer not in missing:  # two rules may read one key (an expert's gate and up halves)
+            missing.append(layer)
         return None
 
+    def add_experts(self, rule: ExpertRule, layer: int, prefix: str) -> None:
+        """One step per expert (one source region each: an expert's gate or up rows, or its fc2)."""
+        src = self.find(rule.mcore, layer)
+        if src is None:
+            return
+        expected = tuple(rule.shape(self.geo))
+        if src.shape != expected:
+            bad = f"{src.where} {list(src.shape)} (expected {list(expected)}: experts x rows x columns)"
+            if bad not in self.bad_shapes:
+                self.bad_shapes.append(bad)
+            return
+        experts, rows, cols = src.shape
+        span = None if rule.part is None else (rule.part * rows // 2, (rule.part + 1) * rows // 2)
+        shape = (rows if span is None else span[1] - span[0], cols)
+        memory = prefix + rule.memory
+        group = f"{memory}:{rule.part or 0}"
+        order = (dot_natural_key(memory), rule.part or 0)
+        for e in range(experts):
+            source = Source(src.key, src.layer, shape, expert=e, rows=span)
+            out = Output(prefix + rule.hf.format(e=e), shape, shard_group=group,
+                         order=(*order, e) if self.spec.sorted_save else None)
+            self.steps.append(PlanStep(rule.name, (source,), (out,), _identity))
+
     def add(self, rule: str, src: Source, transform: str, hf_names: Sequence[str],
-            expected: tuple | None) -> None:
+            expected: tuple | None, memory: Sequence[str] | None = None) -> None:
         geo, where = self.geo, (src.key if src.layer is None else f"{src.key}[{src.layer}]")
         if transform.startswith("vocab"):  # Megatron pads rows: [>= vocab_size, hidden]
             if len(src.shape) != 2 or src.shape[0] < geo.vocab_size or src.shape[1] != geo.hidden_size:
@@ -554,7 +823,9 @@ class _Planner:
             return
         factory, out_shapes = _TRANSFORMS[transform]
         shapes = out_shapes(src.shape, geo)
-        self.steps.append(PlanStep(rule, (src,), tuple(Output(n, tuple(s)) for n, s in zip(hf_names, shapes)),
+        orders = [(dot_natural_key(m), 0, 0) if self.spec.sorted_save else None for m in (memory or hf_names)]
+        self.steps.append(PlanStep(rule, (src,), tuple(Output(n, tuple(s), order=o)
+                                                       for n, s, o in zip(hf_names, shapes, orders)),
                                    factory(geo)))
 
 
@@ -576,7 +847,10 @@ def build_plan(config: Mapping[str, Any], tensors: Mapping[str, Any] | Iterable[
     ignored = sorted(k for k in all_shapes if not is_model_key(k))
     shapes = {k: v for k, v in all_shapes.items() if is_model_key(k)}
     skipped = {k: "extra state (not a weight)" for k in shapes if "_extra_state" in k}
-    warnings: list[str] = []
+    for prefix, why in spec.skip:
+        skipped.update({k: why for k in shapes if k.startswith(prefix) and k not in skipped})
+    warnings = [f"{prefix}* not exported: {why}" for prefix, why in spec.skip
+                if any(k.startswith(prefix) for k in skipped)]
     p = _Planner(spec, geo, {k: v for k, v in shapes.items() if k not in skipped})
 
     def global_rule(rule, names, transform, hf, expected):
@@ -590,12 +864,16 @@ def build_plan(config: Mapping[str, Any], tensors: Mapping[str, Any] | Iterable[
     for i in range(geo.num_layers):
         prefix = f"model.layers.{i}."
         for rule in spec.layer_rules:
-            if not rule.when(config):
+            if not rule.when(config) or not rule.at(config, i):
                 continue
             src = p.find(rule.mcore, i)
             if src is None:
                 continue
-            p.add(rule.name, src, rule.transform, [prefix + h for h in rule.hf], rule.shape(geo))
+            p.add(rule.name, src, rule.transform, [prefix + h for h in rule.hf], rule.shape(geo),
+                  [prefix + m for m in rule.memory] if rule.memory else None)
+        for expert_rule in spec.experts:
+            if expert_rule.at(config, i):
+                p.add_experts(expert_rule, i, prefix)
     global_rule("norm", (FINAL_NORM,), "copy", ("model.norm.weight",), (geo.hidden_size,))
     if geo.tie_word_embeddings:
         if OUTPUT_LAYER in shapes:
@@ -612,8 +890,8 @@ def build_plan(config: Mapping[str, Any], tensors: Mapping[str, Any] | Iterable[
     consumed = {src.key for s in p.steps for src in s.sources}
     unmapped = sorted(k for k in shapes if k not in consumed and k not in skipped)
     problems = []
-    if any(_MOE_RE.search(k) for k in unmapped):
-        problems.append("MoE experts are not supported yet")
+    if any(_MOE_RE.search(k) for k in unmapped) and not spec.experts:
+        problems.append(f"MoE layers, but {spec.name} is a dense architecture in config.json")
     if p.missing:
         problems.append("missing " + _short([_missing_name(n, layers, geo.num_layers)
                                              for n, layers in p.missing.items()]))
@@ -673,7 +951,10 @@ def state_dict_reader(tensors: Mapping[str, "torch.Tensor"]) -> Callable[[Source
 
     def read(src: Source):
         t = tensors[src.key]
-        return t if src.layer is None else t[src.layer]
+        offsets, sizes = src.region(tuple(t.shape))
+        for dim, (start, size) in enumerate(zip(offsets, sizes)):
+            t = t.narrow(dim, start, size)
+        return t.reshape(src.shape)
 
     return read
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import MODEL, TensorInfo
+from ckptctl.formats.hf_saved_layout import converts_on_save, saved_layout
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft_state, merge_lora_weight,
                                   parse_adapter_config, split_peft_state)
@@ -227,6 +228,10 @@ class HfTensors:
     stream: Callable[[], Iterator[tuple[str, Any]]]
     read: Callable[[str], Any]
     lora: "_LoraSource | None" = None
+    #: HF name -> the group of tensors save_pretrained keeps in one shard (one MoE projection's experts)
+    shard_groups: dict[str, str] = field(default_factory=dict)
+    #: Completes the CRC checks of partly read chunks (call before trusting what was read)
+    finish: Callable[[], None] | None = None
 
 
 def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary: ExportSummary, *,
@@ -278,16 +283,42 @@ def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: E
 
     sources = {name: source for name, _, source in outputs}
 
-    def read(name: str) -> Any:
+    def read_source(name: str) -> Any:
         source = sources[name]
         return source() if callable(source) else reader.read_tensor(source)
 
-    def stream() -> Iterator[tuple[str, Any]]:
-        for name in sources:
-            yield name, read(name)
+    if not converts_on_save(config):
+        def stream() -> Iterator[tuple[str, Any]]:
+            for name in sources:
+                yield name, read_source(name)
 
-    specs = [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs]
-    return HfTensors(specs, stream, read)
+        specs = [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs]
+        return HfTensors(specs, stream, read_source)
+
+    # transformers 5 MoE classes: experts fused in memory, one tensor per expert on save
+    dtypes = {name: info.dtype for name, info, _ in outputs}
+    layout = {t.name: t for t in saved_layout(config, [(name, info.shape) for name, info, _ in outputs])}
+    fused: dict[str, Any] = {}  # the one fused expert tensor being split, no more
+
+    def read(name: str) -> Any:
+        t = layout[name]
+        if t.expert is None:
+            return read_source(t.source)
+        if t.source not in fused:
+            fused.clear()
+            fused[t.source] = read_source(t.source)
+        block = fused[t.source][t.expert]
+        return (block if t.rows is None else block[t.rows[0]:t.rows[1]]).clone()
+
+    def stream() -> Iterator[tuple[str, Any]]:
+        try:
+            for name in layout:
+                yield name, read(name)
+        finally:
+            fused.clear()
+
+    specs = [(t.name, TensorInfo(name=t.name, shape=t.shape, dtype=dtypes[t.source])) for t in layout.values()]
+    return HfTensors(specs, stream, read, shard_groups={t.name: t.shard_group for t in layout.values() if t.shard_group})
 
 
 class _LoraSource:
@@ -380,26 +411,20 @@ def _megatron_outputs(reader, config: dict, summary: ExportSummary):
         for out in step.outputs:
             dtype_of[out.name] = source_dtype
     specs = [(o.name, TensorInfo(name=o.name, shape=tuple(o.shape), dtype=dtype_of[o.name])) for o in plan.outputs]
+    groups = {o.name: o.shard_group for o in plan.outputs if o.shard_group}
 
     def read_source(src):
-        return reader.read_tensor(src.key, src.layer)
+        if src.expert is None and src.rows is None:
+            return reader.read_tensor(src.key, src.layer)
+        # one expert (of one layer), or its gate or up rows: only the chunks that hold it are read
+        offsets, sizes = src.region(infos[src.key].shape)
+        return reader.read_region(src.key, offsets, sizes).reshape(src.shape)
 
     def stream():
         return plan.iter_tensors(read_source)
 
-    step_of = {out.name: step for step in plan.steps for out in step.outputs}
-    kept_step, kept = None, {}  # one step's outputs, no more
-
-    def read(name: str) -> Any:
-        nonlocal kept_step, kept
-        step = step_of[name]
-        if step is not kept_step:
-            kept_step, kept = None, {}  # drop the previous step's tensors before reading
-            kept = step.apply(*[read_source(src) for src in step.sources])
-            kept_step = step
-        return kept[name]
-
-    return HfTensors(specs, stream, read)
+    return HfTensors(specs, stream, plan.reader(read_source), shard_groups=groups,
+                     finish=getattr(reader, "finish_crc_checks", None))
 
 
 #: Tensors alive at once while exporting: the one being written plus the one being read.
@@ -509,7 +534,7 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
             summary: ExportSummary, dst_store: Store, *, dtype: str, max_shard_size: str | int, overwrite: bool,
             merge_lora: bool, verify: bool, manifest: "ManifestCheck | None",
             progress: Callable[[int, int], None] | None, started: float) -> ExportSummary:
-    from ckptctl.formats.hf_writer import HfModelWriter
+    from ckptctl.formats.hf_writer import HfModelWriter, TensorSpec
 
     with open_component_reader(parent, comp) as reader:
         found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
@@ -532,7 +557,9 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
         out_specs = [(name, info.shape, target if target and _is_floating(info.dtype) else info.dtype)
                      for name, info in specs]
         config_dtype = _config_dtype(out_specs)
-        with HfModelWriter(dst_store.url, out_specs, max_shard_size=max_shard_size, overwrite=overwrite,
+        writer_specs = [replace(TensorSpec.coerce(spec), shard_group=found.shard_groups.get(spec[0]))
+                        for spec in out_specs]
+        with HfModelWriter(dst_store.url, writer_specs, max_shard_size=max_shard_size, overwrite=overwrite,
                            store=dst_store) as writer:
             import torch
 
@@ -558,6 +585,8 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
             finally:
                 tensors.close()  # stops and joins the reading thread before the reader closes
             fixed = _fix_config(config, config_dtype, summary)
+            if found.finish is not None:
+                found.finish()  # CRC checks of chunks read in part (one expert of several): before the commit
             if manifest is not None:
                 manifest.result()  # the source's hashes: a mismatch aborts before the commit
             # Verified before the commit: a failed check leaves nothing behind.

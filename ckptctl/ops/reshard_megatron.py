@@ -67,7 +67,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ckptctl.errors import CkptctlError, NotACheckpointError, NotFoundError, UsageError
+from ckptctl.errors import CkptctlError, CorruptFileError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.formats.base import Piece, TensorInfo, dtype_size
 from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSON, DcpFileWriter, build_metadata,
                                         data_file_name, metadata_bytes)
@@ -453,10 +453,15 @@ def _check_hf_config(config: dict, tp: int, tp_src: int, infos: dict) -> list[st
     if isinstance(groups, int) and groups % tp and tp % groups:
         raise UsageError(f"--tp {tp} neither divides nor is a multiple of the model's {groups} query groups "
                          "(num_key_value_heads)")
+    notes = []
+    if isinstance(groups, int) and groups < tp:
+        notes.append(f"--tp {tp} over {groups} query groups: each KV head is replicated on {tp // groups} ranks, "
+                     "which megatron-core loads from version 0.16 on (older versions require the query groups to "
+                     "be divisible by TP)")
     vocab = config.get("vocab_size")
     emb = infos.get("embedding.word_embeddings.weight")
     if not isinstance(vocab, int) or emb is None or not emb.shape:
-        return []
+        return notes
     rows = emb.shape[0]
 
     def padded(t: int) -> int:  # Megatron-LM: make_vocab_size_divisible_by (128) x TP
@@ -464,10 +469,10 @@ def _check_hf_config(config: dict, tp: int, tp_src: int, infos: dict) -> list[st
         return -(-vocab // m) * m
 
     if padded(tp_src) == rows and padded(tp) != rows:
-        return [f"the embedding keeps its {rows} rows (vocabulary {vocab} padded for TP={tp_src}); Megatron-LM with "
+        return notes + [f"the embedding keeps its {rows} rows (vocabulary {vocab} padded for TP={tp_src}); Megatron-LM with "
                 f"make_vocab_size_divisible_by=128 would pad to {padded(tp)} rows at TP={tp}: configure the "
                 f"trainer's padding so that the model has {rows} rows"]
-    return []
+    return notes
 
 
 def _src_coords(rank: int, tp_src: int, pp_src: int | None, dp_src: int | None) -> tuple[int, int]:
@@ -591,12 +596,28 @@ def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: Output
 
 
 def _hf_config(comp: Store) -> dict | None:
-    """The component's ``huggingface/config.json`` (plain JSON), or None."""
+    """The component's ``huggingface/config.json``, or None when there is none; a corrupt one is
+    an error (the target checks depend on it: they are never skipped silently)."""
+    rel = f"{HF_DIR}/config.json"
     try:
-        config = comp.read_json(f"{HF_DIR}/config.json")
-    except CkptctlError:
+        config = comp.read_json(rel)
+    except NotFoundError:
         return None
-    return config if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{comp.url_of(rel)}: corrupt file, not a JSON object")
+    return config
+
+
+def _plan(reader, comp: Store, **plan_args) -> ReshardPlan:
+    """:func:`plan_reshard` with the component's HF config; without one, the plan says which
+    checks of the target could not be made."""
+    config = _hf_config(comp)
+    plan = plan_reshard(reader, hf_config=config, **plan_args)
+    if config is None and plan.tp != plan.source_layout.get("tp"):
+        plan.warnings.append(f"no {HF_DIR}/config.json: --tp {plan.tp} was not checked against the attention heads, "
+                             "query groups and vocabulary padding (megatron-core refuses a target that does not "
+                             "fit them when it builds the model)")
+    return plan
 
 
 class _ReadCounter:
@@ -649,7 +670,7 @@ def _prepare(src: str, out: str, *, component: str, endpoint_url: str | None, ov
     dst_store = open_store(out, endpoint_url=endpoint_url)
     refuse_overlap(src_store, dst_store)
     refuse_overlap(comp, dst_store)  # the component may be a link out of the source
-    plan = plan_reshard(reader, hf_config=_hf_config(comp), **plan_args)
+    plan = _plan(reader, comp, **plan_args)
     commit_last = tuple(prefix + n for n in (METADATA_FILE, COMMON_FILE, METADATA_JSON))
     return comp, prefix, reader, plan, OutputDir(dst_store.url, overwrite=overwrite, commit_last=commit_last,
                                                  kind=RESHARD, source=comp.url, store=dst_store)
@@ -799,7 +820,7 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
         try:
             if rank != 0:
                 _, comp, prefix, reader = _open_source(src, component, endpoint_url)
-                plan = plan_reshard(reader, hf_config=_hf_config(comp), **plan_args)
+                plan = _plan(reader, comp, **plan_args)
             if shared_staging is not None:
                 mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
             else:
