@@ -371,6 +371,10 @@ def convert_reshard_command(
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Megatron: target tensor-parallel size.")] = None,
     pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Megatron: target pipeline-parallel size.")] = None,
     dp: Annotated[Optional[int], typer.Option("--dp", min=1, help="Megatron: target data-parallel size.")] = None,
+    ep: Annotated[Optional[int], typer.Option(
+        "--ep", min=1, help="Megatron MoE: target expert-parallel size (default 1).")] = None,
+    etp: Annotated[Optional[int], typer.Option(
+        "--etp", min=1, help="Megatron MoE: target expert-tensor-parallel size (default: the target TP).")] = None,
     world_size: Annotated[Optional[int], typer.Option(
         "--world-size", min=1, help="FSDP: target world size.")] = None,
     device_type: Annotated[Optional[str], typer.Option(
@@ -386,7 +390,7 @@ def convert_reshard_command(
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Reshard a Megatron checkpoint to a new TP/PP (or an FSDP one to a new world size), offline.
+    """Reshard a Megatron checkpoint to a new TP/PP/EP (or an FSDP one to a new world size), offline.
 
     Runs in one process, or under torchrun with one process per target rank
     (`torchrun --nproc-per-node N -m ckptctl convert-reshard ...`; gloo on CPU, NCCL on GPUs).
@@ -396,7 +400,7 @@ def convert_reshard_command(
 
     out_ = Output(json_output and _is_rank_zero())
     with out_.progress("resharding", None) as advance:
-        summary = convert_reshard(src, out, tp=tp, pp=pp, dp=dp, world_size=world_size,
+        summary = convert_reshard(src, out, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, world_size=world_size,
                                   drop_optimizer=drop_optimizer, overwrite=overwrite, device_type=device_type,
                                   allow_globals=tuple(allow_global or ()), endpoint_url=endpoint_url,
                                   verify=not no_verify,

@@ -140,6 +140,10 @@ def render_inspect(console: Console, report) -> None:
         stats.add("count: " + ", ".join(f"{g} {n}" for g, n in comp.tensor_count.items()), highlight=False)
         if comp.lora:
             _add_mapping(node.add("[bold]LoRA[/bold]"), comp.lora)
+        if getattr(comp, "moe", None):
+            moe = {k: (f"{v:,}" if k.endswith("_parameters") and isinstance(v, int) else v)
+                   for k, v in comp.moe.items() if v is not None}
+            _add_mapping(node.add("[bold]mixture of experts[/bold]"), moe)
         if comp.format:
             _add_mapping(node.add("[bold]format[/bold]"), comp.format)
         for warning in comp.warnings:

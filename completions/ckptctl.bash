@@ -25,7 +25,7 @@ __ckptctl_options()
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
         'ckptctl verify') echo '--full --write-manifest --json --endpoint-url -h --help' ;;
         'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --steps --json --endpoint-url -h --help' ;;
-        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --json --endpoint-url -h --help' ;;
+        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --ep --etp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --json --endpoint-url -h --help' ;;
         'ckptctl diff') echo '--atol --rtol --tensors --component --json --endpoint-url -h --help' ;;
     esac
 }
@@ -57,6 +57,8 @@ __ckptctl_nvalues()
         'ckptctl convert-reshard --tp') return 1 ;;
         'ckptctl convert-reshard --pp') return 1 ;;
         'ckptctl convert-reshard --dp') return 1 ;;
+        'ckptctl convert-reshard --ep') return 1 ;;
+        'ckptctl convert-reshard --etp') return 1 ;;
         'ckptctl convert-reshard --world-size') return 1 ;;
         'ckptctl convert-reshard --device-type') return 1 ;;
         'ckptctl convert-reshard --allow-global') return 1 ;;

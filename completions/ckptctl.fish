@@ -85,6 +85,12 @@ function __ckptctl_nvalues
         case 'ckptctl convert-reshard --dp'
             echo 1
             return
+        case 'ckptctl convert-reshard --ep'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --etp'
+            echo 1
+            return
         case 'ckptctl convert-reshard --world-size'
             echo 1
             return
@@ -161,7 +167,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print w
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'verify' -d 'Check that a checkpoint is intact: sizes against each format\'s index, safe metadata, pieces covering every tensor, completeness; with --full every...'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'export-hf' -d 'Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory.'
-complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'convert-reshard' -d 'Reshard a Megatron checkpoint to a new TP/PP (or an FSDP one to a new world size), offline.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'convert-reshard' -d 'Reshard a Megatron checkpoint to a new TP/PP/EP (or an FSDP one to a new world size), offline.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'diff' -d 'Compare the model weights of two checkpoints under HF names, tensor by tensor (optimizer state is not compared).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version and exit.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
@@ -236,6 +242,8 @@ complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -s o -l out -x 
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l tp -x -d 'Megatron: target tensor-parallel size.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l pp -x -d 'Megatron: target pipeline-parallel size.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l dp -x -d 'Megatron: target data-parallel size.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l ep -x -d 'Megatron MoE: target expert-parallel size (default 1).'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l etp -x -d 'Megatron MoE: target expert-tensor-parallel size (default: the target TP).'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l world-size -x -d 'FSDP: target world size.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l device-type -x -d 'FSDP: device type of the target DeviceMesh (cuda, cpu, xpu, hpu, npu, mtia); default: the source\'s.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l drop-optimizer -d 'Write no optimizer state (when its format cannot be resharded).'

@@ -189,3 +189,30 @@ def test_saved_layout_of_the_in_memory_state_dict(arch):
         tensors[t.name] = block if t.rows is None else block[t.rows[0]:t.rows[1]]
     specs = [TensorSpec(t.name, t.shape, "float32", shard_group=t.shard_group) for t in layout]
     assert_like_save_pretrained([t.name for t in layout], tensors, specs, saved_state(model))
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_moe_summary_counts_what_the_model_holds(arch):
+    from ckptctl.formats.base import TensorInfo
+    from ckptctl.formats.moe import moe_summary
+
+    model = MODELS[arch]()
+    config = config_of(model)
+    saved = saved_state(model)
+    summary = moe_summary(config, [TensorInfo(k, tuple(v.shape), "float32") for k, v in saved.items()])
+    experts = {"qwen3_moe": 4, "mixtral": 3}.get(arch, 4)
+    assert summary["routed_experts"] == experts and summary["experts_per_token"] == 2
+    assert summary["router"] == ("sigmoid, expert bias" if "deepseek" in arch else "softmax")
+    assert summary["shared_experts"] == (1 if "deepseek" in arch else 0)
+    assert summary["moe_layers"] == (2 if "deepseek" in arch else config["num_hidden_layers"])
+    routed = sum(m.numel() for name, module in model.named_modules() if name.endswith("mlp.experts")
+                 for m in module.parameters())
+    total = sum(v.numel() for v in saved.values())
+    assert summary["expert_parameters"] == routed and summary["dense_parameters"] == total - routed
+    assert summary["active_parameters"] == total - routed + routed * 2 // experts
+    # the in-memory (FSDP) names count the same
+    fused = moe_summary(config, [TensorInfo(k, tuple(v.shape), "float32") for k, v in model.state_dict().items()
+                                 if k != "lm_head.weight" or not config.get("tie_word_embeddings")])
+    assert fused["expert_parameters"] == routed
+    assert moe_summary({"model_type": "llama"}, [TensorInfo("model.layers.0.mlp.up_proj.weight", (4, 4), "float32")]) \
+        is None

@@ -34,8 +34,18 @@ Megatron layouts handled (stack-notes.md, "megatron-core"):
 - ``*._extra_state`` keys are skipped, ``optimizer.*`` / ``rng_state*`` keys are not model weights
   and are ignored.
 
+Mixture of experts (Qwen3-MoE, Mixtral, the DeepSeek-V3 family with multi-latent attention):
+routed experts ``mlp.experts.experts.linear_fc{1,2}.weight`` (``[E, 2F, H]`` / ``[E, H, F]`` per
+layer, global expert order whatever the EP layout) become one HF tensor per expert, each read alone
+(:class:`Source` ``expert``/``rows``: one expert's gate or up half); router, expert bias, shared
+experts and MLA projections map one to one; MTP layers are dropped on purpose (the HF classes have
+no MTP module). transformers 5 fuses experts in memory and, for these classes, sorts its state
+dict before sharding on save: the plan's :attr:`ConversionPlan.outputs` follow that order and
+mark the tensors save_pretrained keeps in one shard (:attr:`Output.shard_group`).
+
 Every other model key must be consumed by the plan, or :func:`build_plan` raises a
-:class:`MappingError` naming the unmapped keys (MoE keys: "MoE experts are not supported yet").
+:class:`MappingError` naming the unmapped keys (MoE keys in a dense architecture's checkpoint,
+missing experts, an expert count that differs from config.json).
 
 Tied embeddings follow ``save_pretrained``: with ``tie_word_embeddings`` the export holds no
 ``lm_head.weight``.  An untied config whose checkpoint has no ``output_layer`` (Megatron shared

@@ -771,7 +771,56 @@ def _infer_parallel(infos: list[TensorInfo], ranks: list[int]) -> dict[str, Any]
     out["pp_note"] = pp_note
     world = out["world_size_min"]
     out["dp"] = world // (tp * pp) if world and tp and pp and world % (tp * pp) == 0 else None
+    experts = _infer_expert_parallel(model, ranks, pp)
+    out.update(experts)
+    if tp:
+        parts = [f"TP{tp}", f"PP{pp or '?'}"]
+        if experts:
+            parts.append(f"EP{experts['ep'] or '?'}")
+            if experts.get("etp") and experts["etp"] != tp:
+                parts.append(f"ETP{experts['etp']}")
+        out["layout"] = "·".join(parts)
     return out
+
+
+_EXPERT_FC2_SUFFIXES = ("mlp.experts.experts.linear_fc2.weight", "mlp.experts.linear_fc2.weight")
+
+
+def _infer_expert_parallel(model: dict[str, TensorInfo], ranks: list[int], pp: int | None) -> dict[str, Any]:
+    """EP and ETP of an MoE checkpoint from the chunks of one layer's ``linear_fc2`` experts
+    ``[E, H, F]``: ETP = the splits of an expert along F; EP = the largest that puts every
+    expert's writers on the EP rank owning its block of E/EP experts, with megatron's expert rank
+    order (etp-ep-dp-pp: ep_rank = (rank within the stage // ETP) % EP). {} for a dense model."""
+    fc2 = next((t for n, t in sorted(model.items()) if n.endswith(_EXPERT_FC2_SUFFIXES) and t.pieces), None)
+    if fc2 is None:
+        return {}
+    stacked = _layer_axis(fc2.name)
+    axis = 1 if stacked else 0
+    if len(fc2.shape) != axis + 3:
+        return {"ep": None, "etp": None}
+    experts = fc2.shape[axis]
+    first = min(p.offsets[0] for p in fc2.pieces) if stacked else None
+    pieces = [p for p in fc2.pieces if first is None or p.offsets[0] == first]
+    splits: dict[int, set[int]] = defaultdict(set)
+    writers: dict[int, set[int]] = defaultdict(set)
+    for p in pieces:
+        for e in range(p.offsets[axis], p.offsets[axis] + p.sizes[axis]):
+            splits[e].add(p.offsets[-1])
+            if p.rank is not None:
+                writers[e].add(p.rank)
+    etp = len(splits[0]) if splits else None
+    world = (max(ranks) + 1) if ranks else None
+    if not world or not etp or not pp or world % (pp * etp) or len(writers) != experts:
+        return {"num_experts": experts, "ep": None, "etp": etp}
+    per_stage = world // pp
+    best = 1
+    for ep in range(2, per_stage // etp + 1):
+        if experts % ep or (per_stage // etp) % ep:
+            continue
+        block = experts // ep
+        if all(((r % per_stage) // etp) % ep == e // block for e, rs in writers.items() for r in rs):
+            best = ep
+    return {"num_experts": experts, "ep": best, "etp": etp}
 
 
 def _layer_of(t: TensorInfo, piece: Piece) -> int | None:

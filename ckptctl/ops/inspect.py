@@ -16,6 +16,7 @@ from ckptctl.errors import CorruptFileError, NotACheckpointError, NotFoundError,
 from ckptctl.formats import open_reader
 from ckptctl.formats.base import MODEL, TensorInfo
 from ckptctl.formats.integrity import deep_check_component, deep_check_step
+from ckptctl.formats.moe import moe_summary
 from ckptctl.ops.export import HF_DIR, LORA_DIR, STEP, TREE, check_component_choice, chosen_step, locate
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import HF, MEGATRON, UNKNOWN, Component, Step, scan_tree
@@ -44,6 +45,7 @@ class ComponentReport:
     tensor_count: dict[str, int] = field(default_factory=dict)
     tensors: list[TensorInfo] | None = None
     lora: dict[str, Any] | None = None  # a LoRA (PEFT) model: its adapter, see lora_summary
+    moe: dict[str, Any] | None = None  # a mixture-of-experts model, see ckptctl.formats.moe
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -88,13 +90,21 @@ def _dig(data: Any, dotted: str) -> Any:
     return data
 
 
-def read_model_config(store: Store, rel: str) -> dict[str, Any] | None:
-    """The architecture summary from an HF ``config.json``; None when absent."""
+def read_full_config(store: Store, rel: str) -> dict[str, Any] | None:
+    """An HF ``config.json``; None when absent."""
     try:
         config = store.read_json(rel)
     except NotFoundError:
         return None
-    return {k: config[k] for k in CONFIG_FIELDS if k in config}
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{store.url_of(rel)}: corrupt file, not a JSON object")
+    return config
+
+
+def read_model_config(store: Store, rel: str) -> dict[str, Any] | None:
+    """The architecture summary from an HF ``config.json``; None when absent."""
+    config = read_full_config(store, rel)
+    return None if config is None else {k: config[k] for k in CONFIG_FIELDS if k in config}
 
 
 def _load_state_file(store: Store, rel: str, allow_globals: tuple[str, ...]) -> Any:
@@ -140,8 +150,9 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     report = ComponentReport(name=comp.name, path=comp.path, backend=comp.backend, complete=comp.complete,
                              problems=list(comp.problems), world_size=comp.world_size)
     comp_store = store.child(comp.path) if comp.path else store
-    report.model_config = read_model_config(comp_store, "config.json" if comp.backend == HF
-                                            else f"{HF_DIR}/config.json")
+    full_config = read_full_config(comp_store, "config.json" if comp.backend == HF else f"{HF_DIR}/config.json")
+    report.model_config = None if full_config is None else {k: full_config[k] for k in CONFIG_FIELDS
+                                                             if k in full_config}
     archs = (report.model_config or {}).get("architectures") or []
     if any(str(a).startswith("FSDP") for a in archs):
         report.warnings.append(f"config.json architectures {archs} carry a stray 'FSDP' prefix that breaks "
@@ -158,6 +169,11 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
         report.format = reader.summary()
     model = [t for t in tensors if t.group == MODEL]
     report.lora = lora_summary(comp_store, comp, model, report.warnings)
+    report.moe = moe_summary(full_config, model)
+    if report.moe is not None and comp.backend == MEGATRON:
+        layout = (report.format.get("parallel") or {}).get("layout")
+        if layout:
+            report.moe["layout"] = layout
     report.parameters = sum(t.numel for t in model)
     report.parameter_bytes = sum(t.nbytes for t in model)
     report.dtypes = dict(Counter(t.dtype for t in model))

@@ -1,4 +1,4 @@
-"""``convert-reshard``: one entry point for Megatron (new TP/PP/DP) and FSDP (new world size)."""
+"""``convert-reshard``: one entry point for Megatron (new TP/PP/DP/EP/ETP) and FSDP (new world size)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from ckptctl.errors import UsageError
 
 
 def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None = None, dp: int | None = None,
-                    world_size: int | None = None, drop_optimizer: bool = False, overwrite: bool = False,
+                    ep: int | None = None, etp: int | None = None, world_size: int | None = None, drop_optimizer: bool = False, overwrite: bool = False,
                     device_type: str | None = None, allow_globals: tuple[str, ...] = (),
                     endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None,
                     verify: bool = True) -> Any:
-    """Megatron when --tp/--pp/--dp are given, FSDP when --world-size is; never both. ``verify``:
+    """Megatron when --tp/--pp/--dp/--ep/--etp are given, FSDP when --world-size is; never both. ``verify``:
     a source with a ``ckptctl-manifest.json`` must match its hashes before the output is committed."""
-    megatron = any(v is not None for v in (tp, pp, dp))
+    megatron = any(v is not None for v in (tp, pp, dp, ep, etp))
     if megatron and device_type is not None:
         raise UsageError("--device-type is for FSDP checkpoints (the mesh device their DTensors record)")
     if megatron and world_size is not None:
-        raise UsageError("--world-size is for FSDP checkpoints, --tp/--pp/--dp for Megatron ones: not both")
+        raise UsageError("--world-size is for FSDP checkpoints, --tp/--pp/--dp/--ep/--etp for Megatron ones: not both")
     if megatron:
         from ckptctl.ops.reshard_megatron import reshard_megatron
 
-        return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, overwrite=overwrite,
+        return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, ep=ep, etp=etp, overwrite=overwrite,
                                 drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
                                 verify=verify)
     if world_size is not None:

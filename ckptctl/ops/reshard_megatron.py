@@ -95,7 +95,24 @@ _SPLIT_EXACT = {
 }
 _REPLICATED_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
                         "norm.weight", "norm.bias")
-_UNSUPPORTED = ("mlp.experts.", "mlp.router.", "mlp.shared_experts.", "mtp.")
+_SPLIT_EXACT.update({
+    # MoE: the router (and its expert bias) is replicated over TP and EP; shared experts are a TP-split MLP
+    "mlp.router.weight": REPLICATED, "mlp.router.expert_bias": REPLICATED,
+    "mlp.shared_experts.linear_fc1.weight": GATED, "mlp.shared_experts.linear_fc2.weight": ROW,
+    "mlp.shared_experts.gate_weight": REPLICATED,
+    # multi-latent attention (DeepSeek-V3 family): up projections split by heads; the down projections
+    # are duplicated on every TP rank in the Transformer-Engine spec SkyRL uses
+    "self_attention.linear_q_proj.weight": COLUMN, "self_attention.linear_q_up_proj.weight": COLUMN,
+    "self_attention.linear_kv_up_proj.weight": COLUMN,
+    "self_attention.linear_q_down_proj.weight": REPLICATED, "self_attention.linear_kv_down_proj.weight": REPLICATED,
+})
+#: routed experts ([E, rows, cols] per layer, after the layer axis of a stacked key): split over EP
+#: by whole experts and, within an expert, over ETP like the dense MLP (fc1 gated, fc2 row)
+_EXPERT_SPLIT = {
+    "mlp.experts.experts.linear_fc1.weight": GATED, "mlp.experts.experts.linear_fc2.weight": ROW,
+    "mlp.experts.linear_fc1.weight": GATED, "mlp.experts.linear_fc2.weight": ROW,
+}
+_UNSUPPORTED = ("mtp.",)
 _FIRST_STAGE = ("embedding.",)
 _LAST_STAGE = ("output_layer.", "decoder.final_layernorm.", "decoder.final_norm.")
 #: The optimizer formats whose state is one tensor per parameter with the parameter's shape.
@@ -163,6 +180,8 @@ class ReshardPlan:
     optimizer_format: str | None
     dropped: dict[str, str]
     warnings: list[str]
+    ep: int | None = None  # MoE targets: expert-parallel and expert-tensor-parallel sizes
+    etp: int | None = None
 
     @property
     def world(self) -> int:
@@ -263,8 +282,9 @@ def _balanced(items: list, dp: int, size: Callable[[Any], int]) -> list[list]:
     return [[items[i] for i in sorted(idx)] for idx in out]
 
 
-def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool = False,
-                 summary: dict | None = None, hf_config: dict | None = None) -> ReshardPlan:
+def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None, etp: int | None = None,
+                 drop_optimizer: bool = False, summary: dict | None = None,
+                 hf_config: dict | None = None) -> ReshardPlan:
     """Decide every target chunk and its writer rank from the source's metadata (no data read).
 
     ``reader``: a :class:`~ckptctl.formats.megatron.MegatronReader`; ``summary``: its
@@ -272,9 +292,12 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
     names; ``common.pt`` is copied, never unpickled). ``hf_config``: the component's
     ``huggingface/config.json``, when there is one: TP must divide its attention heads and
     query groups, and a vocabulary padding that megatron would choose differently at the new
-    TP is reported."""
-    for name, v in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
-        if not isinstance(v, int) or v < 1:
+    TP is reported. ``ep``/``etp``: expert-parallel and expert-tensor-parallel sizes of an MoE
+    target (default: EP 1, ETP = TP, as SkyRL configures); the experts of each layer go to EP
+    ranks in blocks of E/EP, each expert split over ETP, with megatron's expert rank order
+    (etp-ep-dp-pp)."""
+    for name, v in (("--tp", tp), ("--pp", pp), ("--dp", dp), ("--ep", ep), ("--etp", etp)):
+        if v is not None and (not isinstance(v, int) or v < 1) or (v is None and name in ("--tp", "--pp", "--dp")):
             raise UsageError(f"{name} must be a positive integer, not {v!r}")
     summary = summary if summary is not None else reader.summary(common=False)
     problems = [p for p in summary.get("problems") or () if "metadata.json" not in p]
@@ -299,7 +322,8 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
     if num_layers % pp:
         raise UsageError(f"--pp {pp} does not divide the {num_layers} decoder layers (uneven pipeline stages "
                          "are not supported)")
-    same_mp = tp == tp_src and pp == pp_src
+    experts = _expert_layout(infos, par, tp=tp, dp=dp, ep=ep, etp=etp, hf_config=hf_config)
+    same_mp = tp == tp_src and pp == pp_src and (experts is None or (experts.ep, experts.etp) == experts.source)
     warnings: list[str] = []
     dropped: dict[str, str] = {}
     if hf_config:
@@ -339,6 +363,8 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
     # -- tensors ---------------------------------------------------------------------------
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     by_group: dict[tuple[int, int], list[ChunkTask]] = defaultdict(list)  # (tp rank, stage) -> chunks
+    # routed experts: (rank within the stage of the expert-DP replica 0, stage) -> chunks
+    expert_groups: dict[tuple[int, int], list[ChunkTask]] = defaultdict(list)
     kinds: dict[str, str] = {}
     for key, info in infos.items():
         if key in dropped:
@@ -357,10 +383,17 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
                 by_group[(src_tp_rank, src_stage)].append(
                     ChunkTask(key, p.offsets, p.sizes, math.prod(p.sizes) * item, p))
             continue
+        expert_kind = _EXPERT_SPLIT.get(_layer_and_suffix(model_key)[2])
+        if expert_kind is not None:
+            layered = layout == "stacked"
+            for task, stage, base in _expert_chunks(key, info, expert_kind, experts, layered, layer, num_layers, pp,
+                                                    item, exact):
+                expert_groups[(base, stage)].append(task)
+            continue
         kind = split_kind(model_key)
         if kind is None:
-            raise UsageError(f"{key}: no rule for how megatron-core shards this key over TP/PP (dense GPT keys only: "
-                             "MoE, multi-token prediction and unknown modules are not supported)")
+            raise UsageError(f"{key}: no rule for how megatron-core shards this key over TP/PP (GPT and MoE keys "
+                             "only: multi-token prediction and unknown modules are not supported)")
         layered = layout == "stacked"
         if kind in (GATED, COLUMN, ROW) and len(info.shape) - (1 if layered else 0) >= 1:
             cache_key = model_key if model_key in infos else key
@@ -435,11 +468,78 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, drop_optimizer: bool 
     for (r, stage), items in by_group.items():
         for d, part in enumerate(_balanced(items, dp, lambda t: t.nbytes)):
             chunks[r + tp * (d + dp * stage)].extend(part)
+    if expert_groups:
+        # expert ranks within a stage: etp + ETP*(ep + EP*expert_dp); the expert-DP replicas share the writes
+        replicas = tp * dp // (experts.ep * experts.etp)
+        for (base, stage), items in expert_groups.items():
+            for d, part in enumerate(_balanced(items, replicas, lambda t: t.nbytes)):
+                chunks[base + experts.ep * experts.etp * d + tp * dp * stage].extend(part)
     for (r, stage), items in obj_by_group.items():
         for d, part in enumerate(_balanced(items, dp, lambda t: t.byte_length)):
             object_tasks[r + tp * (d + dp * stage)].extend(part)
-    return ReshardPlan(tp, pp, dp, source_layout, tensors, object_keys, dict(chunks), dict(object_tasks),
+    plan = ReshardPlan(tp, pp, dp, source_layout, tensors, object_keys, dict(chunks), dict(object_tasks),
                        optimizer, opt_fmt, dropped, warnings)
+    if experts is not None:
+        plan.ep, plan.etp = experts.ep, experts.etp
+        source_layout.update(ep=experts.source[0], etp=experts.source[1])
+    return plan
+
+
+@dataclass(frozen=True)
+class _ExpertLayout:
+    num_experts: int
+    ep: int
+    etp: int
+    source: tuple[int | None, int | None]  # the source's (EP, ETP)
+
+
+def _expert_layout(infos: dict[str, TensorInfo], par: dict, *, tp: int, dp: int, ep: int | None, etp: int | None,
+                   hf_config: dict | None) -> _ExpertLayout | None:
+    """The target expert layout of an MoE checkpoint, validated as megatron-core builds it
+    (EP divides the experts; EP x ETP divides the ranks of a stage, TP x DP); None for a dense
+    checkpoint (where --ep/--etp are usage errors)."""
+    fc = [t for k, t in infos.items() if _EXPERT_SPLIT.get(_layer_and_suffix(k)[2])]
+    if not fc:
+        if ep is not None or etp is not None:
+            raise UsageError("--ep/--etp are for mixture-of-experts checkpoints; this one has no routed experts")
+        return None
+    stacked = _layer_and_suffix(fc[0].name)[0] == "stacked"
+    num_experts = fc[0].shape[1 if stacked else 0]
+    from ckptctl.formats.moe import num_routed_experts
+
+    if hf_config and num_routed_experts(hf_config) not in (0, num_experts):
+        raise CkptctlError(f"the checkpoint holds {num_experts} routed experts, huggingface/config.json says "
+                           f"{num_routed_experts(hf_config)}")
+    ep = 1 if ep is None else ep
+    etp = tp if etp is None else etp
+    if num_experts % ep:
+        raise UsageError(f"--ep {ep} does not divide the model's {num_experts} routed experts")
+    if (tp * dp) % (ep * etp):
+        raise UsageError(f"--ep {ep} x --etp {etp} = {ep * etp} does not divide the {tp * dp} ranks of a pipeline "
+                         f"stage (TP {tp} x DP {dp}): megatron-core carves the expert ranks out of them")
+    return _ExpertLayout(num_experts, ep, etp, (par.get("ep"), par.get("etp")))
+
+
+def _expert_chunks(key: str, info: TensorInfo, kind: str, experts: _ExpertLayout, layered: bool, layer: int | None,
+                   num_layers: int, pp: int, item: int, exact: dict) -> Iterable[tuple[ChunkTask, int, int]]:
+    """(chunk, stage, rank within the stage for expert-DP replica 0) of every target chunk of a
+    routed-expert tensor: one per (layer, expert, ETP part)."""
+    lead = 2 if layered else 1
+    if len(info.shape) != lead + 2 or info.shape[lead - 1] != experts.num_experts:
+        raise UsageError(f"{key}: unexpected shape {list(info.shape)} for routed experts")
+    block = experts.num_experts // experts.ep
+    parts = tp_blocks(kind, tuple(info.shape[lead:]), experts.etp, key=key)
+    layers = range(num_layers) if layered else [layer]
+    if layered and info.shape[0] != num_layers:
+        raise UsageError(f"{key}: leading axis {info.shape[0]} != {num_layers} layers")
+    for i in layers:
+        stage = _stage_of_layer(i, num_layers, pp)
+        for e in range(experts.num_experts):
+            for etp_rank, off, size in parts:
+                o = (i, e, *off) if layered else (e, *off)
+                s = (1, 1, *size) if layered else (1, *size)
+                yield (ChunkTask(key, o, s, math.prod(s) * item, exact.get((o, s))), stage,
+                       etp_rank + experts.etp * (e // block))
 
 
 def _check_hf_config(config: dict, tp: int, tp_src: int, infos: dict) -> list[str]:
@@ -702,7 +802,8 @@ def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[Rank
     return ReshardSummary(
         source=src_url, destination=out.dest, source_layout=plan.source_layout,
         target_layout={"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "world_size": plan.world,
-                       "writer_ranks": len(plan.writer_ranks())},
+                       "writer_ranks": len(plan.writer_ranks()),
+                       **({"ep": plan.ep, "etp": plan.etp} if plan.ep is not None else {})},
         optimizer=plan.optimizer, optimizer_format=plan.optimizer_format, tensors=len(plan.tensors),
         chunks=sum(len(v) for v in plan.chunks.values()), chunks_copied_verbatim=sum(r.verbatim for r in results),
         objects=len(plan.objects), bytes=plan.total_bytes, bytes_read=sum(r.bytes_read for r in results),
@@ -710,12 +811,13 @@ def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[Rank
         replaced=out.replaced, seconds=round(time.perf_counter() - started, 3))
 
 
-def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, overwrite: bool = False,
+def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: int | None = None,
+                     etp: int | None = None, overwrite: bool = False,
                      drop_optimizer: bool = False, endpoint_url: str | None = None,
                      progress: Callable[[int, int], None] | None = None, component: str = "policy",
                      distributed: bool | None = None, verify: bool = True) -> ReshardSummary:
     """Reshard the Megatron ``torch_dist`` checkpoint at ``src`` for TP=``tp`` x PP=``pp`` x
-    DP=``dp`` into ``out`` (a new component directory: the checkpoint files, in ``dist_ckpt/``
+    DP=``dp`` (an MoE one also for EP=``ep`` and ETP=``etp``, see :func:`plan_reshard`) into ``out`` (a new component directory: the checkpoint files, in ``dist_ckpt/``
     when the source is verl-nested, plus the source's ``huggingface/``).
 
     ``src``: the component directory (or a step / tree: ``component`` of the step chosen like
@@ -725,12 +827,12 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, overw
     if distributed is None:
         distributed = _under_torchrun()
     if distributed:
-        return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, overwrite=overwrite,
+        return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, overwrite=overwrite,
                                     drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
                                     component=component, verify=verify)
     started = time.perf_counter()
     comp, prefix, reader, plan, outdir = _prepare(src, out, component=component, endpoint_url=endpoint_url,
-                                                  overwrite=overwrite, tp=tp, pp=pp, dp=dp,
+                                                  overwrite=overwrite, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
                                                   drop_optimizer=drop_optimizer)
     with outdir:
         _check_source_manifest(outdir, comp, verify)
@@ -775,13 +877,14 @@ def _raise_payload(payload: tuple[str, str, int], where: str = "") -> None:
 
 
 def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overwrite: bool, drop_optimizer: bool,
+                         ep: int | None = None, etp: int | None = None,
                          endpoint_url: str | None, progress, component: str, verify: bool = True) -> ReshardSummary:
     import tempfile
 
     import torch.distributed as dist
 
     started = time.perf_counter()
-    plan_args = dict(tp=tp, pp=pp, dp=dp, drop_optimizer=drop_optimizer)
+    plan_args = dict(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, drop_optimizer=drop_optimizer)
     own_group = not dist.is_initialized()
     if own_group:
         import torch
