@@ -30,8 +30,9 @@ def render_tree(console: Console, tree: Tree, *, deep: bool = False) -> None:
         status = "[green]complete[/green]" if step.complete else "[red]incomplete[/red]"
         if step.complete and not step.has_optimizer:
             status += " (model-only)"
+        layout = step.policy.layout if step.policy is not None else None
         table.add_row(str(step.step), ",".join(marks), step.backend,
-                      str(step.world_size) if step.world_size else "-", ",".join(components),
+                      layout or (str(step.world_size) if step.world_size else "-"), ",".join(components),
                       human_bytes(step.bytes), status, human_time(step.mtime))
     console.print(table)
     for step in tree.steps:

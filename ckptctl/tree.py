@@ -69,6 +69,7 @@ class Component:
     has_lora: bool = False
     nesting: str = ""  # "dist_ckpt" for verl's Megatron layout
     problems: list[str] = field(default_factory=list)
+    layout: str | None = None  # Megatron: "TP2·PP2·EP8", known once a deep check has read .metadata
 
     @property
     def complete(self) -> bool:
@@ -93,6 +94,7 @@ class Component:
             "path": self.path,
             "backend": self.backend,
             "world_size": self.world_size,
+            "layout": self.layout,
             "complete": self.complete,
             "problems": list(self.problems),
             "has_optimizer": self.has_optimizer,

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ckptctl.errors import CorruptFileError, NotFoundError
+from ckptctl.errors import CkptctlError, CorruptFileError, NotFoundError
 from ckptctl.formats.hf import INDEX_FILE, parse_safetensors_header
 from ckptctl.formats.megatron import METADATA_FILE, METADATA_JSON, MegatronReader
 from ckptctl.formats.safe_load import CorruptCheckpointError
@@ -65,10 +65,12 @@ class Findings:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layout: str | None = None  # a Megatron component's parallel layout read from its .metadata
 
     def add(self, other: "Findings") -> None:
         self.problems += other.problems
         self.notes += other.notes
+        self.layout = self.layout or other.layout
 
 
 def _fmt(n: int) -> str:
@@ -180,6 +182,10 @@ def _megatron_check(store: Store, comp: Component, sizes: dict[str, int]) -> Che
         except NotFoundError:
             return Findings(problems=[f"{index}: missing (removed since it was listed)"])
         found = Findings()
+        try:  # the .metadata is parsed already: its chunks also tell the layout (TP2·PP2·EP8)
+            found.layout = (reader.summary(common=False, check_files=False).get("parallel") or {}).get("layout")
+        except CkptctlError:
+            pass
         for rel, end in sorted(extents.items(), key=lambda item: natural_key(item[0])):
             if rel not in sizes:
                 found.problems.append(f"{rel}: missing (named in {index})")
@@ -263,6 +269,7 @@ def deep_check_component(parent: Store, comp: Component) -> list[str]:
     found = Findings()
     for f in _run(parent, component_checks(parent, comp)):
         found.add(f)
+    comp.layout = comp.layout or found.layout
     _append_new(comp.problems, found.problems)
     return found.problems
 
@@ -283,6 +290,7 @@ def _apply(step: Step, results: list[tuple[Component | None, Findings]]) -> list
     notes: list[str] = []
     for comp, found in results:
         if comp is not None:
+            comp.layout = comp.layout or found.layout
             _append_new(comp.problems, found.problems)
             problems += [f"{comp.name}/{p}" for p in found.problems]
             notes += [f"{comp.name}/{n}" for n in found.notes]
