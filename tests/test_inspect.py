@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,19 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     code, out, err = run("inspect", str(tmp_path))
     assert code == 5 and "not a checkpoint" in err
+
+
+def test_list_deep_shows_the_megatron_layout(megatron_ckpts, tmp_path):
+    """Having read .metadata, list --deep shows TP·PP read from the chunks; plain list the world size."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "skyrl-run" / "global_step_1"
+    for n, name in enumerate(("tp2", "tp2pp2"), start=1):
+        step = tmp_path / "ckpts" / f"global_step_{n}"
+        shutil.copytree(megatron_ckpts[name].out_dir, step / "policy")
+        shutil.copy(example / "trainer_state.pt", step / "trainer_state.pt")
+    (tmp_path / "ckpts" / "latest_ckpt_global_step.txt").write_text("2")
+    deep = run_json("list", tmp_path / "ckpts", "--deep")
+    assert [s["components"][0]["layout"] for s in deep["steps"]] == ["TP2·PP1", "TP2·PP2"]
+    plain = run_json("list", tmp_path / "ckpts")
+    assert [s["components"][0]["layout"] for s in plain["steps"]] == [None, None]
+    code, out, _ = run("list", tmp_path / "ckpts", "--deep")
+    assert code == 0 and "TP2·PP2" in out
