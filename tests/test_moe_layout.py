@@ -50,8 +50,20 @@ def deepseek_v3(q_lora_rank):
         topk_group=1))
 
 
+def glm4_moe(lite: bool):
+    common = dict(**TINY, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=4,
+                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+    if lite:  # GLM-4.7-Flash: DeepSeek-V3's multi-latent attention
+        return transformers.Glm4MoeLiteForCausalLM(transformers.Glm4MoeLiteConfig(
+            **common, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8,
+            v_head_dim=8))
+    return transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+        **common, num_key_value_heads=2, head_dim=8, attention_bias=True, use_qk_norm=True))
+
+
 MODELS = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "deepseek_v3": lambda: deepseek_v3(16),
-          "deepseek_v3_no_q_lora": lambda: deepseek_v3(None)}
+          "deepseek_v3_no_q_lora": lambda: deepseek_v3(None), "glm4_moe": lambda: glm4_moe(False),
+          "glm4_moe_lite": lambda: glm4_moe(True)}
 
 
 def randomized(model):
@@ -109,6 +121,9 @@ def to_mcore(model, *, stacked: bool) -> dict:
             k = sd[p + "self_attn.k_proj.weight"].reshape(nkv, hd, cfg.hidden_size)
             v = sd[p + "self_attn.v_proj.weight"].reshape(nkv, hd, cfg.hidden_size)
             layer["self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, cfg.hidden_size)
+            if p + "self_attn.q_proj.bias" in sd:  # grouped like the weight rows
+                qb, kb, vb = (sd[p + f"self_attn.{x}_proj.bias"].reshape(nkv, -1) for x in "qkv")
+                layer["self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb], 1).reshape(-1)
             layer["self_attention.linear_qkv.layer_norm_weight"] = sd[p + "input_layernorm.weight"]
             layer.pop("self_attention.linear_q_proj.weight", None)
         else:
@@ -141,7 +156,9 @@ def assert_like_save_pretrained(names: list[str], tensors: dict | None, specs: l
 
 
 # A leading dense layer (DeepSeek-V3) makes megatron write per-layer keys; the others may have either.
-LAYOUTS = [(arch, stacked) for arch in MODELS for stacked in (True, False) if not (stacked and "deepseek" in arch)]
+LEADING_DENSE = ("deepseek", "glm4")
+LAYOUTS = [(arch, stacked) for arch in MODELS for stacked in (True, False)
+           if not (stacked and arch.startswith(LEADING_DENSE))]
 
 
 @pytest.mark.parametrize("arch,stacked", LAYOUTS, ids=[f"{a}-{'stacked' if s else 'per-layer'}" for a, s in LAYOUTS])
@@ -202,9 +219,10 @@ def test_moe_summary_counts_what_the_model_holds(arch):
     summary = moe_summary(config, [TensorInfo(k, tuple(v.shape), "float32") for k, v in saved.items()])
     experts = {"qwen3_moe": 4, "mixtral": 3}.get(arch, 4)
     assert summary["routed_experts"] == experts and summary["experts_per_token"] == 2
-    assert summary["router"] == ("sigmoid, expert bias" if "deepseek" in arch else "softmax")
-    assert summary["shared_experts"] == (1 if "deepseek" in arch else 0)
-    assert summary["moe_layers"] == (2 if "deepseek" in arch else config["num_hidden_layers"])
+    sigmoid = arch.startswith(LEADING_DENSE)
+    assert summary["router"] == ("sigmoid, expert bias" if sigmoid else "softmax")
+    assert summary["shared_experts"] == (1 if sigmoid else 0)
+    assert summary["moe_layers"] == (2 if sigmoid else config["num_hidden_layers"])
     routed = sum(m.numel() for name, module in model.named_modules() if name.endswith("mlp.experts")
                  for m in module.parameters())
     total = sum(v.numel() for v in saved.values())

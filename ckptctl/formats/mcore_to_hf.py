@@ -660,11 +660,24 @@ _MLA = (
 _MTP_SKIP = (("mtp.", "multi-token-prediction layers: transformers' model class has no MTP module, so they are "
                       "dropped on purpose"),)
 
-register_architecture(ArchSpec(
-    "DeepseekV3ForCausalLM", "deepseek_v3",
-    (*_MLA, *_dense_mlp(), *_router("mlp.gate", bias=True), *_SHARED_EXPERTS),
-    experts=_experts("mlp.experts", "gate_proj", "up_proj", "down_proj"), sorted_save=True, skip=_MTP_SKIP,
-    geometry=lambda config: {**_moe_dims(ffn="moe_intermediate_size", shared="n_shared_experts")(config), **_mla_dims(config)}))
+def _deepseek_like(name: str, model_type: str, attention: tuple[LayerRule, ...]) -> ArchSpec:
+    """DeepSeek-V3's MoE block (leading dense layers, sigmoid router with expert bias, shared
+    experts) under the given attention rows."""
+    return ArchSpec(
+        name, model_type, (*attention, *_dense_mlp(), *_router("mlp.gate", bias=True), *_SHARED_EXPERTS),
+        experts=_experts("mlp.experts", "gate_proj", "up_proj", "down_proj"), sorted_save=True, skip=_MTP_SKIP,
+        geometry=lambda config: {**_moe_dims(ffn="moe_intermediate_size", shared="n_shared_experts")(config),
+                                 **_mla_dims(config)})
+
+
+register_architecture(_deepseek_like("DeepseekV3ForCausalLM", "deepseek_v3", _MLA))
+# GLM-4.7-Flash: DeepSeek-V3's layout under another name
+register_architecture(_deepseek_like("Glm4MoeLiteForCausalLM", "glm4_moe_lite", _MLA))
+# GLM-4.5 / 4.6: grouped-query attention (QKV bias with attention_bias, q/k norms with use_qk_norm)
+register_architecture(_deepseek_like("Glm4MoeForCausalLM", "glm4_moe", (
+    _QKV_W, _qkv_bias(_attn_bias), _O_W,
+    *(LayerRule(r.name, r.mcore, r.hf, r.transform, r.shape, _cfg_flag("use_qk_norm")) for r in _QK_NORM),
+    *_NORMS)))
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -694,9 +707,13 @@ def resolve_architecture(config: Mapping[str, Any]) -> ArchSpec:
 # ------------------------------------------------------------------------------------------
 
 
+_CHAINED_RE = re.compile(r"^chained_\d+\.")
+
+
 def is_model_key(key: str) -> bool:
-    """False for the non-weight keys of an mcore dist checkpoint (optimizer state, RNG, ...)."""
-    return not key.startswith(NON_MODEL_PREFIXES)
+    """False for the non-weight keys of an mcore dist checkpoint (optimizer state, RNG, ...; a
+    chained optimizer's, as MoE runs have, carries a ``chained_N.`` prefix)."""
+    return not _CHAINED_RE.sub("", key, count=1).startswith(NON_MODEL_PREFIXES)
 
 
 def _shape_of(v: Any) -> tuple[int, ...]:
