@@ -12,13 +12,36 @@ Every request to a cloud store is bounded (:class:`StoreLimits`): a refused or u
 endpoint fails in seconds and a store that accepts connections but never answers fails within
 ``attempts x read_timeout`` plus a short backoff (under a minute by default), for reads,
 listings and deletions alike.
+
+Transient errors are retried per request, up to ``attempts`` tries in all, waiting
+``uniform(0, min(20 s, base x 2**(n-1)))`` before try ``n + 1`` (exponential backoff with full
+jitter; ``base`` is CKPTCTL_STORE_BACKOFF_BASE, 1 s by default):
+
+* S3: whatever botocore's "standard" retry mode retries -- HTTP 500/502/503/504, throttling
+  (``SlowDown``, 429 ...), a connection refused, reset or timed out before the answer, and a
+  ``200 OK`` whose body is an ``<Error>`` (CompleteMultipartUpload: botocore turns it into a
+  500). botocore's own conditions decide, with ckptctl's backoff (:func:`_s3_retry_handler`).
+  On top (:func:`_bounded_s3_class`): a download whose body breaks off (connection reset in
+  the middle of a GET: :meth:`Store.read_bytes`, :meth:`Store.read_range`) is retried -- botocore has already returned then, and s3fs's own retry
+  loop is off (it would multiply the attempts of a frozen store) -- and a CompleteMultipartUpload
+  whose retry is answered ``NoSuchUpload`` counts as done when the object is there with the
+  ETag of exactly these parts (the first try completed it, its answer was lost).
+* GCS: gcsfs's own conditions (``gcsfs.retry.is_retriable``: 5xx, 408, 429, aiohttp errors,
+  a broken body included) with ckptctl's attempts and backoff (:func:`_bounded_gcs_class`).
+
+Only requests that may be repeated are: reads, listings, deletions, whole-object and part
+uploads (the same bytes again), a resumable upload's chunk (the same range again) and
+CompleteMultipartUpload (the same part list again).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import urllib.parse
 from contextlib import contextmanager
@@ -40,6 +63,10 @@ GCS_DELETE_BATCH = 100
 CONNECT_TIMEOUT_ENV = "CKPTCTL_STORE_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "CKPTCTL_STORE_READ_TIMEOUT"
 ATTEMPTS_ENV = "CKPTCTL_STORE_ATTEMPTS"
+#: Base of the exponential backoff between tries of one request (seconds; tests make it short).
+BACKOFF_BASE_ENV = "CKPTCTL_STORE_BACKOFF_BASE"
+#: The longest wait between two tries (seconds), botocore's own cap.
+MAX_BACKOFF = 20.0
 
 
 @dataclass(frozen=True)
@@ -50,11 +77,13 @@ class StoreLimits:
     unreachable; the first byte of an answer (a listing page, a 1000-key DeleteObjects) comes in
     well under a second, so 15 s of silence means the store is stuck; 3 attempts ride out a
     dropped connection or throttling. A frozen store fails in about 3 x 15 s + backoff (< 1 min).
+    Between two tries of a request: :meth:`backoff`, on average 0.5 s then 1 s by default.
     """
 
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     attempts: int = 3
+    backoff_base: float = 1.0
 
     @classmethod
     def from_env(cls) -> "StoreLimits":
@@ -72,7 +101,13 @@ class StoreLimits:
 
         return cls(number(CONNECT_TIMEOUT_ENV, cls.connect_timeout, float),
                    number(READ_TIMEOUT_ENV, cls.read_timeout, float),
-                   int(number(ATTEMPTS_ENV, cls.attempts, int)))
+                   int(number(ATTEMPTS_ENV, cls.attempts, int)),
+                   number(BACKOFF_BASE_ENV, cls.backoff_base, float))
+
+    def backoff(self, tries: int) -> float:
+        """Seconds to wait after the ``tries``-th failed try of a request (1 for the first):
+        exponential backoff with full jitter, ``uniform(0, min(MAX_BACKOFF, base * 2**(tries-1)))``."""
+        return random.uniform(0.0, min(MAX_BACKOFF, self.backoff_base * 2 ** (max(tries, 1) - 1)))
 
     def describe(self) -> str:
         return (f"{self.attempts} attempt{'s' if self.attempts != 1 else ''}, {self.connect_timeout:g} s to connect, "
@@ -156,18 +191,20 @@ def _make_filesystem(protocol: str, endpoint_url: str | None) -> fsspec.Abstract
         return fsspec.filesystem("file")
     limits = StoreLimits.from_env()
     if protocol == "s3":
-        import s3fs  # noqa: F401  (lazy: only for s3:// URLs)
-
         endpoint = endpoint_url
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
             if not endpoint and os.environ.get(name):
                 endpoint = check_endpoint_url(os.environ[name], name)
         client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
-        fs = fsspec.filesystem(
-            "s3",
-            session=_fast_timestamp_session(),
+        session = _fast_timestamp_session()
+        # botocore's standard conditions decide what is retried, with our attempts and backoff:
+        # the handler registered on the session (inherited by its clients) answers first; the
+        # client's own standard handler, held to one attempt, never asks for a retry itself.
+        session.register("needs-retry.s3", _s3_retry_handler(limits).needs_retry, unique_id="ckptctl-retry-s3")
+        fs = _bounded_s3_class()(
+            session=session,
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"total_max_attempts": limits.attempts, "mode": "standard"},
+            config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
                            "connect_timeout": limits.connect_timeout, "read_timeout": limits.read_timeout},
             use_listings_cache=False,
             skip_instance_cache=True,
@@ -175,6 +212,7 @@ def _make_filesystem(protocol: str, endpoint_url: str | None) -> fsspec.Abstract
         # botocore retries each request already; s3fs's own loop (5 more rounds of botocore's
         # attempts) would turn a frozen store's 45 s into minutes.
         fs.retries = 1
+        fs.ckptctl_limits = limits
         return fs
     # gs
     emulator = endpoint_url
@@ -193,31 +231,169 @@ def _make_filesystem(protocol: str, endpoint_url: str | None) -> fsspec.Abstract
         kwargs["endpoint_url"] = endpoint_url
     if emulator:
         kwargs["token"] = "anon"
-    return _bounded_gcs_class(limits.attempts)(**kwargs)
+    return _bounded_gcs_class(limits)(**kwargs)
 
 
-_GCS_CLASSES: dict[int, type] = {}
+_GCS_CLASSES: dict[StoreLimits, type] = {}
 
 
-def _bounded_gcs_class(attempts: int) -> type:
-    """gcsfs's filesystem with ``attempts`` tries per request.
+def _bounded_gcs_class(limits: StoreLimits) -> type:
+    """gcsfs's filesystem with ``limits.attempts`` tries per request and ckptctl's backoff.
 
     gcsfs fixes its retry count when the class is defined (6 tries, backing off up to 32 s: 50 s
     and more before an unreachable endpoint is reported), and its ``retries`` argument does not
-    reach that decorator, so the request method is re-wrapped here with gcsfs's own decorator.
+    reach that decorator, so the request method is re-wrapped here: gcsfs's own conditions
+    (:func:`gcsfs.retry.is_retriable`; 404 and "requester pays" never retried), our backoff.
     """
-    cls = _GCS_CLASSES.get(attempts)
+    cls = _GCS_CLASSES.get(limits)
     if cls is None:
+        import functools
+
         import gcsfs  # lazy: only for gs:// URLs
-        from gcsfs.retry import retry_request
+        from gcsfs.retry import is_retriable
 
         base = gcsfs.GCSFileSystem
-        cls = type("BoundedGCSFileSystem", (base,), {
-            "_request": retry_request(retries=attempts)(base._request.__wrapped__),
-            "retries": attempts,
-        })
-        _GCS_CLASSES[attempts] = cls
+        request = base._request.__wrapped__
+
+        @functools.wraps(request)
+        async def _request(self, *args, **kwargs):
+            tries = 0
+            while True:
+                tries += 1
+                try:
+                    return await request(self, *args, **kwargs)
+                except Exception as exc:
+                    if (tries >= limits.attempts or _status_of(exc) == 404 or "requester pays" in str(exc)
+                            or not is_retriable(exc)):
+                        raise
+                await asyncio.sleep(limits.backoff(tries))
+
+        cls = type("BoundedGCSFileSystem", (base,), {"_request": _request, "retries": limits.attempts})
+        _GCS_CLASSES[limits] = cls
     return cls
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for name in ("code", "status"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _s3_retry_handler(limits: StoreLimits):
+    """botocore's standard retry handler (its retryable conditions, retry quota and metadata)
+    with ``limits.attempts`` tries and :meth:`StoreLimits.backoff` between them."""
+    from aiobotocore.retries.standard import AioRetryHandler, AioRetryPolicy, AioStandardRetryConditions
+    from botocore.retries import quota
+    from botocore.retries.standard import BaseRetryBackoff, RetryEventAdapter, RetryQuotaChecker
+
+    class Backoff(BaseRetryBackoff):
+        def delay_amount(self, context) -> float:
+            return limits.backoff(context.attempt_number)
+
+    return AioRetryHandler(
+        retry_policy=AioRetryPolicy(retry_checker=AioStandardRetryConditions(max_attempts=limits.attempts),
+                                    retry_backoff=Backoff()),
+        retry_event_adapter=RetryEventAdapter(),
+        retry_quota=RetryQuotaChecker(quota.RetryQuota()),
+    )
+
+
+def _broken_body(exc: BaseException) -> bool:
+    """Whether ``exc`` is a download whose body broke off after botocore returned the answer
+    (connection reset or closed mid-body): worth another GET. Timeouts are not (a frozen store
+    has had its tries already)."""
+    import http.client
+
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    kinds: tuple[type, ...] = (http.client.IncompleteRead, IncompleteReadError, ResponseStreamingError)
+    try:
+        from aiohttp import ClientPayloadError
+        kinds += (ClientPayloadError,)
+    except ImportError:  # pragma: no cover
+        pass
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or "timeout" in type(seen).__name__.lower():
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, kinds)
+
+
+def _multipart_etag(parts: list[dict]) -> str | None:
+    """The ETag S3 gives the object completed from ``parts`` (MD5 of the parts' MD5s, "-N")."""
+    try:
+        digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+    except (KeyError, ValueError):
+        return None
+    return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+
+
+def _client_error_code(exc: BaseException | None, client_error: type) -> str | None:
+    """The S3 error code of ``exc`` or of the botocore ClientError it was translated from."""
+    while exc is not None:
+        if isinstance(exc, client_error):
+            return exc.response.get("Error", {}).get("Code")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_S3_CLASS: type | None = None
+
+
+def _bounded_s3_class() -> type:
+    """s3fs's filesystem plus the two retries botocore cannot do (see the module doc)."""
+    global _S3_CLASS
+    if _S3_CLASS is not None:
+        return _S3_CLASS
+    import s3fs  # lazy: only for s3:// URLs
+    from botocore.exceptions import ClientError
+    from fsspec.asyn import sync_wrapper
+
+    class _BoundedS3(s3fs.S3FileSystem):
+        ckptctl_limits = StoreLimits()
+
+        async def _cat_file(self, path, *args, **kwargs):
+            tries = 0
+            while True:
+                tries += 1
+                try:
+                    return await super()._cat_file(path, *args, **kwargs)
+                except Exception as exc:
+                    if tries >= self.ckptctl_limits.attempts or not _broken_body(exc):
+                        raise
+                await asyncio.sleep(self.ckptctl_limits.backoff(tries))
+
+        async def _call_s3(self, method, *akwarglist, **kwargs):
+            if method != "complete_multipart_upload":
+                return await super()._call_s3(method, *akwarglist, **kwargs)
+            try:
+                return await super()._call_s3(method, *akwarglist, **kwargs)
+            except Exception as exc:  # s3fs raises botocore's ClientError translated (FileNotFoundError)
+                if _client_error_code(exc, ClientError) != "NoSuchUpload":
+                    raise
+                # A retry after the completion's answer was lost finds the upload gone: done if
+                # the object holds exactly these parts (its multipart ETag says so), else not.
+                merged = {k: v for d in akwarglist for k, v in d.items()} | kwargs
+                expected = _multipart_etag((merged.get("MultipartUpload") or {}).get("Parts") or [])
+                head = None
+                if expected is not None:
+                    try:
+                        head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"])
+                    except Exception:
+                        head = None
+                if head is None or head.get("ETag") != expected:
+                    raise
+                return {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
+                        "VersionId": head.get("VersionId"), "ResponseMetadata": head.get("ResponseMetadata", {})}
+
+        # s3fs binds its sync call_s3 (used by its file objects) to its own _call_s3
+        call_s3 = sync_wrapper(_call_s3)
+
+    _S3_CLASS = _BoundedS3
+    return _S3_CLASS
 
 
 def _fast_timestamp_session():
@@ -353,6 +529,16 @@ class Store:
             rel = rel.strip("/")
             return os.path.normpath(os.path.join(self._shown, rel)) if rel else self._shown
         return f"{self.protocol}://{self.full_path(rel)}"
+
+    def url_of_path(self, full_path: str) -> str:
+        """The URL of a file named by its filesystem path (``bucket/prefix/file``, an fsspec file
+        object's ``.path``), naming the object once -- not ``url_of`` of it, which would repeat
+        the root."""
+        try:
+            return self.url_of(self.relative(full_path))
+        except StorageError:
+            full = full_path.split("://", 1)[-1]
+            return full if self.is_local else f"{self.protocol}://{full}"
 
     def child(self, rel: str) -> "Store":
         """A store rooted at ``rel`` below this one, sharing the same filesystem."""

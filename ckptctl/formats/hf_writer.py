@@ -443,12 +443,17 @@ class _ObjectStoreTarget:
         self.written.append(rel)
         return self.store.open(rel, "wb", block_size=block)
 
+    def _url_of(self, f) -> str:
+        """The object an open upload writes (its ``.path`` is the full ``bucket/prefix/file``)."""
+        path = getattr(f, "path", "")
+        return self.store.url_of_path(path) if path else self.url
+
     def write(self, f, data: memoryview | bytes) -> int:
         """Write in pieces of at most one block, so the upload buffer never exceeds two blocks."""
         view = memoryview(data)
         step = max(int(getattr(f, "blocksize", 0) or 0), 2**20)
         peak = 0
-        with translate_errors(self.store.url_of(getattr(f, "path", ""))):
+        with translate_errors(self._url_of(f)):
             for start in range(0, len(view), step):
                 piece = view[start:start + step]
                 buffer = getattr(f, "buffer", None)
@@ -458,8 +463,18 @@ class _ObjectStoreTarget:
         return peak
 
     def close(self, f) -> None:
-        with translate_errors(self.store.url_of(getattr(f, "path", ""))):
-            f.close()
+        with translate_errors(self._url_of(f)):
+            try:
+                f.close()
+            except BaseException:
+                # The completion failed for good (its transient failures were retried): the file
+                # counts as closed now, so cancel the upload here -- S3 would keep the parts of
+                # an unfinished multipart upload, unseen, until a lifecycle rule removes them.
+                try:
+                    f.discard()
+                except Exception:
+                    pass
+                raise
 
     def discard(self, f) -> None:
         """Cancel an open upload so that no partial object ever appears."""
