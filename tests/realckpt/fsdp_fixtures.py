@@ -64,6 +64,11 @@ FSDP_VARIANTS: dict[str, dict] = {
     "lora_w1": dict(world_size=1, arch="llama", seed=22,
                     lora={"r": 4, "lora_alpha": 16, "use_rslora": True,
                           "target_modules": ["q_proj", "v_proj", "embed_tokens"], "modules_to_save": ["lm_head"]}),
+    # Qwen3-MoE (4 experts, top-2, q/k norm), FSDP2 at W=2: transformers 5 holds the routed experts
+    # fused, so the rank files hold mlp.experts.gate_up_proj [E, 2F, H] / down_proj [E, H, F] as
+    # DTensors sharded on the EXPERT axis (2 experts per rank); router mlp.gate.weight [E, H]
+    "qwen3moe_w2": dict(world_size=2, arch="qwen3_moe", vocab=256, hidden=64, layers=2, heads=4, kv_heads=2,
+                        intermediate=96, seed=31),
 }
 
 TREE_STEPS = (2, 4)

@@ -54,6 +54,21 @@ Reference data (for later tests) goes to the sibling directory ``out_dir + ".ref
   written), ``empty_shards`` ({key: [ranks]}), ``mesh_shape``/``mesh_dim_names``,
   ``placements``, ``files`` (the component's file list), ``timings``.
 
+MoE (``arch="qwen3_moe"``, variant ``qwen3moe_w2``)
+-------------------------------------------------
+What the FSDP2 rank files really hold for a transformers 5.24 ``Qwen3MoeForCausalLM``
+(checked by ``tests/test_realckpt_fsdp_moe.py``): the routed experts stay FUSED as in memory,
+one parameter per layer each, ``model.layers.{i}.mlp.experts.gate_up_proj`` ``[E, 2F, H]`` and
+``model.layers.{i}.mlp.experts.down_proj`` ``[E, H, F]`` (no per-expert keys, no ``.weight``
+suffix), DTensors ``Shard(0)`` on the EXPERT axis (W=2, E=4: experts 0-1 on rank 0, 2-3 on rank
+1). Rows ``[:F]`` of ``gate_up_proj[e]`` are expert e's ``gate_proj``, rows ``[F:]`` its
+``up_proj`` (``Qwen3MoeExperts.forward``: ``gate, up = linear(x, gate_up_proj[e]).chunk(2)``;
+``save_pretrained`` splits them into ``mlp.experts.{e}.gate_proj.weight`` /
+``up_proj.weight`` / ``down_proj.weight`` the same way).  The router is
+``model.layers.{i}.mlp.gate.weight`` ``[E, H]`` (an ``nn.Parameter``, sharded on E too); q/k
+norms ``self_attn.{q,k}_norm.weight`` ``[head_dim]``.  The optimizer state is keyed by parameter
+index like the dense models (``exp_avg`` of ``gate_up_proj`` is a ``[E/W, 2F, H]`` local shard).
+
 Cache
 -----
 :func:`cached` builds into ``$CKPTCTL_TEST_CACHE/<hash>/<name>`` when that variable is set
@@ -80,7 +95,8 @@ _TESTS_DIR = _HERE.parent
 
 #: Defaults of one component job (every key is a keyword of ``write_fsdp_component``).
 DEFAULTS: dict[str, Any] = dict(
-    arch="llama",             # "llama" | "qwen2"
+    arch="llama",             # "llama" | "qwen2" | "qwen3_moe" (tiny_models.make_moe_model: 4 experts, top-2,
+                              # moe_intermediate 32; ``intermediate`` is unused by every layer being MoE)
     world_size=2,
     mesh="fsdp",              # "fsdp" (1-D ("fsdp",)) | "hsdp" (2-D ("ddp", "fsdp"))
     replicas=2,               # hsdp only: size of the "ddp" dim; fsdp dim = world_size // replicas
@@ -113,7 +129,7 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 _CHOICES = dict(
-    arch=("llama", "qwen2"),
+    arch=("llama", "qwen2", "qwen3_moe"),
     mesh=("fsdp", "hsdp"),
     layout=("skyrl", "documented"),
     config_variant=("skyrl", "verl", "none"),
@@ -180,6 +196,8 @@ def _normalize_job(out_dir, kw: dict) -> dict:
             json.dumps(job["lora"])
         except TypeError as e:
             raise TypeError(f"lora must be JSON-serialisable (lists, not sets): {e}") from None
+    if job["arch"] == "qwen3_moe" and (job["critic"] or job["lora"] is not None or job["strategy"] != "fsdp2"):
+        raise ValueError("arch='qwen3_moe': FSDP2 policy without LoRA only")
     if job["global_step"] is None:
         job["global_step"] = job["num_steps"]
     job["out_dir"] = str(Path(out_dir).resolve())
@@ -551,7 +569,12 @@ def _launcher_main(jobfile: str) -> int:
     from realckpt import tiny_models
 
     for arch in sorted({j["arch"] for j in spec["jobs"]}):
-        tiny_models._model_classes(arch)
+        if arch in tiny_models.MOE_ARCHS:
+            import transformers
+
+            getattr(transformers, tiny_models.MOE_ARCHS[arch])
+        else:
+            tiny_models._model_classes(arch)
     if any(j["strategy"] == "fsdp" for j in spec["jobs"]):
         from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
     if any(j["lora"] for j in spec["jobs"]):
@@ -651,6 +674,12 @@ class _RankWriter:
         from realckpt import tiny_models as tm
 
         j = self.job
+        if j["arch"] in tm.MOE_ARCHS:
+            model = tm.make_moe_model(j["arch"], j["seed"], vocab=j["vocab"], hidden=j["hidden"], layers=j["layers"],
+                                      heads=j["heads"], kv_heads=j["kv_heads"], ffn=j["intermediate"], tie=j["tie"])
+            if j["persistent_buffers"]:
+                tm.make_persistent_buffers(model)
+            return model
         kw = dict(vocab=j["vocab"], hidden=j["hidden"], layers=j["layers"], heads=j["heads"],
                   kv_heads=j["kv_heads"], intermediate=j["intermediate"], tie=j["tie"])
         maker = tm.make_critic if j["critic"] else tm.make_model

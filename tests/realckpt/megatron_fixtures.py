@@ -12,6 +12,11 @@ the tokenizer; no megatron needed) keyed by name: ``"single"`` (fp32 Llama, one
 ``"sharded_bf16"`` (the same model in bf16, three shards). The Megatron variants carry their
 own HF copies too (``megatron_ckpts[name].reference_hf_dir``).
 
+``megatron_moe_ckpts`` -- every variant of :data:`MEGATRON_MOE_VARIANTS` (Qwen3-MoE TP2xEP2 and
+PP2xEP2, Mixtral EP2, DeepSeek-V3 EP2 with and without q-LoRA), one launcher, same
+:class:`MegatronCkpt` type (plus ``reference_logits_file``).  ``megatron_moe_tree`` -- a SkyRL
+MoE run (two steps) for whole-run operations.
+
 Set ``CKPTCTL_REALCKPT_CACHE=/some/dir`` to keep the written checkpoints between sessions
 (the writer is idempotent: a complete earlier write with the same parameters is reused).
 """
@@ -45,6 +50,25 @@ MEGATRON_VARIANTS: dict[str, dict[str, Any]] = {
     "pp2dp2": dict(tp=1, pp=2, dp=2),
 }
 
+#: name -> write_megatron_component kwargs of the REAL megatron-core MoE checkpoints (all written
+#: with ONE launcher by the ``megatron_moe_ckpts`` fixture; ~15 s on 2 CPU cores).  Every variant:
+#: 2 layers per pipeline stage, hidden 64, 4 heads, 4 routed experts, top-2, moe_ffn 32, vocab 256,
+#: 2 AdamW steps, fully_reshardable optimizer state of megatron's ChainedOptimizer (dense params
+#: ``chained_0.``, expert params ``chained_1.``), etp = tp (SkyRL), expert DP 1.
+MEGATRON_MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    # Qwen3-MoE (q/k norm, all layers MoE -> stacked decoder.layers.* keys), TP2 x EP2: 4 ranks
+    "qwen3moe_tp2ep2": dict(arch="qwen3_moe", tp=2, ep=2),
+    # Qwen3-MoE, PP2 x EP2: 4 ranks, 4 layers (2 per stage)
+    "qwen3moe_pp2ep2": dict(arch="qwen3_moe", pp=2, ep=2),
+    # Mixtral, EP2: 2 ranks
+    "mixtral_ep2": dict(arch="mixtral", ep=2),
+    # DeepSeek-V3 architecture, EP2: MLA with q-LoRA, layer 0 dense -> per-layer decoder.layers.{i}.*
+    # keys, 1 shared expert, sigmoid router with expert bias, 2 groups / top-1 group, scaling 2.5
+    "dsv3_ep2": dict(arch="deepseek_v3", ep=2),
+    # the same without q-LoRA (linear_q_proj, like Moonlight)
+    "dsv3_noqlora_ep2": dict(arch="deepseek_v3", ep=2, q_lora_rank=None),
+}
+
 
 @dataclass
 class MegatronCkpt:
@@ -69,6 +93,19 @@ class MegatronCkpt:
     @property
     def reference_hf_dir(self) -> Path:
         return self.component.reference_hf_dir
+
+    @property
+    def hf_dir(self) -> Path:  # out_dir/huggingface (config + tokenizer, no weights)
+        return self.component.hf_dir
+
+    @property
+    def reference_tensors_file(self) -> Path:
+        return self.component.reference_tensors_file
+
+    @property
+    def reference_logits_file(self) -> Path:
+        """MoE variants: ``input_ids`` [2, 12] and the HF model's fp32 ``logits``."""
+        return self.component.reference_dir / "reference_logits.safetensors"
 
     @property
     def params(self) -> dict:
@@ -134,6 +171,42 @@ def megatron_ckpts(tmp_path_factory) -> MegatronCkpts:
     written = write_megatron_components([(root / name / "policy", kw) for name, kw in MEGATRON_VARIANTS.items()])
     seconds = time.monotonic() - t0
     return MegatronCkpts({n: MegatronCkpt(n, c) for n, c in zip(MEGATRON_VARIANTS, written)}, seconds)
+
+
+@pytest.fixture(scope="session")
+def megatron_moe_ckpts(tmp_path_factory) -> MegatronCkpts:
+    """Every variant of :data:`MEGATRON_MOE_VARIANTS` (name -> :class:`MegatronCkpt`), written by
+    megatron-core's own ``dist_checkpointing.save`` with one launcher, once per session
+    (reused across sessions with ``CKPTCTL_REALCKPT_CACHE``).  Each reference dir also holds
+    ``reference_logits.safetensors`` (``input_ids`` [2, 12], the HF model's fp32 ``logits``)."""
+    _require_megatron()
+    pytest.importorskip("transformers")
+    from realckpt.megatron_writer import write_megatron_components
+
+    root = _cache_root(tmp_path_factory, "megatron_moe_ckpts")
+    t0 = time.monotonic()
+    written = write_megatron_components(
+        [(root / name / "policy", kw) for name, kw in MEGATRON_MOE_VARIANTS.items()])
+    seconds = time.monotonic() - t0
+    return MegatronCkpts({n: MegatronCkpt(n, c) for n, c in zip(MEGATRON_MOE_VARIANTS, written)}, seconds)
+
+
+#: the MoE SkyRL tree of the ``megatron_moe_tree`` fixture (write_megatron_tree keywords)
+MEGATRON_MOE_TREE = dict(steps=(1, 2), pointer=2, arch="qwen3_moe", tp=2, ep=2)
+
+
+@pytest.fixture(scope="session")
+def megatron_moe_tree(tmp_path_factory):
+    """A SkyRL Megatron MoE run (``realckpt.megatron_writer.MegatronTree``): Qwen3-MoE TP2 x EP2,
+    ``global_step_{1,2}/policy`` (+ ``trainer_state.pt`` whose megatron_config names EP 2 / ETP 2,
+    ``data.pt``), pointer 2; references in ``<root>.reference/``.  Its own launcher (~12 s cold)."""
+    _require_megatron()
+    pytest.importorskip("transformers")
+    from realckpt.megatron_writer import write_megatron_tree
+
+    root = _cache_root(tmp_path_factory, "megatron_moe_tree")
+    kw = dict(MEGATRON_MOE_TREE)
+    return write_megatron_tree(root / "ckpts", kw.pop("steps"), kw.pop("pointer"), **kw)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,15 @@ paid once per launcher, not once per rank).  Each rank:
    ``fully_parallel``, the ``FullyParallelSaveStrategyWrapper`` over the data-parallel group that
    SkyRL's MegatronStrategy uses.
 
+MoE jobs (``job["model"]["moe"]``): ``initialize_model_parallel(tp, pp, expert_model_parallel_size=ep,
+expert_tensor_parallel_size=etp)``; the model is built per layer from the local spec
+(:func:`_build_moe_model`: SequentialMLP experts, shared experts, MLA) with the TE spec's key
+names (:func:`_te_keys_map`); the optimizer part is a ChainedOptimizer-shaped
+``{0: dense, 1: experts}`` with ``chained_{i}.`` key prefixes (:func:`_chained_optimizer_part`).
+Test-only CPU shims besides :mod:`cuda_shim`: :func:`_define_missing_te_general_gemm` (two
+megatron-core module globals that assume Transformer Engine) and a parameter-free core
+attention for MLA (:func:`_mla_core_attention_class`).
+
 Top-level imports are stdlib only: megatron's save starts a *spawn*-based multiprocessing manager,
 which re-imports this file as ``__mp_main__``; the ``__main__`` guard below is required.
 """
@@ -117,6 +126,221 @@ def _build_model(job):
 
 
 
+# --------------------------------------------------------------------------------------------
+# Mixture-of-Experts models (job["model"]["moe"] present)
+# --------------------------------------------------------------------------------------------
+
+#: The key renames of SkyRL's Transformer-Engine layer spec, applied to the local (non-TE) spec's
+#: modules so the checkpoint holds the TE names (megatron's own ``sharded_state_dict_keys_map``
+#: mechanism; the TE spec fuses these norms into the following linear layer):
+#: GQA: ``input_layernorm`` -> ``self_attention.linear_qkv.layer_norm_*`` (always); dense MLP:
+#: ``pre_mlp_layernorm`` -> ``mlp.linear_fc1.layer_norm_*`` (an MoE layer keeps
+#: ``pre_mlp_layernorm.*`` with the TE spec); MLA keeps ``input_layernorm.*`` and fuses
+#: ``q_layernorm`` / ``kv_layernorm`` into ``linear_q_up_proj`` / ``linear_kv_up_proj``.
+def _te_keys_map(mla: bool, moe_layer: bool) -> dict:
+    out = {}
+    if mla:
+        out["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        out["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+    else:
+        out["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+    if not moe_layer:
+        out["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return out
+
+
+def _define_missing_te_general_gemm() -> None:
+    """TEST-ONLY, CPU without Transformer Engine: megatron-core 0.16.1's ``moe_utils`` imports
+    ``te_general_gemm`` from TE inside a ``try`` and, when TE is missing, leaves the name
+    undefined although ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not
+    None``.  Define it as ``None`` (its documented no-TE value: the plain matmul path) when it is
+    absent; nothing is replaced when it exists."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # Likewise ``multi_latent_attention`` sets ``HAVE_TE = True`` without Transformer Engine
+    # (megatron's TE extension module imports and hands out MagicMock placeholders for the TE
+    # classes), then calls ``isinstance(self.linear_proj, TELinear)`` with the mock.  With TE
+    # really absent, set the flag to what it means.
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        from megatron.core.transformer import multi_latent_attention as mla_mod
+
+        mla_mod.HAVE_TE = False
+
+
+def _mla_core_attention_class():
+    """TEST-ONLY core attention for MLA on CPU: megatron-core 0.16.1's local
+    ``DotProductAttention`` rejects the ``k_channels`` / ``v_channels`` that ``MLASelfAttention``
+    passes (only TE's attention accepts them).  This parameter-free module computes plain causal
+    softmax attention, ``softmax(q k^T * softmax_scale + mask) v`` in fp32, with megatron's
+    ``[s, b, heads, d]`` inputs, boolean mask (True = masked) and ``[s, b, heads * dv]`` output.
+    It holds no state: the checkpoint is unaffected; it only matters for the logits check."""
+    import torch
+
+    class _MLACoreAttention(torch.nn.Module):
+        # (the base Attention builds it once with no channels; MLASelfAttention rebuilds it)
+        def __init__(self, config, layer_number=None, attn_mask_type=None, attention_type=None,
+                     softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None,
+                     pg_collection=None, **kwargs):
+            super().__init__()
+            self.config = config
+            self.softmax_scale = softmax_scale
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            s, b, h, _ = query.shape
+            q, k, v = (t.permute(1, 2, 0, 3).float() for t in (query, key, value))  # [b, h, s, d]
+            scale = self.softmax_scale if self.softmax_scale is not None else q.shape[-1] ** -0.5
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+            if attention_mask is None:
+                attention_mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=q.device), 1)
+            scores = scores.masked_fill(attention_mask.to(torch.bool), float("-inf"))
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [b, h, s, dv]
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1).to(query.dtype)
+
+    return _MLACoreAttention
+
+
+def _moe_transformer_config(job):
+    import torch
+
+    m = job["model"]
+    moe = m["moe"]
+    mla = m.get("mla")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]]
+    kw = dict(
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden"],
+        num_attention_heads=m["heads"],
+        ffn_hidden_size=m["ffn"],
+        layernorm_epsilon=m["norm_eps"],
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=bool(m.get("qk_layernorm")),
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=job["tp"],
+        pipeline_model_parallel_size=job["pp"],
+        expert_model_parallel_size=job["ep"],
+        expert_tensor_parallel_size=job["etp"],
+        # SkyRL turns sequence parallel on with TP > 1; the torch norms of the local spec refuse it
+        # (it changes activations only, not one checkpoint key or shape)
+        sequence_parallel=False,
+        num_moe_experts=moe["num_experts"],
+        moe_router_topk=moe["topk"],
+        moe_ffn_hidden_size=moe["moe_ffn"],
+        # an int for all-MoE models (stacked decoder.layers.* keys), a list with dense layers
+        # (mcore then saves per-layer decoder.layers.{i}.* keys, as for DeepSeek-V3)
+        moe_layer_freq=1 if all(moe["layer_freq"]) else [int(x) for x in moe["layer_freq"]],
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",  # alltoall creates CUDA streams
+        moe_grouped_gemm=False,  # SequentialMLP: same checkpoint keys as TEGroupedMLP
+        moe_router_score_function=moe["score"],
+        moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=bool(moe["expert_bias"]),
+        moe_router_dtype="fp32",
+        moe_shared_expert_intermediate_size=moe["shared_ffn"],
+        moe_shared_expert_overlap=False,
+        moe_permute_fusion=False,
+    )
+    if moe.get("num_groups"):
+        kw.update(moe_router_num_groups=moe["num_groups"], moe_router_group_topk=moe["group_topk"])
+    if moe.get("scaling_factor") is not None:
+        kw["moe_router_topk_scaling_factor"] = moe["scaling_factor"]
+    if mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        kw.update(
+            num_query_groups=m["heads"],
+            q_lora_rank=mla["q_lora_rank"],
+            kv_lora_rank=mla["kv_lora_rank"],
+            qk_head_dim=mla["qk_head_dim"],
+            qk_pos_emb_head_dim=mla["qk_pos_emb_head_dim"],
+            v_head_dim=mla["v_head_dim"],
+            kv_channels=mla["qk_head_dim"] + mla["qk_pos_emb_head_dim"],
+            rope_type="rope",
+            rotary_base=m["rotary_base"],
+            qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm
+        )
+        return MLATransformerConfig(**kw)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw.update(num_query_groups=m["kv_heads"], kv_channels=m["head_dim"])
+    return TransformerConfig(**kw)
+
+
+def _build_moe_model(job):
+    """A real mcore MoE ``GPTModel`` for this rank's pipeline stage: the local spec per layer
+    (``SequentialMLP`` experts, shared experts, MLA when asked), with the TE spec's key names."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    _define_missing_te_general_gemm()
+    m = job["model"]
+    cfg = _moe_transformer_config(job)
+    mla = bool(m.get("mla"))
+    specs = []
+    for is_moe in m["moe"]["layer_freq"]:
+        spec = get_gpt_layer_local_spec(
+            num_experts=m["moe"]["num_experts"] if is_moe else None,
+            moe_grouped_gemm=False,
+            qk_layernorm=cfg.qk_layernorm,
+            multi_latent_attention=mla,
+            normalization="RMSNorm",
+        )
+        sub = replace(spec.submodules, sharded_state_dict_keys_map=_te_keys_map(mla, bool(is_moe)))
+        if mla:
+            attn = sub.self_attention
+            attn = replace(attn, submodules=replace(attn.submodules, core_attention=_mla_core_attention_class()))
+            sub = replace(sub, self_attention=attn)
+        specs.append(replace(spec, submodules=sub))
+    offset = get_transformer_layer_offset(cfg)
+    n = get_num_layers_to_build(cfg)
+    block = TransformerBlockSubmodules(layer_specs=specs[offset: offset + n], layer_norm=LNImpl)
+    return GPTModel(
+        cfg,
+        block,
+        vocab_size=m["padded_vocab"],
+        max_sequence_length=m["max_seq"],
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=m["tie"],
+        position_embedding_type="rope",
+        rotary_base=m["rotary_base"],
+    )
+
+
+def build_model(job):
+    """Dense or MoE mcore ``GPTModel`` for the job (MoE when ``job['model']['moe']``)."""
+    if job["model"].get("moe"):
+        return _build_moe_model(job)
+    return _build_model(job)
+
+
 def _sharded_leaves(sharded_sd):
     """(path, ShardedTensor|ShardedTensorFactory) for every tensor-like leaf."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -125,7 +349,7 @@ def _sharded_leaves(sharded_sd):
     return [v for v in nested_values(sharded_sd) if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
 
 
-def _fill(sh, full: dict) -> None:
+def _fill(sh, full: dict, prefix: str = "") -> None:
     """Copy the rank-local part of the known full tensor(s) into ``sh.data`` (in place),
     using the ShardedTensor's own global offsets (a factory is built first: its pieces are
     views of ``sh.data``)."""
@@ -135,19 +359,19 @@ def _fill(sh, full: dict) -> None:
 
     if isinstance(sh, ShardedTensorFactory):
         for piece in nested_values(sh.build()):
-            _fill(piece, full)
+            _fill(piece, full, prefix)
         return
     assert isinstance(sh, ShardedTensor), type(sh)
-    if sh.key not in full:
-        raise KeyError(f"no reference tensor for checkpoint key {sh.key!r}")
-    src = full[sh.key]
+    if prefix + sh.key not in full:
+        raise KeyError(f"no reference tensor for checkpoint key {prefix + sh.key!r}")
+    src = full[prefix + sh.key]
     if tuple(src.shape) != tuple(sh.global_shape):
         raise ValueError(f"{sh.key}: reference shape {tuple(src.shape)} != global shape {sh.global_shape}")
     with torch.no_grad():
         sh.data.copy_(src[sh.global_slice()].to(sh.data.dtype))
 
 
-def _optimizer_part(job, model, model_sd, full):
+def _optimizer_part(job, model, model_sd, full, prefix: str = "", expert: bool = False):
     """Real torch AdamW over the mcore params, its state filled from the known tensors,
     expressed as megatron-core's optimizer sharded state."""
     from dataclasses import replace
@@ -169,7 +393,7 @@ def _optimizer_part(job, model, model_sd, full):
     # Megatron's default grouping: no weight decay for biases and 1-D params (norms).
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    extra = dict(wd_mult=1.0, lr_mult=1.0, is_expert_parallel=False, is_decoupled_lr=False)
+    extra = dict(wd_mult=1.0, lr_mult=1.0, is_expert_parallel=expert, is_decoupled_lr=False)
     groups = []
     if decay:
         groups.append(dict(params=decay, weight_decay=o["weight_decay"], **extra))
@@ -212,7 +436,9 @@ def _optimizer_part(job, model, model_sd, full):
                 if not isinstance(sh, ShardedTensorFactory):
                     kw["dtype"] = torch.float32
                 st = replace(sh, **kw)
-                _fill(st, full)
+                # (the reference tensors of a chained optimizer carry the chained_{i}. prefix the
+                #  ChainedOptimizer adds afterwards)
+                _fill(st, full, prefix)
                 tensors[k] = st
             # the real torch optimizer state (plain tensors, as AdamW keeps them)
             adam.state[p] = {
@@ -250,6 +476,68 @@ def _optimizer_part(job, model, model_sd, full):
         return sd, sched
 
     raise ValueError(f"unknown optimizer format {fmt!r}")
+
+
+def _chained_optimizer_part(job, model, model_sd, full):
+    """MoE: megatron-core's ``get_megatron_optimizer`` builds a ``ChainedOptimizer`` of two
+    optimizers, dense params first, expert-parallel params (``param.allreduce is False``) second;
+    its ``sharded_state_dict`` returns ``{0: sd_0, 1: sd_1}`` and (``chained_optim_avoid_prefix``
+    unset, as in SkyRL) prefixes every ShardedTensor key of optimizer i with ``chained_{i}.``
+    (``add_prefix_for_sharding``).  Each part is the same fully_reshardable model-space layout as
+    :func:`_optimizer_part`.  With a single optimizer (no expert parallelism) there is no chain
+    and no prefix, as in megatron-core."""
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    o = job["optimizer"]
+    if o["format"] != "fully_reshardable":
+        raise ValueError("MoE fixtures write the fully_reshardable optimizer format only")
+    expert_ids = {id(p) for p in model.parameters() if not getattr(p, "allreduce", True)}
+    parts = []
+    for is_expert in (False, True):
+        ids = {id(p) for p in model.parameters() if (id(p) in expert_ids) == is_expert}
+        if ids:
+            parts.append((is_expert, ids))
+    sub_sds = []
+    for i, (is_expert, ids) in enumerate(parts):
+        prefix = f"chained_{i}." if len(parts) > 1 else ""
+        sd, sched = _optimizer_part(job, _SubModel(model, ids), model_sd, full, prefix=prefix, expert=is_expert)
+        sub_sds.append(sd)
+    if len(sub_sds) == 1:
+        return sub_sds[0], sched
+    for i, sd in enumerate(sub_sds):
+        add_prefix_for_sharding(sd, f"chained_{i}.")
+    return dict(enumerate(sub_sds)), sched
+
+
+class _SubModel:
+    """The subset of a module's parameters one optimizer of a chain owns (``.parameters()``)."""
+
+    def __init__(self, model, ids):
+        self._params = [p for p in model.parameters() if id(p) in ids]
+
+    def parameters(self):
+        return iter(self._params)
+
+
+def _write_rank_info(job, rank: int, model) -> None:
+    """``rank_{r}.json`` in ``job['rank_info_dir']``: this rank's parallel coordinates (megatron's
+    own parallel_state) and, per local MoE layer, the global expert ids it holds (the MoELayer's
+    ``local_expert_indices``) -- the truth for EP layout checks."""
+    from megatron.core import parallel_state as ps
+
+    layers = {}
+    for layer in getattr(model.decoder, "layers", []):
+        idx = getattr(layer.mlp, "local_expert_indices", None)
+        if idx is not None:
+            layers[str(layer.layer_number - 1)] = [int(i) for i in idx]
+    info = dict(
+        rank=rank, tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(), expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        local_experts=layers,
+    )
+    with open(os.path.join(job["rank_info_dir"], f"rank_{rank}.json"), "w") as f:
+        json.dump(info, f, sort_keys=True)
 
 
 def _rng_part(job):
@@ -300,10 +588,14 @@ def _save_rank(job, rank: int) -> None:
     from safetensors.torch import load_file
 
     t0 = time.monotonic()
-    ps.initialize_model_parallel(job["tp"], job["pp"])
+    if job.get("ep", 1) > 1 or job["model"].get("moe"):
+        ps.initialize_model_parallel(job["tp"], job["pp"], expert_model_parallel_size=job["ep"],
+                                     expert_tensor_parallel_size=job["etp"])
+    else:
+        ps.initialize_model_parallel(job["tp"], job["pp"])
     try:
         torch.manual_seed(job["seed"])
-        model = _build_model(job)
+        model = build_model(job)
         # Megatron's Float16Module casts the whole module (norms included) for bf16 training
         model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]])
         t1 = time.monotonic()
@@ -319,8 +611,13 @@ def _save_rank(job, rank: int) -> None:
         if missing:
             raise RuntimeError(f"rank {rank}: parameters not in the sharded state dict: {missing}")
 
+        if job.get("rank_info_dir"):
+            _write_rank_info(job, rank, model)
         state = {"model": model_sd}
-        if job["optimizer"] is not None:
+        if job["optimizer"] is not None and job["model"].get("moe"):
+            state["optimizer"], sched = _chained_optimizer_part(job, model, model_sd, full)
+            state["lr_scheduler"] = sched.state_dict()
+        elif job["optimizer"] is not None:
             state["optimizer"], sched = _optimizer_part(job, model, model_sd, full)
             state["lr_scheduler"] = sched.state_dict()
         state["rng"] = _rng_part(job)
@@ -436,6 +733,9 @@ def main(argv=None) -> int:
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+    import megatron.core.transformer.moe.moe_layer  # noqa: F401
+    import megatron.core.transformer.multi_latent_attention  # noqa: F401
     import megatron.core.optimizer_param_scheduler  # noqa: F401
     import safetensors.torch  # noqa: F401
 

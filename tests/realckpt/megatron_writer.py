@@ -19,6 +19,23 @@ Public API
   ``trainer_state.pt``, ``data.pt``).
 - :func:`hf_to_mcore` / :func:`split_layers` -- the HF -> mcore mapping used to build the truth.
 
+Mixture of Experts
+------------------
+``arch`` in :data:`MOE_ARCHS` (``"qwen3_moe"``, ``"mixtral"``, ``"deepseek_v3"``) selects the MoE
+path (keywords: :func:`_normalize_moe`): a tiny transformers 5.24 MoE model
+(:func:`realckpt.tiny_models.make_moe_model`) trained ``global_step`` AdamW steps, mapped by
+:func:`hf_moe_to_mcore`, written by real megatron-core MoE ``GPTModel`` ranks at TP x PP x EP
+(``etp`` = TP as in SkyRL; SequentialMLP experts, allgather dispatcher, local spec with the key
+names of SkyRL's Transformer-Engine spec, MLA for DeepSeek-V3), optimizer state as megatron's
+ChainedOptimizer writes it (``chained_0.`` dense / ``chained_1.`` expert params,
+fully_reshardable model space).  The reference dir also holds ``reference_logits.safetensors``
+(``input_ids``, the HF model's ``logits``) and ``ranks/rank_{r}.json`` (each rank's parallel
+coordinates and the global expert ids of its MoE layers, from megatron's ``parallel_state`` and
+``MoELayer.local_expert_indices``).  Measured with megatron-core 0.16.1: experts are
+``decoder.layers[.{i}].mlp.experts.experts.linear_fc{1,2}.weight`` ([L,] E, 2F, H) / ([L,] E, H, F);
+EP rank r holds global experts ``r * E/EP + j``; all-MoE models get stacked keys, models with a
+dense layer (``moe_layer_freq`` a list) per-layer keys.
+
 All writers are idempotent: a directory already holding a complete write with the same
 parameters is left untouched (cheap), one holding an older/partial write of ours is rewritten,
 and a non-empty directory that is not ours raises ``FileExistsError``.
@@ -194,6 +211,225 @@ def split_layers(stacked: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Mixture-of-Experts: parameters and the HF -> mcore mapping
+# --------------------------------------------------------------------------------------------
+
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+
+def _normalize_moe(
+    *,
+    arch: str,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 2,
+    etp: int | None = None,
+    dp: int | None = None,
+    num_layers: int | None = None,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 96,
+    moe_ffn: int = 32,
+    num_experts: int = 4,
+    topk: int = 2,
+    shared_experts: int = 1,
+    first_k_dense: int = 1,
+    n_group: int = 2,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 2.5,
+    q_lora_rank: int | None = 32,
+    kv_lora_rank: int = 16,
+    qk_nope_head_dim: int = 16,
+    qk_rope_head_dim: int = 8,
+    v_head_dim: int = 16,
+    vocab: int = 256,
+    make_vocab_size_divisible_by: int | None = 128,
+    optimizer: bool = True,
+    fully_parallel: bool = True,
+    global_step: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """MoE job parameters.  ``etp`` defaults to ``tp`` (SkyRL: expert_tensor_parallel_size = TP).
+    The world is ``tp * pp * dp`` ranks with ``dp`` (dense data parallel) defaulting to the
+    smallest value megatron accepts: ``ep * etp / tp`` (so expert DP is 1).  Qwen3-MoE and Mixtral
+    are all-MoE (stacked ``decoder.layers.*`` keys); DeepSeek-V3 has ``first_k_dense`` dense layers
+    (mcore then writes per-layer ``decoder.layers.{i}.*`` keys), shared experts, a sigmoid router
+    with expert bias and MLA (``q_lora_rank=None``: no q-LoRA, like Moonlight)."""
+    if arch not in MOE_ARCHS:
+        raise ValueError(f"MoE arch must be one of {MOE_ARCHS}, not {arch!r}")
+    etp = tp if etp is None else etp
+    if dp is None:
+        dp = max(1, (ep * etp) // tp)
+    world = tp * pp * dp
+    if world % (ep * etp * pp):
+        raise ValueError(f"world {world} (tp*pp*dp) not divisible by ep*etp*pp = {ep * etp * pp}")
+    if num_layers is None:
+        num_layers = 2 * pp
+    if num_layers % pp:
+        raise ValueError(f"num_layers={num_layers} not divisible by pp={pp}")
+    if num_experts % ep:
+        raise ValueError(f"ep={ep} must divide num_experts={num_experts}")
+    if heads % tp or (arch != "deepseek_v3" and kv_heads % tp) or moe_ffn % etp or ffn % tp:
+        raise ValueError(f"tp={tp} / etp={etp} must divide heads, kv_heads, ffn and moe_ffn")
+    if global_step < 1:
+        raise ValueError("global_step must be >= 1 (it is the number of AdamW steps taken)")
+    out = dict(
+        moe=True, arch=arch, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, num_layers=num_layers, hidden=hidden,
+        heads=heads, ffn=ffn, moe_ffn=moe_ffn, num_experts=num_experts, topk=topk, vocab=vocab,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, optimizer=bool(optimizer),
+        fully_parallel=bool(fully_parallel), global_step=int(global_step), seed=int(seed),
+        # fixed for these fixtures (the dense writer's knobs)
+        tie_embeddings=False, params_dtype="float32", optimizer_format="fully_reshardable",
+        rng_format="common", verl_nesting=False,
+    )
+    if arch == "deepseek_v3":
+        out.update(
+            kv_heads=heads, shared_experts=shared_experts, first_k_dense=first_k_dense, n_group=n_group,
+            topk_group=topk_group, routed_scaling_factor=float(routed_scaling_factor), q_lora_rank=q_lora_rank,
+            kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+            v_head_dim=v_head_dim, per_layer_keys=first_k_dense > 0,
+        )
+    else:
+        out.update(kv_heads=kv_heads, shared_experts=0, first_k_dense=0, per_layer_keys=False)
+    return out
+
+
+def _moe_hf_config(params: dict):
+    from realckpt import tiny_models
+
+    kw = dict(vocab=params["vocab"], hidden=params["hidden"], layers=params["num_layers"],
+              heads=params["heads"], kv_heads=params["kv_heads"], num_experts=params["num_experts"],
+              topk=params["topk"], moe_ffn=params["moe_ffn"], ffn=params["ffn"], tie=params["tie_embeddings"])
+    if params["arch"] == "deepseek_v3":
+        kw.update({k: params[k] for k in ("first_k_dense", "n_group", "topk_group", "routed_scaling_factor",
+                                          "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                          "qk_rope_head_dim", "v_head_dim")})
+        kw["shared_experts"] = params["shared_experts"]
+    return tiny_models.make_moe_config(params["arch"], **kw)
+
+
+def moe_layer_pattern(params: dict) -> list[int]:
+    """1 = MoE layer, 0 = dense layer (mcore's ``moe_layer_freq`` list)."""
+    return [0 if i < params["first_k_dense"] else 1 for i in range(params["num_layers"])]
+
+
+def hf_moe_to_mcore(hf: dict, params: dict, *, padded_vocab: int) -> dict:
+    """Map an HF MoE state dict (transformers 5.24 in-memory names: fused experts), or a dict of
+    same-shaped optimizer moments, to the GLOBAL tensors of the mcore checkpoint, PER-LAYER keys
+    ``decoder.layers.{i}.*`` (use :func:`stack_layers` for the stacked form).  Names are those of
+    SkyRL's Transformer-Engine spec:
+
+    GQA (Qwen3-MoE, Mixtral): ``self_attention.linear_qkv.layer_norm_weight`` (= input_layernorm),
+    ``self_attention.linear_qkv.weight`` (q/k/v interleaved per query group),
+    ``self_attention.linear_proj.weight``, ``self_attention.{q,k}_layernorm.weight`` (Qwen3 q/k norm).
+    MLA (DeepSeek-V3): ``input_layernorm.weight``, ``self_attention.linear_q_down_proj.weight``
+    (= q_a_proj), ``linear_q_up_proj.layer_norm_weight`` (= q_a_layernorm),
+    ``linear_q_up_proj.weight`` (= q_b_proj) or ``linear_q_proj.weight`` (no q-LoRA),
+    ``linear_kv_down_proj.weight`` (= kv_a_proj_with_mqa), ``linear_kv_up_proj.layer_norm_weight``
+    (= kv_a_layernorm), ``linear_kv_up_proj.weight`` (= kv_b_proj), ``linear_proj.weight`` (= o_proj).
+    MoE layer: ``pre_mlp_layernorm.weight`` (= post_attention_layernorm), ``mlp.router.weight``
+    [E, H] (= mlp.gate.weight), ``mlp.router.expert_bias`` [E] fp32 (= e_score_correction_bias),
+    ``mlp.experts.experts.linear_fc1.weight`` [E, 2F, H] (= gate_up_proj: [gate; up] per expert),
+    ``mlp.experts.experts.linear_fc2.weight`` [E, H, F] (= down_proj),
+    ``mlp.shared_experts.linear_fc1.weight`` [2F_sh, H] (= [gate_proj; up_proj]),
+    ``mlp.shared_experts.linear_fc2.weight``.  Dense layer: ``mlp.linear_fc1.layer_norm_weight``,
+    ``mlp.linear_fc1.weight`` ([gate; up]), ``mlp.linear_fc2.weight``.
+    Plus ``embedding.word_embeddings.weight`` / ``output_layer.weight`` (zero-padded to
+    ``padded_vocab`` rows) and ``decoder.final_layernorm.weight``.
+    """
+    import torch
+
+    arch = params["arch"]
+    mla = arch == "deepseek_v3"
+    heads, kv_heads = params["heads"], params["kv_heads"]
+    d = params["hidden"] // heads
+    q_per_g = heads // kv_heads
+
+    def pad_rows(t):
+        out = torch.zeros((padded_vocab, *t.shape[1:]), dtype=t.dtype)
+        out[: t.shape[0]] = t
+        return out
+
+    def qkv(q, k, v):
+        rest = q.shape[1:]
+        q = q.reshape(kv_heads, q_per_g * d, *rest)
+        k = k.reshape(kv_heads, d, *rest)
+        v = v.reshape(kv_heads, d, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(kv_heads * (q_per_g + 2) * d, *rest)
+
+    out = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"])}
+    for i, is_moe in enumerate(moe_layer_pattern(params)):
+        p, o = f"model.layers.{i}.", f"decoder.layers.{i}."
+        a = p + "self_attn."
+        if mla:
+            out[o + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+            if params["q_lora_rank"] is not None:
+                out[o + "self_attention.linear_q_down_proj.weight"] = hf[a + "q_a_proj.weight"]
+                out[o + "self_attention.linear_q_up_proj.layer_norm_weight"] = hf[a + "q_a_layernorm.weight"]
+                out[o + "self_attention.linear_q_up_proj.weight"] = hf[a + "q_b_proj.weight"]
+            else:
+                out[o + "self_attention.linear_q_proj.weight"] = hf[a + "q_proj.weight"]
+            out[o + "self_attention.linear_kv_down_proj.weight"] = hf[a + "kv_a_proj_with_mqa.weight"]
+            out[o + "self_attention.linear_kv_up_proj.layer_norm_weight"] = hf[a + "kv_a_layernorm.weight"]
+            out[o + "self_attention.linear_kv_up_proj.weight"] = hf[a + "kv_b_proj.weight"]
+        else:
+            out[o + "self_attention.linear_qkv.layer_norm_weight"] = hf[p + "input_layernorm.weight"]
+            out[o + "self_attention.linear_qkv.weight"] = qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"],
+                                                              hf[a + "v_proj.weight"])
+            if a + "q_norm.weight" in hf:
+                out[o + "self_attention.q_layernorm.weight"] = hf[a + "q_norm.weight"]
+                out[o + "self_attention.k_layernorm.weight"] = hf[a + "k_norm.weight"]
+        out[o + "self_attention.linear_proj.weight"] = hf[a + "o_proj.weight"]
+        m = p + "mlp."
+        if is_moe:
+            out[o + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+            out[o + "mlp.router.weight"] = hf[m + "gate.weight"]
+            if m + "gate.e_score_correction_bias" in hf:
+                out[o + "mlp.router.expert_bias"] = hf[m + "gate.e_score_correction_bias"].float()
+            out[o + "mlp.experts.experts.linear_fc1.weight"] = hf[m + "experts.gate_up_proj"]
+            out[o + "mlp.experts.experts.linear_fc2.weight"] = hf[m + "experts.down_proj"]
+            if m + "shared_experts.gate_proj.weight" in hf:
+                out[o + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                    [hf[m + "shared_experts.gate_proj.weight"], hf[m + "shared_experts.up_proj.weight"]], 0)
+                out[o + "mlp.shared_experts.linear_fc2.weight"] = hf[m + "shared_experts.down_proj.weight"]
+        else:
+            out[o + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
+            out[o + "mlp.linear_fc1.weight"] = torch.cat([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]], 0)
+            out[o + "mlp.linear_fc2.weight"] = hf[m + "down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if not params["tie_embeddings"]:
+        out["output_layer.weight"] = pad_rows(hf["lm_head.weight"])
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def stack_layers(per_layer: dict) -> dict:
+    """Per-layer ``decoder.layers.{i}.X`` -> stacked ``decoder.layers.X`` [L, ...] (every layer
+    must hold the same keys: the inverse of :func:`split_layers`)."""
+    import torch
+
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for k, v in per_layer.items():
+        if k.startswith("decoder.layers."):
+            idx, rest = k[len("decoder.layers."):].split(".", 1)
+            groups.setdefault(rest, {})[int(idx)] = v
+        else:
+            out[k] = v
+    for rest, by_idx in groups.items():
+        n = len(by_idx)
+        if sorted(by_idx) != list(range(n)):
+            raise ValueError(f"layers of {rest} are not 0..{n - 1}: {sorted(by_idx)}")
+        out[f"decoder.layers.{rest}"] = torch.stack([by_idx[i] for i in range(n)]).contiguous()
+    return out
+
+
+def moe_is_expert_key(key: str) -> bool:
+    """Routed-expert parameters (``allreduce=False`` with EP > 1: megatron's second optimizer)."""
+    return ".mlp.experts." in key
+
+
+# --------------------------------------------------------------------------------------------
 # result objects
 # --------------------------------------------------------------------------------------------
 
@@ -265,6 +501,8 @@ def _is_complete(out_dir: Path, ckpt_dir: Path, ref: Path, params: dict) -> bool
     try:
         info = json.loads((ref / "reference.json").read_text())
     except (OSError, ValueError):
+        return False
+    if params.get("moe") and not (ref / "ranks" / "rank_0.json").is_file():
         return False
     return (
         info.get("format") == REFERENCE_FORMAT
@@ -404,6 +642,142 @@ def _prepare(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> d
     return dict(job=job, info=info, config=config, tokenizer=tokenizer)
 
 
+def _train_hf_moe(params: dict):
+    """Tiny HF MoE model, ``global_step`` real AdamW steps (then DeepSeek-V3's expert bias set
+    to known non-zero values); returns (model, config, tokenizer, hf state dict, moments)."""
+    import torch
+
+    from realckpt import tiny_models
+
+    config = _moe_hf_config(params)
+    model = tiny_models.make_moe_model(params["arch"], params["seed"], config=config)
+    tokenizer = tiny_models.make_tokenizer()
+    named = list(model.named_parameters())
+    decay = [p for _, p in named if p.ndim > 1]
+    no_decay = [p for _, p in named if p.ndim <= 1]
+    adam = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=ADAM["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
+        lr=ADAM["lr"], betas=ADAM["betas"], eps=ADAM["eps"],
+    )
+    gen = torch.Generator().manual_seed(params["seed"] + 1)
+    model.train()
+    for _ in range(params["global_step"]):
+        ids = torch.randint(3, params["vocab"], (2, 16), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+    model.eval()
+    tiny_models.set_expert_bias(model, params["seed"])
+    hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = {"exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in named:
+        st = adam.state[p]
+        moments["exp_avg"][name] = st["exp_avg"].detach().clone()
+        moments["exp_avg_sq"][name] = st["exp_avg_sq"].detach().clone()
+    return model, config, tokenizer, hf, moments
+
+
+def _prepare_moe(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> dict:
+    """MoE counterpart of :func:`_prepare`: truth tensors, reference dir (incl. reference logits),
+    the worker job."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt_dir, _, _ = _dirs(out_dir, params, ref)
+    model, config, tokenizer, hf, moments = _train_hf_moe(params)
+    vp = padded_vocab_size(params["vocab"], params["tp"], params["make_vocab_size_divisible_by"])
+    lay = (lambda x: x) if params["per_layer_keys"] else stack_layers
+    model_t = lay(hf_moe_to_mcore(hf, params, padded_vocab=vp))
+    tensors = dict(model_t)
+    optim_keys: dict[str, list] = {}
+    if params["optimizer"]:
+        chained = params["ep"] > 1  # expert params form megatron's second optimizer
+        states = {"param": {k: v for k, v in model_t.items() if not k.endswith("router.expert_bias")},
+                  "exp_avg": lay(hf_moe_to_mcore(moments["exp_avg"], params, padded_vocab=vp)),
+                  "exp_avg_sq": lay(hf_moe_to_mcore(moments["exp_avg_sq"], params, padded_vocab=vp))}
+        for sk, dct in states.items():
+            for k, v in dct.items():
+                pre = (f"chained_{int(moe_is_expert_key(k))}." if chained else "")
+                key = f"{pre}optimizer.state.{sk}.{k}"
+                tensors[key] = v.float().clone().contiguous()
+                optim_keys[key] = list(v.shape)
+    save_file(tensors, str(ref / "checkpoint_tensors.safetensors"))
+
+    model.save_pretrained(str(ref / "hf"))
+    tokenizer.save_pretrained(str(ref / "hf"))
+    ids = torch.randint(3, params["vocab"], (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    save_file({"input_ids": ids, "logits": logits.contiguous()}, str(ref / "reference_logits.safetensors"))
+
+    arch = params["arch"]
+    world = params["tp"] * params["pp"] * params["dp"]
+    mla = None
+    if arch == "deepseek_v3":
+        mla = dict(q_lora_rank=params["q_lora_rank"], kv_lora_rank=params["kv_lora_rank"],
+                   qk_head_dim=params["qk_nope_head_dim"], qk_pos_emb_head_dim=params["qk_rope_head_dim"],
+                   v_head_dim=params["v_head_dim"])
+    moe = dict(
+        num_experts=params["num_experts"], topk=params["topk"], moe_ffn=params["moe_ffn"],
+        layer_freq=moe_layer_pattern(params),
+        score="sigmoid" if arch == "deepseek_v3" else "softmax",
+        expert_bias=arch == "deepseek_v3",
+        shared_ffn=(params["moe_ffn"] * params["shared_experts"]) if params["shared_experts"] else None,
+        num_groups=params.get("n_group") if arch == "deepseek_v3" else None,
+        group_topk=params.get("topk_group") if arch == "deepseek_v3" else None,
+        scaling_factor=params.get("routed_scaling_factor") if arch == "deepseek_v3" else None,
+    )
+    job = dict(
+        ckpt_dir=str(ckpt_dir),
+        world_size=world,
+        tp=params["tp"],
+        pp=params["pp"],
+        ep=params["ep"],
+        etp=params["etp"],
+        model=dict(
+            num_layers=params["num_layers"], hidden=params["hidden"], heads=params["heads"],
+            kv_heads=params["kv_heads"], head_dim=params["hidden"] // params["heads"], ffn=params["ffn"],
+            padded_vocab=vp, tie=params["tie_embeddings"], qkv_bias=False,
+            qk_layernorm=arch == "qwen3_moe", norm_eps=float(config.rms_norm_eps),
+            rotary_base=float(_rope_theta(config)), max_seq=int(config.max_position_embeddings),
+            moe=moe, mla=mla,
+        ),
+        per_layer_keys=params["per_layer_keys"],
+        params_dtype=params["params_dtype"],
+        tensors_file=str(ref / "checkpoint_tensors.safetensors"),
+        optimizer=(dict(format=params["optimizer_format"], step=params["global_step"],
+                        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in ADAM.items()})
+                   if params["optimizer"] else None),
+        rng_format=params["rng_format"],
+        fully_parallel=params["fully_parallel"],
+        seed=params["seed"],
+        store_file=str(tmp / f"store_{index}"),
+        rank_info_dir=str(ref / "ranks"),
+        timeout=300,
+    )
+    (ref / "ranks").mkdir()
+    info = dict(
+        format=REFERENCE_FORMAT,
+        params=params,
+        worker_job={k: v for k, v in job.items() if k not in ("store_file", "timeout", "rank_info_dir")},
+        out_dir=str(out_dir),
+        ckpt_dir=str(ckpt_dir),
+        ckpt_subdir="",
+        rank_info="ranks/rank_{r}.json",
+        world_size=world,
+        vocab_size=params["vocab"],
+        padded_vocab_size=vp,
+        head_dim=params["hidden"] // params["heads"],
+        hf_architectures=list(config.architectures),
+        model_keys={k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in model_t.items()},
+        optimizer_keys=optim_keys,
+        reference_logits="reference_logits.safetensors",
+    )
+    return dict(job=job, info=info, config=config, tokenizer=tokenizer)
+
+
 def _rope_theta(config) -> float:
     rp = getattr(config, "rope_parameters", None) or {}
     if isinstance(rp, dict) and "rope_theta" in rp:
@@ -470,7 +844,8 @@ def write_megatron_components(
         for i, (out_dir, kw) in enumerate(specs):
             kw = dict(kw)
             reference_dir = kw.pop("reference_dir", None)
-            params = _normalize(**kw)
+            moe = kw.get("arch") in MOE_ARCHS
+            params = _normalize_moe(**kw) if moe else _normalize(**kw)
             out_dir = Path(out_dir).resolve()
             ckpt_dir, hf_dir, ref = _dirs(out_dir, params, reference_dir)
             ref = ref.resolve()
@@ -479,7 +854,7 @@ def write_megatron_components(
                 results[i] = MegatronComponent(out_dir, ckpt_dir, hf_dir, ref, params, info)
                 continue
             _claim(out_dir, ref, overwrite)
-            prep = _prepare(out_dir, params, ref, tmp, i)
+            prep = (_prepare_moe if moe else _prepare)(out_dir, params, ref, tmp, i)
             pending.append((i, out_dir, ckpt_dir, hf_dir, ref, params, prep))
         if pending:
             seconds, log = _launch([p[-1]["job"] for p in pending], tmp, timeout)
@@ -532,14 +907,14 @@ def _trainer_config(root: Path, params: dict, steps: Sequence[int]) -> dict:
             "resume_path": None,
             "export_path": str(root) + "_export",
             "policy": {
-                "model": {"path": f"tiny-{params['arch']}"},
+                "model": {"path": f"tiny-{params['arch'].replace('_', '-')}"},
                 "optimizer_config": {"lr": ADAM["lr"], "weight_decay": ADAM["weight_decay"]},
                 "megatron_config": {
                     "tensor_model_parallel_size": params["tp"],
                     "pipeline_model_parallel_size": params["pp"],
                     "context_parallel_size": 1,
-                    "expert_model_parallel_size": 1,
-                    "expert_tensor_parallel_size": None,
+                    "expert_model_parallel_size": params.get("ep", 1),
+                    "expert_tensor_parallel_size": params.get("etp"),
                 },
             },
         },
@@ -626,7 +1001,12 @@ def write_megatron_tree(
 
 
 __all__ = [
+    "MOE_ARCHS",
     "MegatronComponent",
+    "hf_moe_to_mcore",
+    "moe_is_expert_key",
+    "moe_layer_pattern",
+    "stack_layers",
     "MegatronTree",
     "hf_to_mcore",
     "padded_vocab_size",

@@ -59,8 +59,14 @@ def causal_lm_class_name(arch: str) -> str:
 
 
 def decoder_layer_class_name(arch: str) -> str:
+    if arch in _MOE_DECODER_LAYER_CLASS:
+        return _MOE_DECODER_LAYER_CLASS[arch]
     _check_arch(arch)
     return _DECODER_LAYER_CLASS[arch]
+
+
+_MOE_DECODER_LAYER_CLASS = {"qwen3_moe": "Qwen3MoeDecoderLayer", "mixtral": "MixtralDecoderLayer",
+                            "deepseek_v3": "DeepseekV3DecoderLayer"}
 
 
 def _check_arch(arch: str) -> None:
@@ -258,3 +264,140 @@ def save_hf_dir(dir: str | os.PathLike, config, tokenizer=None, *, generation_co
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture-of-Experts models (transformers 5.24 classes)
+# --------------------------------------------------------------------------------------------
+
+#: arch -> causal-LM class name of the MoE builders below
+MOE_ARCHS = {
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def make_moe_config(
+    arch: str,
+    *,
+    vocab: int = 256,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    num_experts: int = 4,
+    topk: int = 2,
+    moe_ffn: int = 32,
+    ffn: int = 96,
+    shared_experts: int = 1,
+    first_k_dense: int = 1,
+    n_group: int = 2,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 2.5,
+    q_lora_rank: int | None = 32,
+    kv_lora_rank: int = 16,
+    qk_nope_head_dim: int = 16,
+    qk_rope_head_dim: int = 8,
+    v_head_dim: int = 16,
+    tie: bool = False,
+    max_positions: int = 256,
+):
+    """A tiny MoE config, fp32, sdpa attention, no cache.
+
+    - ``qwen3_moe``: every layer MoE (``decoder_sparse_step=1``, no ``mlp_only_layers``), q/k
+      RMSNorm, softmax router with ``norm_topk_prob=True``, no shared expert.
+    - ``mixtral``: every layer MoE, softmax top-k router (renormalised), ``head_dim`` = hidden/heads.
+    - ``deepseek_v3``: MLA (``q_lora_rank`` set: q-LoRA; ``None``: plain ``q_proj`` like
+      Moonlight), the first ``first_k_dense`` layers dense (``ffn``), the rest MoE with
+      ``shared_experts`` shared experts (``moe_ffn * shared_experts``), sigmoid router with
+      ``e_score_correction_bias``, group-limited routing (``n_group``, ``topk_group``),
+      ``norm_topk_prob=True``, ``routed_scaling_factor``; no MTP layers; ``rope_interleave=True``.
+    """
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        tie_word_embeddings=tie, max_position_embeddings=max_positions, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID, rms_norm_eps=1e-6, use_cache=False, dtype="float32",
+    )
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        config = Qwen3MoeConfig(
+            **common, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
+            intermediate_size=ffn, moe_intermediate_size=moe_ffn, num_experts=num_experts,
+            num_experts_per_tok=topk, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            output_router_logits=False, attention_bias=False, use_sliding_window=False,
+        )
+    elif arch == "mixtral":
+        from transformers import MixtralConfig
+
+        config = MixtralConfig(
+            **common, num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=moe_ffn,
+            num_local_experts=num_experts, num_experts_per_tok=topk, output_router_logits=False,
+            sliding_window=None,
+        )
+    elif arch == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        config = DeepseekV3Config(
+            **common, num_key_value_heads=heads, intermediate_size=ffn, moe_intermediate_size=moe_ffn,
+            n_routed_experts=num_experts, n_shared_experts=shared_experts, num_experts_per_tok=topk,
+            first_k_dense_replace=first_k_dense, n_group=n_group, topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor, norm_topk_prob=True, q_lora_rank=q_lora_rank,
+            kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+            qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_interleave=True,
+            num_nextn_predict_layers=0,
+        )
+    else:
+        raise ValueError(f"unknown MoE arch {arch!r}; expected one of {tuple(MOE_ARCHS)}")
+    config.architectures = [MOE_ARCHS[arch]]
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def make_moe_model(arch: str, seed: int = 0, *, config=None, **kw):
+    """A deterministic tiny MoE causal LM (fp32) of ``arch`` (see :func:`make_moe_config`).
+
+    transformers 5.24 holds the routed experts FUSED in memory: ``mlp.experts.gate_up_proj``
+    ``[E, 2F, H]`` (rows ``[gate; up]``: ``forward`` does ``gate, up = linear(x, w[e]).chunk(2)``)
+    and ``mlp.experts.down_proj`` ``[E, H, F]``.  ``save_pretrained`` (5.24) UN-fuses them into
+    the per-expert checkpoint names serving engines read: Qwen3-MoE / DeepSeek-V3
+    ``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral
+    ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (gate, up, down) and
+    ``block_sparse_moe.gate.weight``; ``from_pretrained`` fuses them back.  DeepSeek-V3's
+    ``e_score_correction_bias`` is a persistent buffer (zeros at init)."""
+    import torch
+
+    if config is None:
+        config = make_moe_config(arch, **kw)
+    import transformers
+
+    cls = getattr(transformers, MOE_ARCHS[arch])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+        # routers are zero-initialised (Qwen3-MoE, DeepSeek-V3): give them distinct rows so
+        # routing depends on the token before training (a few steps barely move them)
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                with torch.no_grad():
+                    p.normal_(0.0, 0.5)
+    model.to(torch.float32)
+    return model
+
+
+def set_expert_bias(model, seed: int = 0) -> list[str]:
+    """Give every ``e_score_correction_bias`` buffer (DeepSeek-V3 routers) non-zero known values
+    (training does not change it in transformers; SkyRL's Megatron run updates it from the load);
+    returns the state-dict keys set."""
+    import torch
+
+    keys = []
+    gen = torch.Generator().manual_seed(seed + 17)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            with torch.no_grad():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.25)
+            keys.append(name)
+    return keys
