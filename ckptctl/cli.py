@@ -331,12 +331,28 @@ def export_hf_command(
         "--steps", metavar="all|latest|N[,M...]",
         help="SRC is a tree: export these steps to OUT/global_step_N/<component>, skipping steps already "
              "exported complete (--overwrite re-exports them).", show_default=False)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        "--concurrency", metavar="N",
+        help="Object stores: ranged reads in flight ahead of the conversion, and shard parts uploading at once "
+             "(1: one tensor read ahead, uploads in the writing thread). [default: 8]",
+        show_default=False)] = None,
+    max_memory: Annotated[Optional[str], typer.Option(
+        "--max-memory", metavar="SIZE",
+        help="Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two "
+             "tensors being converted). [default: 1GiB, at most 1/8 of RAM]", show_default=False)] = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory."""
     out_ = Output(json_output)
+    if concurrency is not None or max_memory is not None:
+        from ckptctl.ops.export import Transfer
+
+        Transfer.make(concurrency, max_memory)  # a bad value: a usage error before anything is read
     if steps is not None:
+        if concurrency is not None or max_memory is not None:
+            raise UsageError("--concurrency and --max-memory are not supported with --steps yet "
+                             "(each step is exported with the defaults)")
         _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
                     overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url)
         return
@@ -346,7 +362,8 @@ def export_hf_command(
     with out_.progress("exporting tensors", None) as advance:
         summary = export_hf(src, out, component=component, dtype=dtype, max_shard_size=max_shard_size,
                             overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify,
-                            endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total))
+                            endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total),
+                            concurrency=concurrency, max_memory=max_memory)
     out_.result(summary, render_export)
 
 

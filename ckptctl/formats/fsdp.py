@@ -552,6 +552,29 @@ class FsdpReader(CheckpointReader):
             zf.materialize_into(local, out[index], name=name)  # straight into its place, CRC-checked
         return out
 
+    def planned_reads(self, names: Iterable[str]) -> list[tuple[str, int, int]]:
+        """``(file, start, end)`` of the ranged reads :meth:`read_tensor` makes for ``names``, in
+        that order (each piece's storage record; rank files' metadata is loaded for it): the plan
+        of a read-ahead (:class:`ckptctl.storage.ReadAhead`). Unknown names are left out."""
+        self._load_model()
+        plan = []
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is None:
+                continue
+            for piece in entry.info.pieces:
+                zf = self._file(entry.kind, piece.rank)
+                if zf is None:
+                    continue
+                try:
+                    local = self._local_tensor(entry, zf, piece.rank)
+                    span = zf.planned_read(local) if local is not None and hasattr(local, "device") else None
+                except (CorruptCheckpointError, ValueError):
+                    span = None  # read_tensor reports it
+                if span is not None:
+                    plan.append((zf.rel, *span))
+        return plan
+
     def _local_tensor(self, entry: _Entry, zf: TorchZipFile, rank: int):
         """The piece of ``entry`` that rank ``rank``'s file holds (a meta tensor), or None."""
         import torch

@@ -28,6 +28,11 @@ straight into its open shard: the writer never holds a shard's worth of tensors,
 * on S3/GCS: the upload buffer of at most two open shards (the one being filled and, for
   an oversized tensor, its own), each under ``upload_block_size`` (default 16 MiB, raised for
   very large files to stay under S3's 10,000 parts) plus one write chunk of the same size.
+  With ``upload_concurrency`` > 1 (export-hf's ``--concurrency``), uploads leave the writing
+  thread: an S3 shard is a multipart upload whose parts go up that many at a time in the
+  background while the next tensors are written, a GCS shard (a resumable upload: chunks in
+  order) is fed to a background thread; the bytes waiting for upload stay under
+  ``upload_memory`` (plus the part being filled of each open shard).
 
 ``add`` must follow the plan's order (the order of ``specs``): the shapes and dtypes are
 checked against it. Tensor sizes are ``numel * element size``; ``save_pretrained`` uses the
@@ -121,6 +126,8 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
 _MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
+#: Chunk of a GCS resumable upload written in the background (``upload_concurrency`` > 1).
+GCS_BACKGROUND_CHUNK = 64 * 2**20
 
 # torch dtype name -> safetensors dtype code (the reader's table, inverted)
 _ST_CODES: dict[str, str] = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -400,14 +407,233 @@ class _LocalTarget(LocalStaging):
                 os.fsync(f.fileno())
 
 
-class _ObjectStoreTarget:
-    """An S3/GCS prefix: data first, ``config.json`` last, a marker while incomplete."""
+class _UploadBudget:
+    """Bytes handed to background uploads and not yet uploaded, at most ``limit`` (one part is
+    always let through when nothing is held, so a part larger than the limit cannot stall)."""
 
-    def __init__(self, store: Store, overwrite: bool, upload_block_size: int):
+    def __init__(self, limit: int):
+        import threading
+
+        self.limit = max(int(limit), 1)
+        self.held = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, failed=lambda: False) -> None:
+        with self._cond:
+            while self.held and self.held + n > self.limit and not failed():
+                self._cond.wait(0.5)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+class _S3ConcurrentUpload:
+    """One S3 object written as a multipart upload whose parts are uploaded concurrently, in
+    the background, while the caller produces the next bytes.
+
+    Parts of ``part_size`` bytes go to ``pool`` as they fill; ``budget`` bounds the bytes of
+    parts not yet uploaded (the writer blocks when it is spent). ``close()`` uploads the last
+    part, waits for all, and completes the upload (parts in order: the object is the bytes
+    written, in order); an object smaller than one part is one PUT. A failed part (after the
+    store's retries) fails the next ``write``/``close``; ``discard()`` aborts the upload, so
+    nothing partial ever appears. Requests go through the store's filesystem (its retries,
+    timeouts and the lost-completion check of :mod:`ckptctl.storage`)."""
+
+    def __init__(self, store: Store, rel: str, part_size: int, pool, budget: _UploadBudget):
+        self.store = store
+        self.path = store.full_path(rel)
+        self.bucket, self.key = self.path.split("/", 1)
+        self.blocksize = part_size
+        self._pool = pool
+        self._budget = budget
+        self._buffer = bytearray()
+        self._futures: list = []
+        self._parts: list[dict] = []
+        self._upload_id: str | None = None
+        self._error: BaseException | None = None
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _check(self) -> None:
+        if self._error is None:
+            for future in self._futures:
+                if future.done() and future.exception() is not None:
+                    self._error = future.exception()
+                    break
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.blocksize - len(self._buffer))
+            self._buffer += view[:n]
+            view = view[n:]
+            if len(self._buffer) >= self.blocksize:
+                self._submit()
+
+    def _submit(self) -> None:
+        self._check()
+        if self._upload_id is None:
+            self._upload_id = self.store.fs.call_s3("create_multipart_upload", Bucket=self.bucket,
+                                                    Key=self.key)["UploadId"]
+        body, self._buffer = self._buffer, bytearray()  # handed over as is: no copy
+        number = len(self._futures) + 1
+        self._budget.acquire(len(body), failed=lambda: any(f.done() and f.exception() for f in self._futures))
+        try:
+            self._futures.append(self._pool.submit(self._upload_part, number, body))
+        except BaseException:
+            self._budget.release(len(body))
+            raise
+
+    def _upload_part(self, number: int, body: bytes) -> dict:
+        try:
+            if self.closed and self._upload_id is None:
+                raise RuntimeError("upload discarded")
+            out = self.store.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, PartNumber=number,
+                                        UploadId=self._upload_id, Body=body)
+            return {"PartNumber": number, "ETag": out["ETag"]}
+        finally:
+            self._budget.release(len(body))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._upload_id is None:  # smaller than one part: one PUT
+            self.store.fs.pipe_file(self.path, bytes(self._buffer))
+            self._buffer = bytearray()
+            self.closed = True
+            return
+        if self._buffer:
+            self._submit()
+        from concurrent.futures import wait
+
+        wait(self._futures)
+        self._check()
+        parts = [f.result() for f in self._futures]
+        self.store.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                              UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+        self.closed = True
+
+    def discard(self) -> None:
+        self.closed = True
+        self._buffer = bytearray()
+        for future in self._futures:
+            future.cancel()
+        from concurrent.futures import wait
+
+        wait(self._futures)
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            self.store.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+
+
+class _BackgroundUpload:
+    """An fsspec file written by a background thread (GCS: a resumable upload's chunks must go
+    up in order, one at a time): the caller hands over copies of ``blocksize`` bytes and goes on
+    producing while the previous ones are uploaded; ``budget`` bounds the bytes handed over and
+    not yet written. Errors of the thread fail the next ``write``/``close``."""
+
+    _END = object()
+
+    def __init__(self, f, budget: _UploadBudget):
+        import queue
+        import threading
+
+        self._f = f
+        self.path = getattr(f, "path", "")
+        self.blocksize = max(int(getattr(f, "blocksize", 0) or 0), 2**20)
+        self._budget = budget
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._buffer = bytearray()
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, name="ckptctl-upload", daemon=True)
+        self._thread.start()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            try:
+                if self._error is None and not self.closed:
+                    self._f.write(item)
+            except BaseException as exc:  # noqa: BLE001 - raised by the caller's next call
+                self._error = exc
+            finally:
+                self._budget.release(len(item))
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.blocksize - len(self._buffer))
+            self._buffer += view[:n]
+            view = view[n:]
+            if len(self._buffer) >= self.blocksize:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._error is not None:
+            raise self._error
+        chunk, self._buffer = self._buffer, bytearray()  # handed over as is: no copy
+        self._budget.acquire(len(chunk), failed=lambda: self._error is not None)
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._buffer:
+            self._hand_over()
+        self._queue.put(self._END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._f.close()
+        self.closed = True
+
+    def discard(self) -> None:
+        self.closed = True
+        self._buffer = bytearray()
+        self._queue.put(self._END)
+        self._thread.join()
+        try:
+            if not self._f.closed:
+                self._f.discard()
+        finally:
+            self._f.closed = True  # never let the file's own __del__ commit a partial object
+
+
+class _ObjectStoreTarget:
+    """An S3/GCS prefix: data first, ``config.json`` last, a marker while incomplete.
+
+    ``concurrency`` 1: each shard streams through an fsspec file (its parts uploaded in the
+    caller's thread as its buffer fills). Above 1: S3 shards are multipart uploads whose parts
+    go up ``concurrency`` at a time in the background, GCS shards are written by a background
+    thread (resumable uploads take their chunks in order); ``memory`` bounds the bytes waiting
+    for upload in either case."""
+
+    def __init__(self, store: Store, overwrite: bool, upload_block_size: int, concurrency: int = 1,
+                 memory: int | None = None):
         self.store = store
         self.url = store.url
         self.overwrite = overwrite
         self.block_size = upload_block_size
+        self.concurrency = concurrency
+        self._pool = None
+        self._budget = _UploadBudget(memory if memory else 4 * concurrency * upload_block_size)
         self.written: list[str] = []
         self.marker_written = False
         self.cleaned: list[str] = []
@@ -441,7 +667,18 @@ class _ObjectStoreTarget:
     def open(self, rel: str, size: int):
         block = max(self.block_size, -(-size // _MAX_UPLOAD_PARTS // 2**20) * 2**20)
         self.written.append(rel)
-        return self.store.open(rel, "wb", block_size=block)
+        if self.concurrency > 1 and self.store.protocol == "s3":
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ckptctl-upload")
+            return _S3ConcurrentUpload(self.store, rel, block, self._pool, self._budget)
+        if self.concurrency > 1 and self.block_size == DEFAULT_UPLOAD_BLOCK_SIZE:
+            # A resumable upload's chunks go up one after the other, one request each: larger
+            # chunks mean fewer round trips (the upload runs in the background anyway).
+            block = max(block, GCS_BACKGROUND_CHUNK)
+        f = self.store.open(rel, "wb", block_size=block)
+        return _BackgroundUpload(f, self._budget) if self.concurrency > 1 else f
 
     def _url_of(self, f) -> str:
         """The object an open upload writes (its ``.path`` is the full ``bucket/prefix/file``)."""
@@ -450,6 +687,10 @@ class _ObjectStoreTarget:
 
     def write(self, f, data: memoryview | bytes) -> int:
         """Write in pieces of at most one block, so the upload buffer never exceeds two blocks."""
+        if isinstance(f, (_S3ConcurrentUpload, _BackgroundUpload)):
+            with translate_errors(self._url_of(f)):
+                f.write(data)
+            return self._budget.held + f.buffered
         view = memoryview(data)
         step = max(int(getattr(f, "blocksize", 0) or 0), 2**20)
         peak = 0
@@ -499,8 +740,15 @@ class _ObjectStoreTarget:
     def commit(self) -> None:
         self.store.delete_many([INCOMPLETE_MARKER])
         self.marker_written = False
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def abort(self) -> None:
+        self.shutdown()
         doomed = list(dict.fromkeys(self.written))
         if self.marker_written:
             doomed.append(INCOMPLETE_MARKER)  # last: if this fails, a rerun still sees "interrupted"
@@ -551,14 +799,16 @@ class HfModelWriter:
 
     def __init__(self, dest_url: str, specs: Iterable[Any], *, max_shard_size: int | str,
                  overwrite: bool = False, endpoint_url: str | None = None, store: Store | None = None,
-                 upload_block_size: int = DEFAULT_UPLOAD_BLOCK_SIZE):
+                 upload_block_size: int = DEFAULT_UPLOAD_BLOCK_SIZE, upload_concurrency: int = 1,
+                 upload_memory: int | None = None):
         spec_list = [TensorSpec.coerce(s) for s in specs]
         self.plan = plan_shards(spec_list, max_shard_size)
         self.store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
         if self.store.is_local:
             self._target: Any = _LocalTarget(self.store, overwrite)
         else:
-            self._target = _ObjectStoreTarget(self.store, overwrite, upload_block_size)
+            self._target = _ObjectStoreTarget(self.store, overwrite, upload_block_size, upload_concurrency,
+                                              upload_memory)
         self.dest = self.store.url
         self._files = self.plan.files
         # Write order = the order of ``specs`` (a tensor larger than max_shard_size sits in an

@@ -462,7 +462,20 @@ class TorchZipFile:
         return self._legacy
 
     def _read_range(self, start: int, end: int) -> bytes:
-        return self.store.read_range(self.rel, start, end)
+        data = self.store.read_range(self.rel, start, end)
+        # zipfile (metadata reads through RangedFile) wants bytes; a read-ahead view is copied
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def planned_read(self, tensor: "torch.Tensor") -> tuple[int, int] | None:
+        """The file bytes a first :meth:`materialize_into` of ``tensor`` (a meta tensor from
+        :meth:`metadata`) reads: its record with the local header; None for a legacy file or
+        an empty tensor. What a read-ahead fetches early (:class:`ckptctl.storage.ReadAhead`)."""
+        if tensor.device.type != "meta" or not tensor.numel():
+            return None
+        record = self.location(tensor).storage
+        if not record.stored:
+            return None
+        return record.header_offset, min(self.size, record.data_offset + record.record_size)
 
     def _corrupt(self, what: str, exc: BaseException | None = None) -> CorruptCheckpointError:
         detail = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})" if exc else ""

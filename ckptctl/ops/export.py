@@ -9,6 +9,13 @@ locally; weights first, ``config.json`` last on object stores) means a run kille
 moment leaves nothing that looks like a complete model, and a rerun succeeds; the output is
 re-read and checked before that commit.
 
+On object stores the transfers hide behind the conversion (:class:`Transfer`, ``--concurrency``
+and ``--max-memory``): the ranged reads of the next tensors' pieces (FSDP) are planned from the
+metadata and fetched ahead by several threads, neighbours coalesced and large ranges split,
+within a byte budget (:class:`ckptctl.storage.ReadAhead`; the bytes are CRC-checked when used,
+as before), and output shards upload in the background, S3 parts several at a time, while the
+next tensors are produced (:class:`ckptctl.formats.hf_writer.HfModelWriter`).
+
 A LoRA model (FSDP files holding a PEFT state dict, see :mod:`ckptctl.formats.peft`) exports
 its base weights under HF names plus ``lora_adapter/`` as saved, or with ``merge_lora`` one
 standalone model: each adapted weight is read with its two small factors and merged on the fly.
@@ -488,16 +495,92 @@ def _prefetched(items: Iterator[Any], slots: int = PREFETCH_SLOTS) -> Iterator[A
         thread.join()
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """How an export moves bytes from and to object stores (``--concurrency``, ``--max-memory``).
+
+    ``concurrency``: ranged GETs in flight while reading ahead, and shard parts uploading at once;
+    1 reads one tensor ahead and uploads in the writing thread (no read-ahead, no background
+    upload). ``max_memory``: bytes the read-ahead buffers and the upload buffers may hold
+    together (split evenly when both ends are object stores; besides that, the two tensors
+    being converted and written). Local files are read and written as before."""
+
+    concurrency: int
+    max_memory: int
+
+    @classmethod
+    def make(cls, concurrency: int | None = None, max_memory: int | str | None = None) -> "Transfer":
+        from ckptctl.formats.hf_writer import parse_size
+        from ckptctl.storage import DEFAULT_CONCURRENCY, MIN_MAX_MEMORY, check_concurrency, default_max_memory
+
+        conc = DEFAULT_CONCURRENCY if concurrency is None else check_concurrency(concurrency)
+        if max_memory is None:
+            memory = default_max_memory()
+        else:
+            try:
+                memory = parse_size(max_memory)
+            except UsageError:
+                raise UsageError(f"--max-memory: invalid size {max_memory!r} (e.g. 1GiB, 512MiB)") from None
+            if memory < MIN_MAX_MEMORY:
+                raise UsageError(f"--max-memory must be at least 1MiB, not {max_memory!r}")
+        return cls(conc, memory)
+
+    def budgets(self, src_remote: bool, dst_remote: bool) -> tuple[int, int]:
+        """(read-ahead bytes, upload bytes)."""
+        if src_remote and dst_remote:
+            return self.max_memory // 2, self.max_memory - self.max_memory // 2
+        return (self.max_memory if src_remote else 0), (self.max_memory if dst_remote else 0)
+
+
+class _ReadAheadScope:
+    """The read-ahead of an export's source files (object stores only): the ranged reads the
+    reader will make, fetched concurrently ahead of their use within a byte budget
+    (:class:`ckptctl.storage.ReadAhead`), for readers that can plan them (FSDP; the others read
+    as before). Stopped, and its buffers dropped, when the scope ends."""
+
+    def __init__(self):
+        self.read_ahead = None
+        self.store = None
+
+    def __enter__(self) -> "_ReadAheadScope":
+        return self
+
+    def start(self, reader, summary: ExportSummary, budget: int, concurrency: int) -> None:
+        from ckptctl.storage import ReadAhead
+
+        planner = getattr(reader, "planned_reads", None)
+        if planner is None:
+            return
+        # the tensors an export reads, in the reader's order (what the name mapping reads them in)
+        names = [t.name for t in reader.tensors() if t.group == MODEL and t.name not in summary.skipped]
+        plan = planner(names)
+        if not plan:
+            return
+        self.store = reader.store
+        self.read_ahead = ReadAhead(self.store, plan, budget=budget, concurrency=concurrency)
+        self.store.read_ahead = self.read_ahead
+
+    def __exit__(self, *exc) -> None:
+        if self.read_ahead is not None:
+            self.store.read_ahead = None
+            self.read_ahead.close()
+            self.read_ahead = None
+
+
 def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = "auto",
               max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
               verify: bool = True, endpoint_url: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> ExportSummary:
+              progress: Callable[[int, int], None] | None = None, concurrency: int | None = None,
+              max_memory: int | str | None = None) -> ExportSummary:
     """Export ``component`` of the checkpoint at ``src`` to an HF model directory ``out``.
 
     ``progress(done, total)`` is called after each tensor. ``verify`` re-reads the output before
     committing it and, where the source has a ``ckptctl-manifest.json``, checks the source's hashes.
+    ``concurrency`` / ``max_memory``: see :class:`Transfer` (defaults: 8 requests, 1 GiB or 1/8
+    of RAM).
     """
     started = time.perf_counter()
+    transfer = Transfer.make(concurrency, max_memory)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if component is not None and component not in MODEL_COMPONENTS:
@@ -524,7 +607,7 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
         summary.manifest_checked = manifest is not None
         return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
                        max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora, verify=verify,
-                       manifest=manifest, progress=progress, started=started)
+                       manifest=manifest, progress=progress, started=started, transfer=transfer)
     finally:
         if manifest is not None:
             manifest.cancel()
@@ -533,10 +616,13 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
 def _export(parent: Store, comp: Component, comp_store: Store, config: dict, extra_files: dict,
             summary: ExportSummary, dst_store: Store, *, dtype: str, max_shard_size: str | int, overwrite: bool,
             merge_lora: bool, verify: bool, manifest: "ManifestCheck | None",
-            progress: Callable[[int, int], None] | None, started: float) -> ExportSummary:
+            progress: Callable[[int, int], None] | None, started: float,
+            transfer: Transfer | None = None) -> ExportSummary:
     from ckptctl.formats.hf_writer import HfModelWriter, TensorSpec
 
-    with open_component_reader(parent, comp) as reader:
+    transfer = transfer or Transfer.make()
+    read_budget, upload_budget = transfer.budgets(not parent.is_local, not dst_store.is_local)
+    with open_component_reader(parent, comp) as reader, _ReadAheadScope() as read_ahead:
         found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
         specs, stream, lora = found.specs, found.stream, found.lora
         if comp.has_lora and not merge_lora:
@@ -559,8 +645,11 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
         config_dtype = _config_dtype(out_specs)
         writer_specs = [replace(TensorSpec.coerce(spec), shard_group=found.shard_groups.get(spec[0]))
                         for spec in out_specs]
+        if read_budget and transfer.concurrency > 1:
+            read_ahead.start(reader, summary, read_budget, transfer.concurrency)
         with HfModelWriter(dst_store.url, writer_specs, max_shard_size=max_shard_size, overwrite=overwrite,
-                           store=dst_store) as writer:
+                           store=dst_store, upload_concurrency=transfer.concurrency,
+                           upload_memory=upload_budget or None) as writer:
             import torch
 
             cast_to = getattr(torch, target) if target else None
