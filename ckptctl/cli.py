@@ -345,16 +345,10 @@ def export_hf_command(
 ) -> None:
     """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory."""
     out_ = Output(json_output)
-    if concurrency is not None or max_memory is not None:
-        from ckptctl.ops.export import Transfer
-
-        Transfer.make(concurrency, max_memory)  # a bad value: a usage error before anything is read
     if steps is not None:
-        if concurrency is not None or max_memory is not None:
-            raise UsageError("--concurrency and --max-memory are not supported with --steps yet "
-                             "(each step is exported with the defaults)")
         _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
-                    overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url)
+                    overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url,
+                    concurrency=concurrency, max_memory=max_memory)
         return
     from ckptctl.ops.export import export_hf
     from ckptctl.render import render_export

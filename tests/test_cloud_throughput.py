@@ -109,10 +109,11 @@ def test_bad_transfer_options(options, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_transfer_options_refused_with_steps(tmp_path):
+def test_bad_transfer_options_with_steps_are_refused_before_any_step(tmp_path):
     code, _, stderr = run("export-hf", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "all",
-                          "--concurrency", "2")
-    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+                          "--concurrency", "0")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--concurrency" in stderr, stderr
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------

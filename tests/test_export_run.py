@@ -175,7 +175,8 @@ def test_s3_run_to_s3_exports_then_skips(example, make_backend, tmp_path):
     src = s3.new_root()
     s3.upload_dir(str(example), src)
     out = s3.new_root()
-    doc = run_json("export-hf", src, "--out", out, "--steps", "all")
+    # the transfer options reach every step's export (a tight budget, several requests in flight)
+    doc = run_json("export-hf", src, "--out", out, "--steps", "all", "--concurrency", "3", "--max-memory", "2MiB")
     assert doc["source"] == src and doc["destination"] == out
     assert statuses(doc)[3] == "exported" and statuses(doc)[1] == "exported"
     files = s3.list_files(out)

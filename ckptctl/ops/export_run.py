@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ckptctl.errors import BucketNotFoundError, CkptctlError, NotFoundError, UsageError
-from ckptctl.ops.export import DTYPES, TREE, ExportSummary, chosen_step, export_hf, locate
+from ckptctl.ops.export import DTYPES, TREE, ExportSummary, Transfer, chosen_step, export_hf, locate
 from ckptctl.output_dir import refuse_overlap
 from ckptctl.storage import Store, open_store
 from ckptctl.tree import MODEL_COMPONENTS, Step, Tree, canonical_step_name, scan_tree
@@ -182,7 +182,8 @@ def _incomplete_reason(step: Step) -> str:
 
 def export_run(src: str, out: str, *, steps: str, component: str | None = None, dtype: str = "auto",
                max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
-               verify: bool = True, endpoint_url: str | None = None,
+               verify: bool = True, endpoint_url: str | None = None, concurrency: int | None = None,
+               max_memory: int | str | None = None,
                on_step: Callable[[StepExport], None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> ExportRunSummary:
     """Export ``component`` (default policy) of the steps ``steps`` (``all``, ``latest`` or
@@ -194,6 +195,7 @@ def export_run(src: str, out: str, *, steps: str, component: str | None = None, 
     from ckptctl.formats.integrity import deep_check_steps
 
     started = time.perf_counter()
+    Transfer.make(concurrency, max_memory)  # a bad value: a usage error before any step is settled
     spec = parse_steps(steps)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -257,7 +259,7 @@ def export_run(src: str, out: str, *, steps: str, component: str | None = None, 
         try:
             exported = export_hf(src_url, dst_url, component=component, dtype=dtype, max_shard_size=max_shard_size,
                                  overwrite=redo, merge_lora=merge_lora, verify=verify, endpoint_url=endpoint_url,
-                                 progress=progress)
+                                 progress=progress, concurrency=concurrency, max_memory=max_memory)
         except CkptctlError as exc:
             settle(StepExport(step.step, step.name, src_url, dst_url, FAILED, str(exc), exit_code=exc.exit_code))
             continue
