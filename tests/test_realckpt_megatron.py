@@ -3,31 +3,27 @@ megatron-core itself reads back.
 
 All variants are written once per module with one launcher (megatron-core imported once), then
 checked with megatron-core's own readers (``load_tensors_metadata``, ``load_common_state_dict``),
-torch DCP's ``FileSystemReader``, a full megatron ``dist_checkpointing.load`` under a spawned
-1-process gloo group (TP=1 reads the TP/PP-sharded files), and a TP=1 mcore ``GPTModel`` loaded
-from the checkpoint whose logits must match the HF reference model's.
+torch DCP's ``FileSystemReader``, megatron's ``dist_checkpointing.load`` of model and optimizer
+state on every rank of the written layout (:mod:`realckpt.megatron_oracle`), and the logits of the
+mcore ``GPTModel`` loaded there, which must match the HF reference model's.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import sys
 import time
-import traceback
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
+from realckpt.megatron_oracle import oracle_job, run_oracle  # noqa: E402
 from realckpt.megatron_writer import (  # noqa: E402
     hf_to_mcore,
     padded_vocab_size,
     split_layers,
     write_megatron_component,
-    write_megatron_components,
     write_megatron_tree,
 )
 
@@ -259,109 +255,48 @@ def test_reference_matches_hf_mapping(comps):
 
 
 # ------------------------------------------------------------------------------------------
-# full megatron load (spawned gloo group, TP=1) + logits of a TP=1 mcore GPTModel
+# megatron-core's load at the written layout + the logits of the loaded GPTModel
 # ------------------------------------------------------------------------------------------
 
 
-def _load_check(spec_path: str, out_path: str) -> None:
-    """Runs in a SPAWNED process: a 1-rank gloo group, megatron-core load at TP=1."""
-    result = {"tensors": {}, "logits": {}, "error": None}
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        spec = json.loads(Path(spec_path).read_text())
-        here = spec["realckpt_dir"]
-        sys.path.insert(0, here)
-        import cuda_shim
-        import megatron_worker
-
-        cuda_shim.install()
-        torch.distributed.init_process_group("gloo", init_method="file://" + spec["store"], rank=0, world_size=1)
-        from megatron.core import dist_checkpointing
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-        from safetensors.torch import load_file
-
-        ps.initialize_model_parallel(1, 1)
-        for item in spec["checks"]:
-            name, ckpt = item["name"], item["ckpt_dir"]
-            md = dist_checkpointing.load_tensors_metadata(ckpt)
-            want = {k: ShardedTensor.from_rank_offsets(k, torch.empty(v.global_shape, dtype=v.dtype))
-                    for k, v in md.items()}
-            loaded = dist_checkpointing.load(want, ckpt)
-            ref = load_file(item["ref_tensors"])
-            bad = [k for k in ref if k not in loaded or not torch.equal(loaded[k], ref[k])]
-            result["tensors"][name] = {"n": len(ref), "missing_or_different": bad,
-                                       "extra": sorted(set(md) - set(ref))}
-            if item.get("logits"):
-                job = dict(item["job"], tp=1, pp=1)
-                model = megatron_worker._build_model(job)
-                model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]])
-                meta = {"non_homogeneous_layers": True} if job["per_layer_keys"] else None
-                state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=meta)}, ckpt)
-                model.load_state_dict(state["model"], strict=True)
-                model.eval()
-                io = load_file(item["logits"])
-                ids = io["input_ids"]
-                s = ids.shape[1]
-                pos = torch.arange(s).unsqueeze(0).expand_as(ids)
-                mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
-                with torch.no_grad(), cuda_shim.null_rng_tracker_fork():
-                    logits = model(ids, pos, mask)
-                logits = logits[..., : io["hf_logits"].shape[-1]].float()
-                result["logits"][name] = float((logits - io["hf_logits"]).abs().max())
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        result["error"] = traceback.format_exc()
-    Path(out_path).write_text(json.dumps(result))
-
-
 @pytest.fixture(scope="module")
-def load_results(comps, tmp_path_factory):
+def load_results(megatron_ckpts, tmp_path_factory):
+    """Every variant judged by :mod:`realckpt.megatron_oracle` at the layout it was written (model
+    and optimizer state loaded by megatron-core on every rank), with the logits of four of them
+    against the HF reference model's; one launcher."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     work = tmp_path_factory.mktemp("mcore_load")
-    checks = []
-    for name, c in comps.items():
-        item = {"name": name, "ckpt_dir": str(c.ckpt_dir), "ref_tensors": str(c.reference_tensors_file),
-                "job": c.info["worker_job"]}
+    jobs = []
+    for name in VARIANTS:
+        c = megatron_ckpts[name]
+        job = oracle_job(c, name, c.ckpt_dir, tp=c.params["tp"], pp=c.params["pp"], dp=c.params["dp"])
         if name in ("tp2", "tp2pp2", "perlayer", "qwen2_verl"):
             hf = AutoModelForCausalLM.from_pretrained(str(c.reference_hf_dir)).eval()
             ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(7))
             with torch.no_grad():
-                hf_logits = hf(input_ids=ids).logits.float()
-            save_file({"input_ids": ids, "hf_logits": hf_logits.contiguous()}, str(work / f"{name}.safetensors"))
-            item["logits"] = str(work / f"{name}.safetensors")
-        checks.append(item)
-    spec = {"realckpt_dir": str(Path(__file__).parent / "realckpt"), "store": str(work / "store"),
-            "checks": checks}
-    (work / "spec.json").write_text(json.dumps(spec))
-    proc = mp.get_context("spawn").Process(target=_load_check, args=(str(work / "spec.json"), str(work / "out.json")))
+                logits = hf(input_ids=ids).logits.float()
+            job["logits_file"] = str(work / f"{name}.safetensors")
+            save_file({"input_ids": ids, "logits": logits.contiguous()}, job["logits_file"])
+        jobs.append(job)
     t0 = time.monotonic()
-    proc.start()
-    proc.join(240)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        pytest.fail("megatron load check timed out")
-    res = json.loads((work / "out.json").read_text())
-    print(f"\nmegatron load check: {time.monotonic() - t0:.1f}s, max |logits - hf|: {res['logits']}")
-    assert res["error"] is None, res["error"]
+    res = run_oracle(jobs, work)
+    print(f"\nmegatron load check: {time.monotonic() - t0:.1f}s, max |logits - hf|: "
+          f"{ {n: v['logits'] for n, v in res.items()} }")
     return res
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_megatron_full_load_equals_reference(load_results, name):
-    r = load_results["tensors"][name]
-    assert r["n"] > 0 and r["missing_or_different"] == [] and r["extra"] == []
+def test_megatron_full_load_equals_reference(megatron_ckpts, load_results, name):
+    r = load_results[name]
+    assert r["errors"] == [], r["errors"][0]
+    assert r["keys"] == set(megatron_ckpts[name].reference_tensors()) and r["mismatch"] == []
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2pp2", "perlayer", "qwen2_verl"])
-def test_mcore_tp1_logits_match_hf(load_results, name):
-    assert load_results["logits"][name] < 1e-4
+def test_mcore_logits_match_hf(load_results, name):
+    assert load_results[name]["logits"] < 1e-4
 
 
 # ------------------------------------------------------------------------------------------

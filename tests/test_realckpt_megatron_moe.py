@@ -10,20 +10,17 @@ TP x PP x EP).  Checked here:
   router expert bias, ``chained_{0,1}.`` optimizer keys);
 - the expert-parallel layout: each expert chunk lives in the file of the rank whose MoE layer holds
   that global expert (megatron's ``local_expert_indices`` = ``ep_rank * E_local + j``);
-- megatron-core's own ``dist_checkpointing.load`` (spawned 1-rank gloo group) returns exactly
-  the reference global tensors, model AND optimizer;
-- a TP1/PP1/EP1 megatron-core MoE ``GPTModel`` loaded from the checkpoint (so: a reshard from the
-  written layout) gives the logits of the HF model the weights came from (atol 1e-4, fp32).
+- megatron-core's own ``dist_checkpointing.load`` at the written TP x PP x EP (every rank, model
+  AND chained optimizer state, :mod:`realckpt.megatron_oracle`) returns exactly the reference
+  global tensors;
+- the megatron-core MoE ``GPTModel`` loaded there gives the logits of the HF model the weights
+  came from (atol 1e-4, fp32), and damaged copies (two experts swapped, expert bias zeroed) do not.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import sys
 import time
-import traceback
-from pathlib import Path
 
 import pytest
 
@@ -32,6 +29,7 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
 from realckpt.megatron_fixtures import MEGATRON_MOE_VARIANTS  # noqa: E402
+from realckpt.megatron_oracle import oracle_job, run_oracle  # noqa: E402
 from realckpt.megatron_writer import hf_moe_to_mcore, stack_layers  # noqa: E402
 
 NAMES = list(MEGATRON_MOE_VARIANTS)
@@ -260,127 +258,46 @@ def test_reference_is_the_hf_model(moe, name):
 
 
 # ------------------------------------------------------------------------------------------
-# megatron-core load (spawned 1-rank gloo group) + logits of a TP1/EP1 mcore MoE GPTModel
+# megatron-core's load at the written layout + the logits of the loaded MoE GPTModel
 # ------------------------------------------------------------------------------------------
-
-
-def _load_check(spec_path: str, out_path: str) -> None:
-    """Runs in a SPAWNED process: a 1-rank gloo group, megatron-core loads at TP=PP=EP=1."""
-    result = {"tensors": {}, "logits": {}, "error": None}
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        spec = json.loads(Path(spec_path).read_text())
-        sys.path.insert(0, spec["realckpt_dir"])
-        import cuda_shim
-        import megatron_worker
-
-        cuda_shim.install()
-        torch.distributed.init_process_group("gloo", init_method="file://" + spec["store"], rank=0, world_size=1)
-        from megatron.core import dist_checkpointing
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-        from safetensors.torch import load_file
-
-        ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1, expert_tensor_parallel_size=1)
-        for item in spec["checks"]:
-            name, ckpt = item["name"], item["ckpt_dir"]
-            md = dist_checkpointing.load_tensors_metadata(ckpt)
-            want = {k: ShardedTensor.from_rank_offsets(k, torch.empty(v.global_shape, dtype=v.dtype))
-                    for k, v in md.items()}
-            loaded = dist_checkpointing.load(want, ckpt)
-            ref = load_file(item["ref_tensors"])
-            bad = [k for k in ref if k not in loaded or not torch.equal(loaded[k], ref[k])]
-            result["tensors"][name] = {"n": len(ref), "missing_or_different": bad,
-                                       "extra": sorted(set(md) - set(ref))}
-
-            job = dict(item["job"], tp=1, pp=1, ep=1, etp=1)
-            model = megatron_worker.build_model(job)
-            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-            model.load_state_dict(state["model"], strict=True)
-            model.eval()
-            io = load_file(item["logits"])
-            ids = io["input_ids"]
-            s = ids.shape[1]
-            pos = torch.arange(s).unsqueeze(0).expand_as(ids)
-            mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
-            with torch.no_grad(), cuda_shim.null_rng_tracker_fork():
-                logits = model(ids, pos, mask)
-            logits = logits[..., : io["logits"].shape[-1]].float()
-            result["logits"][name] = float((logits - io["logits"]).abs().max())
-
-            # negative controls (the oracle is sensitive): swap experts 0 and 3 of the first MoE
-            # layer; and (DeepSeek-V3) zero the router's expert bias
-            def diff_after(mutate):
-                saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-                with torch.no_grad():
-                    mutate()
-                    with cuda_shim.null_rng_tracker_fork():
-                        out = model(ids, pos, mask)[..., : io["logits"].shape[-1]].float()
-                model.load_state_dict(saved, strict=False)
-                return float((out - io["logits"]).abs().max())
-
-            moe_layer = next(layer for layer in model.decoder.layers if hasattr(layer.mlp, "router"))
-            ex = moe_layer.mlp.experts.local_experts
-
-            def swap():
-                for lin in ("linear_fc1", "linear_fc2"):
-                    a, b = getattr(ex[0], lin).weight, getattr(ex[3], lin).weight
-                    tmp = a.clone()
-                    a.copy_(b)
-                    b.copy_(tmp)
-
-            controls = {"swap_experts_0_3": diff_after(swap)}
-            if getattr(moe_layer.mlp.router, "expert_bias", None) is not None:
-                controls["zero_expert_bias"] = diff_after(lambda: moe_layer.mlp.router.expert_bias.zero_())
-            result.setdefault("controls", {})[name] = controls
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        result["error"] = traceback.format_exc()
-    Path(out_path).write_text(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
 def load_results(moe, tmp_path_factory):
+    """Every variant judged by :mod:`realckpt.megatron_oracle` at the layout it was written (the
+    model and its chained optimizer state loaded by megatron-core on every rank, as a resume
+    does), with the logits and their negative controls; one launcher.  (Loads at other layouts:
+    tests/test_reshard_moe.py.)"""
     work = tmp_path_factory.mktemp("mcore_moe_load")
-    checks = [{"name": n, "ckpt_dir": str(moe[n].ckpt_dir), "ref_tensors": str(moe[n].reference_tensors_file),
-               "job": moe[n].info["worker_job"], "logits": str(moe[n].reference_dir / "reference_logits.safetensors")}
-              for n in NAMES]
-    spec = {"realckpt_dir": str(Path(__file__).parent / "realckpt"), "store": str(work / "store"), "checks": checks}
-    (work / "spec.json").write_text(json.dumps(spec))
-    proc = mp.get_context("spawn").Process(target=_load_check, args=(str(work / "spec.json"), str(work / "out.json")))
+    jobs = []
+    for n in NAMES:
+        p = moe[n].params
+        job = oracle_job(moe[n], n, moe[n].ckpt_dir, tp=p["tp"], pp=p["pp"], dp=p["dp"], ep=p["ep"], etp=p["etp"])
+        jobs.append(dict(job, controls=True))
     t0 = time.monotonic()
-    proc.start()
-    proc.join(300)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        pytest.fail("megatron MoE load check timed out")
-    res = json.loads((work / "out.json").read_text())
-    print(f"\nmegatron MoE load check: {time.monotonic() - t0:.1f}s, max |logits - hf|: {res['logits']}, "
-          f"controls: {res.get('controls')}")
-    assert res["error"] is None, res["error"]
+    res = run_oracle(jobs, work)
+    print(f"\nmegatron MoE load check: {time.monotonic() - t0:.1f}s, max |logits - hf|: "
+          f"{ {n: v['logits'] for n, v in res.items()} }, controls: { {n: v['controls'] for n, v in res.items()} }")
     return res
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_megatron_full_load_equals_reference(load_results, name):
-    r = load_results["tensors"][name]
-    assert r["n"] > 0 and r["missing_or_different"] == [] and r["extra"] == []
+def test_megatron_full_load_equals_reference(moe, load_results, name):
+    r = load_results[name]
+    assert r["errors"] == [], r["errors"][0]
+    assert r["keys"] == set(moe[name].reference_tensors()) and r["mismatch"] == []
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_mcore_moe_logits_match_hf(load_results, name):
-    assert load_results["logits"][name] < 1e-4
+    assert load_results[name]["logits"] < 1e-4
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_oracle_is_sensitive(load_results, name):
-    """Mis-mapped experts (0 <-> 3) or a dropped expert bias would be caught."""
-    controls = load_results["controls"][name]
-    assert controls["swap_experts_0_3"] > 1e-3
+    """Mis-mapped experts (two swapped) or a dropped expert bias would be caught."""
+    controls = load_results[name]["controls"]
+    assert controls["swap_experts"] > 1e-3
     if name.startswith("dsv3"):
         assert controls["zero_expert_bias"] > 1e-3
 

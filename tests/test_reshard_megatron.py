@@ -1,9 +1,9 @@
 """``convert-reshard`` for Megatron torch_dist checkpoints (ckptctl.ops.reshard_megatron).
 
-The oracle is megatron-core itself: for every resharded output, ``world`` rank processes (gloo,
-forked from one launcher that imported megatron once) build a real mcore ``GPTModel`` at the
-TARGET TP x PP, take its ``sharded_state_dict()`` (model, plus the optimizer state in the
-source's format keyed like the params), and
+The oracle is megatron-core itself (:mod:`realckpt.megatron_oracle`): for every resharded output,
+``world`` rank processes (gloo, forked from one launcher that imported megatron once) build a real
+mcore ``GPTModel`` at the TARGET TP x PP, take its ``sharded_state_dict()`` (model, plus the
+optimizer state in the source's format keyed like the params), and
 
 * load it with ``dist_checkpointing.load``: every local tensor must be bit-identical to the
   source's reference tensors (``<dir>.reference/checkpoint_tensors.safetensors``);
@@ -44,6 +44,7 @@ from ckptctl.ops import reshard_megatron as rm  # noqa: E402
 from ckptctl.ops.reshard_megatron import plan_reshard, reshard_megatron, split_kind, tp_blocks  # noqa: E402
 from ckptctl.output_dir import INCOMPLETE_MARKER, OUTPUT_MARKER, TMP_INFIX  # noqa: E402
 from ckptctl.storage import open_store  # noqa: E402
+from realckpt.megatron_oracle import oracle_job, run_oracle  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -62,148 +63,6 @@ CASES = [
     ("tp2-to-tp4-torchrun-s3", "tp2", 4, 1, 1, "torchrun-to-s3"),
     ("qwen2verl-s3-to-gs-tp1", "qwen2_verl", 1, 1, 1, "s3-to-gs"),
 ]
-
-
-# ------------------------------------------------------------------------------------------
-# the megatron oracle (runs in a child launcher; one forked gloo process per target rank)
-# ------------------------------------------------------------------------------------------
-def _oracle_rank(job: dict, rank: int) -> None:
-    import dataclasses
-    import traceback
-
-    out = {"rank": rank, "compared": 0, "mismatch": [], "layout": [], "error": None}
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", init_method="file://" + job["store_file"], rank=rank,
-                                             world_size=job["world_size"])
-        import megatron_worker
-        from megatron.core import dist_checkpointing
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
-        from safetensors.torch import load_file
-
-        ps.initialize_model_parallel(job["tp"], job["pp"])
-        model = megatron_worker._build_model(job)
-        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]])
-        meta = {"non_homogeneous_layers": True} if job["per_layer_keys"] else None
-        model_sd = model.sharded_state_dict(metadata=meta)
-        full = load_file(job["tensors_file"])
-        leaves = [v for v in nested_values(model_sd) if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
-
-        state = {"model": model_sd}
-        opt = {}
-        for i, sh in enumerate(leaves):
-            for k in job["optimizer_states"]:
-                kw = dict(key=f"optimizer.state.{k}.{sh.key}", data=torch.empty(sh.data.shape, dtype=torch.float32))
-                if isinstance(sh, ShardedTensor):
-                    kw["dtype"] = torch.float32
-                opt[f"{i}.{k}"] = dataclasses.replace(sh, **kw)
-        if opt:
-            state["optimizer"] = opt
-        flat = {"model." + str(i): sh for i, sh in enumerate(leaves)} | {"optimizer." + k: v for k, v in opt.items()}
-
-        expected = {}
-        for path, sh in flat.items():
-            exp = dataclasses.replace(sh, data=torch.zeros_like(sh.data))
-            megatron_worker._fill(exp, full)
-            expected[path] = exp.data
-            with torch.no_grad():
-                sh.data.fill_(float("nan") if sh.data.is_floating_point() else 0)
-            built = list(nested_values(sh.build())) if isinstance(sh, ShardedTensorFactory) else [sh]
-            for piece in built:
-                if is_main_replica(piece.replica_id):
-                    out["layout"].append([piece.key, list(piece.global_offset),
-                                          [1] * piece.prepend_axis_num + list(piece.local_shape), rank])
-        loaded = dist_checkpointing.load(state, job["ckpt_dir"])
-        got = {"model." + str(i): v for i, v in enumerate(_values(loaded["model"], model_sd))}
-        if opt:
-            got |= {"optimizer." + k: loaded["optimizer"][k] for k in opt}
-        for path, exp in expected.items():
-            out["compared"] += 1
-            if not torch.equal(got[path], exp):
-                out["mismatch"].append(flat[path].key)
-        ps.destroy_model_parallel()
-    except BaseException:  # noqa: BLE001
-        out["error"] = traceback.format_exc()
-    with open(f"{job['result_prefix']}{rank}.json", "w") as f:
-        json.dump(out, f)
-    os._exit(0)
-
-
-def _values(loaded, sharded):
-    """The loaded tensors in the order of the sharded leaves (same nesting)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if isinstance(sharded, (ShardedTensor, ShardedTensorFactory)):
-        return [loaded]
-    if isinstance(sharded, dict):
-        return [v for k in sharded for v in _values(loaded[k], sharded[k])]
-    if isinstance(sharded, (list, tuple)):
-        return [v for a, b in zip(loaded, sharded) for v in _values(a, b)]
-    return []
-
-
-def oracle_main(jobs_file: str) -> int:
-    import multiprocessing as mp
-
-    import torch
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(REALCKPT))
-    import cuda_shim
-
-    cuda_shim.install()
-    import megatron.core.dist_checkpointing  # noqa: F401
-    import megatron.core.models.gpt  # noqa: F401
-    import megatron_worker  # noqa: F401
-
-    jobs = json.loads(Path(jobs_file).read_text())
-    ctx = mp.get_context("fork")
-    for job in jobs:
-        procs = [ctx.Process(target=_oracle_rank, args=(job, r)) for r in range(job["world_size"])]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 180
-        for p in procs:
-            p.join(max(1, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return 0
-
-
-def run_oracle(jobs: list[dict], work: Path) -> dict[str, dict]:
-    """{job name: {"compared", "mismatch", "layout", "errors"}} merged over the job's ranks."""
-    for job in jobs:
-        job["store_file"] = str(work / f"store-{job['name']}")
-        job["result_prefix"] = str(work / f"result-{job['name']}-")
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    code = (f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(REALCKPT)!r}]; "
-            f"import test_reshard_megatron as t; sys.exit(t.oracle_main({str(work / 'jobs.json')!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(work), env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    out = {}
-    for job in jobs:
-        merged = {"compared": 0, "mismatch": [], "layout": [], "errors": []}
-        for r in range(job["world_size"]):
-            path = Path(f"{job['result_prefix']}{r}.json")
-            if not path.exists():
-                merged["errors"].append(f"rank {r} wrote no result:\n{proc.stderr[-3000:]}")
-                continue
-            res = json.loads(path.read_text())
-            if res["error"]:
-                merged["errors"].append(res["error"])
-            merged["compared"] += res["compared"]
-            merged["mismatch"] += res["mismatch"]
-            merged["layout"] += res["layout"]
-        out[job["name"]] = merged
-    return out
 
 
 def output_layout(ckpt_dir: Path) -> list[list]:
@@ -257,15 +116,8 @@ def resharded(megatron_ckpts, tmp_path_factory, s3_server, gcs_server):
             download(gs, dst_url, dest)
         seconds[name] = time.monotonic() - t0
         outputs[name] = dest / ("dist_ckpt" if src.params["verl_nesting"] else "")
-    jobs = []
-    for name, src_name, tp, pp, dp, _ in CASES:
-        src = megatron_ckpts[src_name]
-        wj = src.info["worker_job"]
-        states = sorted({k.split(".")[2] for k in src.info["optimizer_keys"]})
-        jobs.append(dict(name=name, ckpt_dir=str(outputs[name]), world_size=tp * pp * dp, tp=tp, pp=pp,
-                         model=wj["model"],
-                         per_layer_keys=wj["per_layer_keys"], params_dtype=wj["params_dtype"],
-                         tensors_file=wj["tensors_file"], optimizer_states=states))
+    jobs = [oracle_job(megatron_ckpts[src_name], name, outputs[name], tp=tp, pp=pp, dp=dp)
+            for name, src_name, tp, pp, dp, _ in CASES]
     t0 = time.monotonic()
     verdicts = run_oracle(jobs, work)
     print(f"\nreshard seconds: { {k: round(v, 2) for k, v in seconds.items()} }; "

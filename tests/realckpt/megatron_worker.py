@@ -1,15 +1,17 @@
 """Per-rank worker for :mod:`realckpt.megatron_writer`: writes REAL megatron-core
 ``torch_dist`` checkpoints with ``megatron.core.dist_checkpointing.save`` on CPU (gloo).
 
-Run as a script (never imported by ckptctl)::
+Run by ``fsdp_writer.run_launcher`` (never imported by ckptctl)::
 
-    python megatron_worker.py JOBS.json
+    python -m realckpt.megatron_worker SPEC.json     # {"jobs": [...], "tmp": ...}
 
-``JOBS.json`` is a list of jobs (the schema is whatever ``megatron_writer._job_for`` emits; the
-keys used are read below).  The launcher (this script's ``main``) imports torch and
-megatron-core ONCE, installs the test-only CUDA shim (:mod:`cuda_shim`), then for each job forks
-``world_size`` rank processes (``multiprocessing`` fork context, so the ~5 s megatron import is
-paid once per launcher, not once per rank).  Each rank:
+The jobs' schema is whatever ``megatron_writer._job_and_info`` emits (the keys used are read
+below).  The launcher (:func:`main`) imports torch and megatron-core ONCE
+(:func:`import_megatron`, which also installs the test-only CUDA shim :mod:`cuda_shim`), then for
+each job forks ``world_size`` rank processes (:func:`run_job`: ``fsdp_writer.run_ranks`` with the
+``fork`` context, so the ~5 s megatron import is paid once per launcher, not once per rank).
+:mod:`realckpt.megatron_oracle` runs its checks through the same :func:`run_job` /
+:func:`rank_group` / :func:`build_model`.  Each rank (:func:`rank_group`, then :func:`_save_rank`):
 
 1. joins a gloo group through a ``file://`` store (no TCP port to race for), then
    ``parallel_state.initialize_model_parallel(tp, pp)``;
@@ -40,8 +42,8 @@ Test-only CPU shims besides :mod:`cuda_shim`: :func:`_define_missing_te_general_
 megatron-core module globals that assume Transformer Engine) and a parameter-free core
 attention for MLA (:func:`_mla_core_attention_class`).
 
-Top-level imports are stdlib only: megatron's save starts a *spawn*-based multiprocessing manager,
-which re-imports this file as ``__mp_main__``; the ``__main__`` guard below is required.
+Top-level imports are stdlib only: megatron's save may start a *spawn*-based multiprocessing
+manager, which re-imports this module as ``__mp_main__``; the ``__main__`` guard below is required.
 """
 
 from __future__ import annotations
@@ -70,28 +72,23 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_model(job):
+def _config_kwargs(job) -> dict:
+    """TransformerConfig keywords shared by the dense and MoE models: RMSNorm, SwiGLU, no linear
+    bias, every fusion off, dropout 0, CPU initialization, the job's dtype and TP x PP."""
     import torch
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     m = job["model"]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]]
-    cfg = TransformerConfig(
+    return dict(
         num_layers=m["num_layers"],
         hidden_size=m["hidden"],
         num_attention_heads=m["heads"],
-        num_query_groups=m["kv_heads"],
         ffn_hidden_size=m["ffn"],
-        kv_channels=m["hidden"] // m["heads"],
         layernorm_epsilon=m["norm_eps"],
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=m["qkv_bias"],
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -107,14 +104,36 @@ def _build_model(job):
         tensor_model_parallel_size=job["tp"],
         pipeline_model_parallel_size=job["pp"],
     )
+
+
+def _build_model(job):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m = job["model"]
+    cfg = TransformerConfig(
+        **_config_kwargs(job),
+        num_query_groups=m["kv_heads"],
+        kv_channels=m["hidden"] // m["heads"],
+        add_qkv_bias=m["qkv_bias"],
+    )
+    return _gpt_model(job, cfg, get_gpt_layer_local_spec(normalization="RMSNorm"))
+
+
+def _gpt_model(job, cfg, layer_spec):
+    """The mcore ``GPTModel`` of this rank's pipeline stage (rope, the job's vocabulary and tying)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
     _ensure_on_path()
     import cuda_shim
 
+    m = job["model"]
     tied_pp = m["tie"] and job["pp"] > 1
     with cuda_shim.tensor_cuda_is_identity() if tied_pp else contextlib.nullcontext():
         return GPTModel(
             cfg,
-            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            layer_spec,
             vocab_size=m["padded_vocab"],
             max_sequence_length=m["max_seq"],
             pre_process=ps.is_pipeline_first_stage(),
@@ -123,7 +142,6 @@ def _build_model(job):
             position_embedding_type="rope",
             rotary_base=m["rotary_base"],
         )
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,38 +222,13 @@ def _mla_core_attention_class():
 
 
 def _moe_transformer_config(job):
-    import torch
-
     m = job["model"]
     moe = m["moe"]
     mla = m.get("mla")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]]
     kw = dict(
-        num_layers=m["num_layers"],
-        hidden_size=m["hidden"],
-        num_attention_heads=m["heads"],
-        ffn_hidden_size=m["ffn"],
-        layernorm_epsilon=m["norm_eps"],
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
+        _config_kwargs(job),
         add_qkv_bias=False,
         qk_layernorm=bool(m.get("qk_layernorm")),
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        pipeline_dtype=dtype,
-        tensor_model_parallel_size=job["tp"],
-        pipeline_model_parallel_size=job["pp"],
         expert_model_parallel_size=job["ep"],
         expert_tensor_parallel_size=job["etp"],
         # SkyRL turns sequence parallel on with TP > 1; the torch norms of the local spec refuse it
@@ -290,8 +283,6 @@ def _build_moe_model(job):
     (``SequentialMLP`` experts, shared experts, MLA when asked), with the TE spec's key names."""
     from dataclasses import replace
 
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -320,18 +311,7 @@ def _build_moe_model(job):
         specs.append(replace(spec, submodules=sub))
     offset = get_transformer_layer_offset(cfg)
     n = get_num_layers_to_build(cfg)
-    block = TransformerBlockSubmodules(layer_specs=specs[offset: offset + n], layer_norm=LNImpl)
-    return GPTModel(
-        cfg,
-        block,
-        vocab_size=m["padded_vocab"],
-        max_sequence_length=m["max_seq"],
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=m["tie"],
-        position_embedding_type="rope",
-        rotary_base=m["rotary_base"],
-    )
+    return _gpt_model(job, cfg, TransformerBlockSubmodules(layer_specs=specs[offset: offset + n], layer_norm=LNImpl))
 
 
 def build_model(job):
@@ -588,91 +568,84 @@ def _save_rank(job, rank: int) -> None:
     from safetensors.torch import load_file
 
     t0 = time.monotonic()
-    if job.get("ep", 1) > 1 or job["model"].get("moe"):
-        ps.initialize_model_parallel(job["tp"], job["pp"], expert_model_parallel_size=job["ep"],
-                                     expert_tensor_parallel_size=job["etp"])
+    torch.manual_seed(job["seed"])
+    model = build_model(job)
+    # Megatron's Float16Module casts the whole module (norms included) for bf16 training
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]])
+    t1 = time.monotonic()
+    metadata = {"non_homogeneous_layers": True} if job["per_layer_keys"] else None
+    model_sd = model.sharded_state_dict(metadata=metadata)
+    full = load_file(job["tensors_file"])
+
+    leaves = _sharded_leaves(model_sd)
+    for sh in leaves:
+        _fill(sh, full)
+    filled = {id(sh.data) for sh in leaves}
+    missing = [n for n, p in model.named_parameters() if id(p) not in filled]
+    if missing:
+        raise RuntimeError(f"rank {rank}: parameters not in the sharded state dict: {missing}")
+
+    if job.get("rank_info_dir"):
+        _write_rank_info(job, rank, model)
+    state = {"model": model_sd}
+    if job["optimizer"] is not None and job["model"].get("moe"):
+        state["optimizer"], sched = _chained_optimizer_part(job, model, model_sd, full)
+        state["lr_scheduler"] = sched.state_dict()
+    elif job["optimizer"] is not None:
+        state["optimizer"], sched = _optimizer_part(job, model, model_sd, full)
+        state["lr_scheduler"] = sched.state_dict()
+    state["rng"] = _rng_part(job)
+
+    if job.get("fork_results_queue", True):
+        _fork_results_queue()
+    ckpt_dir = job["ckpt_dir"]
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    torch.distributed.barrier()
+    if job["fully_parallel"]:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy("torch_dist", 1),
+            ps.get_data_parallel_group(with_context_parallel=True),
+        )
     else:
-        ps.initialize_model_parallel(job["tp"], job["pp"])
-    try:
-        torch.manual_seed(job["seed"])
-        model = build_model(job)
-        # Megatron's Float16Module casts the whole module (norms included) for bf16 training
-        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[job["params_dtype"]])
-        t1 = time.monotonic()
-        metadata = {"non_homogeneous_layers": True} if job["per_layer_keys"] else None
-        model_sd = model.sharded_state_dict(metadata=metadata)
-        full = load_file(job["tensors_file"])
-
-        leaves = _sharded_leaves(model_sd)
-        for sh in leaves:
-            _fill(sh, full)
-        filled = {id(sh.data) for sh in leaves}
-        missing = [n for n, p in model.named_parameters() if id(p) not in filled]
-        if missing:
-            raise RuntimeError(f"rank {rank}: parameters not in the sharded state dict: {missing}")
-
-        if job.get("rank_info_dir"):
-            _write_rank_info(job, rank, model)
-        state = {"model": model_sd}
-        if job["optimizer"] is not None and job["model"].get("moe"):
-            state["optimizer"], sched = _chained_optimizer_part(job, model, model_sd, full)
-            state["lr_scheduler"] = sched.state_dict()
-        elif job["optimizer"] is not None:
-            state["optimizer"], sched = _optimizer_part(job, model, model_sd, full)
-            state["lr_scheduler"] = sched.state_dict()
-        state["rng"] = _rng_part(job)
-
-        if job.get("fork_results_queue", True):
-            _fork_results_queue()
-        ckpt_dir = job["ckpt_dir"]
-        if rank == 0:
-            os.makedirs(ckpt_dir, exist_ok=True)
-        torch.distributed.barrier()
-        if job["fully_parallel"]:
-            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-            from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-                FullyParallelSaveStrategyWrapper,
-            )
-
-            strategy = FullyParallelSaveStrategyWrapper(
-                get_default_save_sharded_strategy("torch_dist", 1),
-                ps.get_data_parallel_group(with_context_parallel=True),
-            )
-        else:
-            strategy = ("torch_dist", 1)
-        t2 = time.monotonic()
-        dist_checkpointing.save(state, ckpt_dir, sharded_strategy=strategy, validate_access_integrity=True)
-        torch.distributed.barrier()
-        if rank == 0:
-            t3 = time.monotonic()
-            _log(f"rank0: groups+model {t1 - t0:.1f}s, state {t2 - t1:.1f}s, save {t3 - t2:.1f}s")
-    finally:
-        ps.destroy_model_parallel()
+        strategy = ("torch_dist", 1)
+    t2 = time.monotonic()
+    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=strategy, validate_access_integrity=True)
+    torch.distributed.barrier()
+    if rank == 0:
+        t3 = time.monotonic()
+        _log(f"rank0: model {t1 - t0:.1f}s, state {t2 - t1:.1f}s, save {t3 - t2:.1f}s")
 
 
-def _rank_entry(job, rank: int) -> None:
-    """Body of one forked rank process (multiprocessing.Process target)."""
+def rank_group(job, rank: int, store_file: str, body) -> None:
+    """One forked rank process: join the job's gloo group (a ``file://`` store: no TCP port to
+    race for), megatron's model-parallel groups at the job's TP x PP (x EP x ETP for MoE), then
+    ``body(job, rank)``.  A failing rank exits 3 at once (its peers are killed by ``run_ranks``
+    rather than left waiting in a collective)."""
     import torch
+    from megatron.core import parallel_state as ps
 
     torch.set_num_threads(1)
-    os.environ["RANK"] = str(rank)
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(job["world_size"])
-    t0 = time.monotonic()
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method="file://" + job["store_file"],
-        rank=rank,
-        world_size=job["world_size"],
-    )
-    if rank == 0:
-        _log(f"rank0: init_process_group {time.monotonic() - t0:.1f}s")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["world_size"]))
     try:
-        _save_rank(job, rank)
+        torch.distributed.init_process_group("gloo", init_method="file://" + store_file, rank=rank,
+                                             world_size=job["world_size"])
+        if job["model"].get("moe"):
+            ps.initialize_model_parallel(job["tp"], job["pp"], expert_model_parallel_size=job["ep"],
+                                         expert_tensor_parallel_size=job["etp"])
+        else:
+            ps.initialize_model_parallel(job["tp"], job["pp"])
+        body(job, rank)
+        ps.destroy_model_parallel()
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        os._exit(3)  # do not hang in destroy_process_group waiting for dead peers
+        os._exit(3)
     torch.distributed.destroy_process_group()
 
 
@@ -681,47 +654,9 @@ def _rank_entry(job, rank: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_job(job, timeout: float) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")
-    procs = []
-    for rank in range(job["world_size"]):
-        p = ctx.Process(target=_rank_entry, args=(job, rank), name=f"mcore-rank{rank}")
-        p.start()
-        procs.append(p)
-    deadline = time.monotonic() + timeout
-    failed = None
-    pending = list(procs)
-    while pending:
-        for p in list(pending):
-            p.join(timeout=0.05)
-            if p.exitcode is not None:
-                pending.remove(p)
-                if p.exitcode != 0 and failed is None:
-                    failed = f"{p.name} exited with {p.exitcode}"
-        if failed or time.monotonic() > deadline:
-            break
-    if pending:
-        for p in pending:  # only our own rank processes, by their Process handle
-            p.kill()
-        for p in pending:
-            p.join(5)
-        if failed is None:
-            failed = f"timed out after {timeout:.0f}s"
-    if failed:
-        raise RuntimeError(f"megatron save of {job['ckpt_dir']} failed: {failed}")
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: megatron_worker.py JOBS.json", file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        jobs = json.load(f)
-
-    t0 = time.monotonic()
+def import_megatron() -> None:
+    """In a launcher, before forking ranks: torch single-threaded, the CUDA shim, and the ~5 s
+    megatron-core import paid once."""
     import torch
 
     torch.set_num_threads(1)
@@ -729,23 +664,43 @@ def main(argv=None) -> int:
     import cuda_shim
 
     cuda_shim.install()
-    # pay the megatron import once, before forking the ranks
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+    import megatron.core.optimizer_param_scheduler  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
     import megatron.core.transformer.moe.moe_layer  # noqa: F401
     import megatron.core.transformer.multi_latent_attention  # noqa: F401
-    import megatron.core.optimizer_param_scheduler  # noqa: F401
     import safetensors.torch  # noqa: F401
 
+
+def run_job(job, body) -> str | None:
+    """``body(job, rank)`` in ``job["world_size"]`` forked rank processes (:func:`rank_group`);
+    None when all succeeded, else why not."""
+    import functools
+    import multiprocessing as mp
+
+    from fsdp_writer import run_ranks
+
+    return run_ranks(mp.get_context("fork"), functools.partial(rank_group, body=body), job, job["world_size"],
+                     job["store_file"], float(job.get("timeout", 240)))
+
+
+def main(argv=None) -> int:
+    """``python -m realckpt.megatron_worker SPEC.json`` (``fsdp_writer.run_launcher``'s spec:
+    ``{"jobs": [...], "tmp": ...}``): save every job."""
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        jobs = json.load(f)["jobs"]
+    t0 = time.monotonic()
+    import_megatron()
     _log(f"imports {time.monotonic() - t0:.1f}s")
     for job in jobs:
         t1 = time.monotonic()
-        try:
-            _run_job(job, timeout=float(job.get("timeout", 240)))
-        except Exception as e:  # noqa: BLE001
-            _log(str(e))
+        failed = run_job(job, _save_rank)
+        if failed:
+            _log(f"megatron save of {job['ckpt_dir']} failed: {failed}")
             return 1
         _log(f"saved {job['ckpt_dir']} (world {job['world_size']}) in {time.monotonic() - t1:.1f}s")
     return 0

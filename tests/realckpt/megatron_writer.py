@@ -47,16 +47,11 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-_HERE = Path(__file__).resolve().parent
-_WORKER = _HERE / "megatron_worker.py"
 _MARKER = ".realckpt-megatron"
 REFERENCE_FORMAT = "realckpt-megatron/1"
 
@@ -132,6 +127,28 @@ def padded_vocab_size(vocab: int, tp: int, make_vocab_size_divisible_by: int | N
 # --------------------------------------------------------------------------------------------
 
 
+def _pad_rows(t, padded_vocab: int):
+    """A copy of ``t`` with zero rows appended up to ``padded_vocab`` (Megatron's vocab padding)."""
+    import torch
+
+    out = torch.zeros((padded_vocab, *t.shape[1:]), dtype=t.dtype)
+    out[: t.shape[0]] = t
+    return out
+
+
+def _interleave_qkv(q, k, v, heads: int, kv_heads: int):
+    """HF q/k/v projections (weights or biases) -> mcore's fused ``linear_qkv`` rows: per query
+    group g, the q heads of g, then k_g, then v_g."""
+    import torch
+
+    d = q.shape[0] // heads
+    rest = q.shape[1:]
+    q = q.reshape(kv_heads, heads // kv_heads * d, *rest)
+    k = k.reshape(kv_heads, d, *rest)
+    v = v.reshape(kv_heads, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(kv_heads * (heads // kv_heads + 2) * d, *rest)
+
+
 def hf_to_mcore(hf: dict, *, num_layers: int, heads: int, kv_heads: int, hidden: int,
                 padded_vocab: int, tie_embeddings: bool) -> dict:
     """Map an HF Llama/Qwen2 state dict (or a dict of same-shaped optimizer moments) to the
@@ -150,22 +167,11 @@ def hf_to_mcore(hf: dict, *, num_layers: int, heads: int, kv_heads: int, hidden:
     """
     import torch
 
-    d = hidden // heads
-    q_per_g = heads // kv_heads
-
     def pad_rows(t):
-        if t.shape[0] == padded_vocab:
-            return t.clone()
-        out = torch.zeros((padded_vocab, *t.shape[1:]), dtype=t.dtype)
-        out[: t.shape[0]] = t
-        return out
+        return _pad_rows(t, padded_vocab)
 
     def qkv(q, k, v):
-        rest = q.shape[1:]
-        q = q.reshape(kv_heads, q_per_g * d, *rest)
-        k = k.reshape(kv_heads, d, *rest)
-        v = v.reshape(kv_heads, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(kv_heads * (q_per_g + 2) * d, *rest)
+        return _interleave_qkv(q, k, v, heads, kv_heads)
 
     per_layer: dict[str, list] = {}
 
@@ -342,21 +348,12 @@ def hf_moe_to_mcore(hf: dict, params: dict, *, padded_vocab: int) -> dict:
 
     arch = params["arch"]
     mla = arch == "deepseek_v3"
-    heads, kv_heads = params["heads"], params["kv_heads"]
-    d = params["hidden"] // heads
-    q_per_g = heads // kv_heads
 
     def pad_rows(t):
-        out = torch.zeros((padded_vocab, *t.shape[1:]), dtype=t.dtype)
-        out[: t.shape[0]] = t
-        return out
+        return _pad_rows(t, padded_vocab)
 
     def qkv(q, k, v):
-        rest = q.shape[1:]
-        q = q.reshape(kv_heads, q_per_g * d, *rest)
-        k = k.reshape(kv_heads, d, *rest)
-        v = v.reshape(kv_heads, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(kv_heads * (q_per_g + 2) * d, *rest)
+        return _interleave_qkv(q, k, v, params["heads"], params["kv_heads"])
 
     out = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"])}
     for i, is_moe in enumerate(moe_layer_pattern(params)):
@@ -528,18 +525,23 @@ def _claim(out_dir: Path, ref: Path, overwrite: bool) -> None:
 
 
 def _train_hf(params: dict):
-    """Tiny HF model, ``global_step`` real AdamW steps; returns (model, config, tokenizer,
-    hf weights fp32, {"exp_avg": ..., "exp_avg_sq": ...} in HF names)."""
+    """Tiny HF model (dense, or MoE for ``params["moe"]``), ``global_step`` real AdamW steps
+    (then an MoE's DeepSeek-V3 expert bias set to known non-zero values); returns (model, config,
+    tokenizer, hf state dict, {"exp_avg": ..., "exp_avg_sq": ...} in HF names)."""
     import torch
 
     from realckpt import tiny_models
 
-    config = tiny_models.make_config(
-        params["arch"], vocab=params["vocab"], hidden=params["hidden"], layers=params["num_layers"],
-        heads=params["heads"], kv_heads=params["kv_heads"], intermediate=params["ffn"],
-        tie=params["tie_embeddings"],
-    )
-    model = tiny_models.make_model(params["arch"], params["seed"], config=config)
+    if params.get("moe"):
+        config = _moe_hf_config(params)
+        model = tiny_models.make_moe_model(params["arch"], params["seed"], config=config)
+    else:
+        config = tiny_models.make_config(
+            params["arch"], vocab=params["vocab"], hidden=params["hidden"], layers=params["num_layers"],
+            heads=params["heads"], kv_heads=params["kv_heads"], intermediate=params["ffn"],
+            tie=params["tie_embeddings"],
+        )
+        model = tiny_models.make_model(params["arch"], params["seed"], config=config)
     tokenizer = tiny_models.make_tokenizer()
     named = list(model.named_parameters())  # tied lm_head is deduplicated here
     decay = [p for _, p in named if p.ndim > 1]
@@ -557,6 +559,8 @@ def _train_hf(params: dict):
         adam.step()
         adam.zero_grad(set_to_none=True)
     model.eval()
+    if params.get("moe"):
+        tiny_models.set_expert_bias(model, params["seed"])
     hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
     moments = {"exp_avg": {}, "exp_avg_sq": {}}
     for name, p in named:
@@ -599,6 +603,16 @@ def _prepare(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> d
     model.save_pretrained(str(ref / "hf"))
     tokenizer.save_pretrained(str(ref / "hf"))
 
+    job, info = _job_and_info(params, out_dir, ckpt_dir, ref, tmp, index, config, vp, model_t, optim_keys,
+                              model_extra=dict(qkv_bias=params["arch"] == "qwen2"), timeout=240)
+    return dict(job=job, info=info, config=config, tokenizer=tokenizer)
+
+
+def _job_and_info(params: dict, out_dir: Path, ckpt_dir: Path, ref: Path, tmp: Path, index: int, config, vp: int,
+                  model_t: dict, optim_keys: dict, *, model_extra: dict, timeout: float, job_extra=None,
+                  info_extra=None) -> tuple[dict, dict]:
+    """The worker job (:mod:`realckpt.megatron_worker`'s schema) and ``reference.json``'s content;
+    ``model_extra`` / ``job_extra`` / ``info_extra``: what the dense and MoE models add."""
     world = params["tp"] * params["pp"] * params["dp"]
     job = dict(
         ckpt_dir=str(ckpt_dir),
@@ -608,8 +622,8 @@ def _prepare(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> d
         model=dict(
             num_layers=params["num_layers"], hidden=params["hidden"], heads=params["heads"],
             kv_heads=params["kv_heads"], ffn=params["ffn"], padded_vocab=vp, tie=params["tie_embeddings"],
-            qkv_bias=params["arch"] == "qwen2", norm_eps=float(config.rms_norm_eps),
-            rotary_base=float(_rope_theta(config)), max_seq=int(config.max_position_embeddings),
+            norm_eps=float(config.rms_norm_eps), rotary_base=float(_rope_theta(config)),
+            max_seq=int(config.max_position_embeddings), **model_extra,
         ),
         per_layer_keys=params["per_layer_keys"],
         params_dtype=params["params_dtype"],
@@ -621,12 +635,13 @@ def _prepare(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> d
         fully_parallel=params["fully_parallel"],
         seed=params["seed"],
         store_file=str(tmp / f"store_{index}"),
-        timeout=240,
+        timeout=timeout,
+        **(job_extra or {}),
     )
     info = dict(
         format=REFERENCE_FORMAT,
         params=params,
-        worker_job={k: v for k, v in job.items() if k not in ("store_file", "timeout")},
+        worker_job={k: v for k, v in job.items() if k not in ("store_file", "timeout", "rank_info_dir")},
         out_dir=str(out_dir),
         ckpt_dir=str(ckpt_dir),
         ckpt_subdir="dist_ckpt" if params["verl_nesting"] else "",
@@ -638,44 +653,9 @@ def _prepare(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> d
         model_keys={k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in model_t.items()},
         optimizer_keys=optim_keys,
+        **(info_extra or {}),
     )
-    return dict(job=job, info=info, config=config, tokenizer=tokenizer)
-
-
-def _train_hf_moe(params: dict):
-    """Tiny HF MoE model, ``global_step`` real AdamW steps (then DeepSeek-V3's expert bias set
-    to known non-zero values); returns (model, config, tokenizer, hf state dict, moments)."""
-    import torch
-
-    from realckpt import tiny_models
-
-    config = _moe_hf_config(params)
-    model = tiny_models.make_moe_model(params["arch"], params["seed"], config=config)
-    tokenizer = tiny_models.make_tokenizer()
-    named = list(model.named_parameters())
-    decay = [p for _, p in named if p.ndim > 1]
-    no_decay = [p for _, p in named if p.ndim <= 1]
-    adam = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=ADAM["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-        lr=ADAM["lr"], betas=ADAM["betas"], eps=ADAM["eps"],
-    )
-    gen = torch.Generator().manual_seed(params["seed"] + 1)
-    model.train()
-    for _ in range(params["global_step"]):
-        ids = torch.randint(3, params["vocab"], (2, 16), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        adam.step()
-        adam.zero_grad(set_to_none=True)
-    model.eval()
-    tiny_models.set_expert_bias(model, params["seed"])
-    hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    moments = {"exp_avg": {}, "exp_avg_sq": {}}
-    for name, p in named:
-        st = adam.state[p]
-        moments["exp_avg"][name] = st["exp_avg"].detach().clone()
-        moments["exp_avg_sq"][name] = st["exp_avg_sq"].detach().clone()
-    return model, config, tokenizer, hf, moments
+    return job, info
 
 
 def _prepare_moe(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) -> dict:
@@ -685,7 +665,7 @@ def _prepare_moe(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) 
     from safetensors.torch import save_file
 
     ckpt_dir, _, _ = _dirs(out_dir, params, ref)
-    model, config, tokenizer, hf, moments = _train_hf_moe(params)
+    model, config, tokenizer, hf, moments = _train_hf(params)
     vp = padded_vocab_size(params["vocab"], params["tp"], params["make_vocab_size_divisible_by"])
     lay = (lambda x: x) if params["per_layer_keys"] else stack_layers
     model_t = lay(hf_moe_to_mcore(hf, params, padded_vocab=vp))
@@ -712,7 +692,6 @@ def _prepare_moe(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) 
     save_file({"input_ids": ids, "logits": logits.contiguous()}, str(ref / "reference_logits.safetensors"))
 
     arch = params["arch"]
-    world = params["tp"] * params["pp"] * params["dp"]
     mla = None
     if arch == "deepseek_v3":
         mla = dict(q_lora_rank=params["q_lora_rank"], kv_lora_rank=params["kv_lora_rank"],
@@ -728,52 +707,13 @@ def _prepare_moe(out_dir: Path, params: dict, ref: Path, tmp: Path, index: int) 
         group_topk=params.get("topk_group") if arch == "deepseek_v3" else None,
         scaling_factor=params.get("routed_scaling_factor") if arch == "deepseek_v3" else None,
     )
-    job = dict(
-        ckpt_dir=str(ckpt_dir),
-        world_size=world,
-        tp=params["tp"],
-        pp=params["pp"],
-        ep=params["ep"],
-        etp=params["etp"],
-        model=dict(
-            num_layers=params["num_layers"], hidden=params["hidden"], heads=params["heads"],
-            kv_heads=params["kv_heads"], head_dim=params["hidden"] // params["heads"], ffn=params["ffn"],
-            padded_vocab=vp, tie=params["tie_embeddings"], qkv_bias=False,
-            qk_layernorm=arch == "qwen3_moe", norm_eps=float(config.rms_norm_eps),
-            rotary_base=float(_rope_theta(config)), max_seq=int(config.max_position_embeddings),
-            moe=moe, mla=mla,
-        ),
-        per_layer_keys=params["per_layer_keys"],
-        params_dtype=params["params_dtype"],
-        tensors_file=str(ref / "checkpoint_tensors.safetensors"),
-        optimizer=(dict(format=params["optimizer_format"], step=params["global_step"],
-                        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in ADAM.items()})
-                   if params["optimizer"] else None),
-        rng_format=params["rng_format"],
-        fully_parallel=params["fully_parallel"],
-        seed=params["seed"],
-        store_file=str(tmp / f"store_{index}"),
-        rank_info_dir=str(ref / "ranks"),
-        timeout=300,
-    )
     (ref / "ranks").mkdir()
-    info = dict(
-        format=REFERENCE_FORMAT,
-        params=params,
-        worker_job={k: v for k, v in job.items() if k not in ("store_file", "timeout", "rank_info_dir")},
-        out_dir=str(out_dir),
-        ckpt_dir=str(ckpt_dir),
-        ckpt_subdir="",
-        rank_info="ranks/rank_{r}.json",
-        world_size=world,
-        vocab_size=params["vocab"],
-        padded_vocab_size=vp,
-        head_dim=params["hidden"] // params["heads"],
-        hf_architectures=list(config.architectures),
-        model_keys={k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                    for k, v in model_t.items()},
-        optimizer_keys=optim_keys,
-        reference_logits="reference_logits.safetensors",
+    job, info = _job_and_info(
+        params, out_dir, ckpt_dir, ref, tmp, index, config, vp, model_t, optim_keys,
+        model_extra=dict(head_dim=params["hidden"] // params["heads"], qkv_bias=False,
+                         qk_layernorm=arch == "qwen3_moe", moe=moe, mla=mla),
+        timeout=300, job_extra=dict(ep=params["ep"], etp=params["etp"], rank_info_dir=str(ref / "ranks")),
+        info_extra=dict(rank_info="ranks/rank_{r}.json", reference_logits="reference_logits.safetensors"),
     )
     return dict(job=job, info=info, config=config, tokenizer=tokenizer)
 
@@ -785,26 +725,12 @@ def _rope_theta(config) -> float:
     return getattr(config, "rope_theta", 10000.0)
 
 
-def _launch(jobs: list[dict], tmp: Path, timeout: float) -> float:
-    jobs_file = tmp / "jobs.json"
-    jobs_file.write_text(json.dumps(jobs))
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+def _launch(jobs: list[dict], timeout: float) -> tuple[float, str]:
+    """Every job with one :mod:`realckpt.megatron_worker` launcher: (seconds, its output)."""
+    from realckpt.fsdp_writer import run_launcher
+
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, str(_WORKER), str(jobs_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(tmp),
-        start_new_session=True, text=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we started for this launcher
-        out, _ = proc.communicate()
-        raise RuntimeError(f"megatron worker timed out after {timeout:.0f}s:\n{out[-8000:]}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"megatron worker failed (rc={proc.returncode}):\n{out[-12000:]}")
+    out = run_launcher("realckpt.megatron_worker", {"jobs": jobs}, timeout, "megatron worker")
     return time.monotonic() - t0, out
 
 
@@ -857,7 +783,7 @@ def write_megatron_components(
             prep = (_prepare_moe if moe else _prepare)(out_dir, params, ref, tmp, i)
             pending.append((i, out_dir, ckpt_dir, hf_dir, ref, params, prep))
         if pending:
-            seconds, log = _launch([p[-1]["job"] for p in pending], tmp, timeout)
+            seconds, log = _launch([p[-1]["job"] for p in pending], timeout)
             for i, out_dir, ckpt_dir, hf_dir, ref, params, prep in pending:
                 _finish(out_dir, ref, prep, seconds, log)
                 info = json.loads((ref / "reference.json").read_text())
