@@ -340,25 +340,60 @@ def export_hf_command(
         "--max-memory", metavar="SIZE",
         help="Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two "
              "tensors being converted). [default: 1GiB, at most 1/8 of RAM]", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", metavar="N",
+        help="Share the export between N processes on this machine, each writing its own shards (as "
+             "`torchrun --nproc-per-node N -m ckptctl export-hf ...` does). [default: 1]",
+        show_default=False)] = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory."""
-    out_ = Output(json_output)
+    """Stream an FSDP or Megatron checkpoint into a HuggingFace model (safetensors), in bounded memory.
+
+    Runs in one process, or shared by several: `--workers N`, or under torchrun
+    (`torchrun --nnodes M --nproc-per-node N -m ckptctl export-hf ...`; a local OUT must be on a
+    filesystem every node shares).
+    """
+    from ckptctl.ops.distributed import check_workers, launch_workers, under_torchrun
+
+    workers = check_workers(workers)
+    if steps is not None and (workers > 1 or under_torchrun()):
+        raise UsageError("--steps exports one step after the other in one process; it cannot be shared "
+                         "between processes yet (leave out --workers / torchrun, or export each step)")
+    out_ = Output(json_output and _is_rank_zero())
     if steps is not None:
         _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
                     overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url,
                     concurrency=concurrency, max_memory=max_memory)
         return
+    if workers > 1:  # the same run as under torchrun: these processes run this command without --workers
+        argv = ["export-hf", src, "--out", out, "--dtype", dtype, "--max-shard-size", max_shard_size]
+        argv += [flag for flag, on in (("--overwrite", overwrite), ("--merge-lora", merge_lora),
+                                       ("--no-verify", no_verify), ("--json", json_output)) if on]
+        for flag, value in (("--component", component), ("--concurrency", concurrency),
+                            ("--max-memory", max_memory), ("--endpoint-url", endpoint_url)):
+            argv += [flag, str(value)] if value is not None else []
+        code = launch_workers(workers, argv)
+        if code:
+            raise typer.Exit(code)
+        return
+    from ckptctl.ops.distributed import silent_exit
     from ckptctl.ops.export import export_hf
     from ckptctl.render import render_export
 
-    with out_.progress("exporting tensors", None) as advance:
-        summary = export_hf(src, out, component=component, dtype=dtype, max_shard_size=max_shard_size,
-                            overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify,
-                            endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total),
-                            concurrency=concurrency, max_memory=max_memory)
-    out_.result(summary, render_export)
+    with (out_ if _is_rank_zero() else Output(True)).progress("exporting tensors", None) as advance:  # one bar
+        try:
+            summary = export_hf(src, out, component=component, dtype=dtype, max_shard_size=max_shard_size,
+                                overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify,
+                                endpoint_url=endpoint_url, progress=lambda done, total: advance(1, total),
+                                concurrency=concurrency, max_memory=max_memory)
+        except CkptctlError as exc:
+            code = silent_exit(exc)  # several processes: one line for the run
+            if code is not None:
+                raise typer.Exit(code) from None
+            raise
+    if _is_rank_zero():
+        out_.result(summary, render_export)
 
 
 def _export_run(out_: Output, src: str, out: str, **options) -> None:

@@ -24,7 +24,7 @@ __ckptctl_options()
         'ckptctl resolve-resume') echo '--mode --resume-path --ckpt-interval --fallback --require-checkpoint --json --endpoint-url -h --help' ;;
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
         'ckptctl verify') echo '--full --write-manifest --json --endpoint-url -h --help' ;;
-        'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --steps --concurrency --max-memory --json --endpoint-url -h --help' ;;
+        'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --steps --concurrency --max-memory --workers --json --endpoint-url -h --help' ;;
         'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --ep --etp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --json --endpoint-url -h --help' ;;
         'ckptctl diff') echo '--atol --rtol --tensors --component --json --endpoint-url -h --help' ;;
     esac
@@ -54,6 +54,7 @@ __ckptctl_nvalues()
         'ckptctl export-hf --steps') return 1 ;;
         'ckptctl export-hf --concurrency') return 1 ;;
         'ckptctl export-hf --max-memory') return 1 ;;
+        'ckptctl export-hf --workers') return 1 ;;
         'ckptctl export-hf --endpoint-url') return 1 ;;
         'ckptctl convert-reshard -o'|'ckptctl convert-reshard --out') return 1 ;;
         'ckptctl convert-reshard --tp') return 1 ;;

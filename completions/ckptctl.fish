@@ -76,6 +76,9 @@ function __ckptctl_nvalues
         case 'ckptctl export-hf --max-memory'
             echo 1
             return
+        case 'ckptctl export-hf --workers'
+            echo 1
+            return
         case 'ckptctl export-hf --endpoint-url'
             echo 1
             return
@@ -240,6 +243,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l no-verify -d 'Skip
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l steps -x -d 'SRC is a tree: export these steps to OUT/global_step_N/<component>, skipping steps already exported complete (--overwrite re-exports them).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l concurrency -x -d 'Object stores: ranged reads in flight ahead of the conversion, and shard parts uploading at once (1: one tensor read ahead, uploads in the writing thread). [default: 8]'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l max-memory -x -d 'Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two tensors being converted). [default: 1GiB, at most 1/8 of RAM]'
+complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l workers -x -d 'Share the export between N processes on this machine, each writing its own shards (as `torchrun --nproc-per-node N -m ckptctl export-hf ...` does). [default: 1]'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl export-hf' -s h -l help -d 'Show this message and exit.'

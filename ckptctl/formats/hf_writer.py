@@ -85,6 +85,16 @@ Object store prefix ``P`` (S3, GCS; no rename there):
   marker if killed after ``config.json``). ``abort()`` deletes the objects written by this run
   and the marker; uploads still open are cancelled.
 
+Several processes (torchrun, ``export-hf --workers``): each writes some of the shards
+(:func:`assign_shards`; ``shards=``). The owner's :meth:`HfModelWriter.begin` opens the output as
+above; the others :meth:`HfModelWriter.attach` to it (locally: into the owner's staging directory,
+so on several nodes a filesystem they share; on object stores: straight to the prefix) and end
+with :meth:`~HfModelWriter.finish_part`. Once they all reported
+(:meth:`~HfModelWriter.others_reported`), the owner's :meth:`~HfModelWriter.finish` checks every
+shard is there and commits as above. An abort by the owner removes everything; before the others
+reported (they may still be uploading), the object-store marker stays, so the rerun replaces what
+is left without ``overwrite``.
+
 One writer per destination at a time: two concurrent exports to the same place are not
 detected (locally the second to commit is refused or replaces the first).
 
@@ -290,6 +300,23 @@ def plan_shards(specs: Iterable[Any], max_shard_size: int | str) -> ShardPlan:
     return ShardPlan(limit, tuple(tuple(s) for s in shards))
 
 
+def assign_shards(plan: ShardPlan, processes: int) -> list[list[int]]:
+    """The shards (indices into ``plan.files``) each of ``processes`` processes writes: runs of
+    consecutive shards balanced by bytes (a shard goes to the process whose equal share of the
+    total holds the shard's middle byte), so neighbours share their source reads. Deterministic
+    from the plan: every process computes the same split. A process may get none."""
+    sizes = plan.shard_bytes()
+    if not sum(sizes):  # only empty tensors: by count
+        sizes = [1] * len(sizes)
+    total = sum(sizes)
+    out: list[list[int]] = [[] for _ in range(processes)]
+    before = 0
+    for i, size in enumerate(sizes):
+        out[min(processes - 1, int((before + size / 2) * processes / total))].append(i)
+        before += size
+    return out
+
+
 def safetensors_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
     """The 8-byte length plus the space-padded JSON header of a file holding ``specs`` in order."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -359,15 +386,11 @@ def _rename_exchange(a: str, b: str) -> bool:
     return _USE_EXCHANGE and rename_exchange(a, b)
 
 
-class _LocalTarget(LocalStaging):
-    """A local directory built in a temp sibling and renamed into place
-    (:class:`ckptctl.output_dir.LocalStaging`), plus the streaming file operations."""
+class _LocalFiles:
+    """The streaming file operations of a local output, into ``new_dir``."""
 
-    def __init__(self, store: Store, overwrite: bool):
-        super().__init__(store, overwrite, kind=HF_EXPORT)
-
-    def _exchange(self, a: str, b: str) -> bool:
-        return _rename_exchange(a, b)
+    url: str
+    new_dir: str | None
 
     def staged_store(self) -> Store:
         """The staged output (the temp sibling), for checks before the commit."""
@@ -375,7 +398,8 @@ class _LocalTarget(LocalStaging):
 
     def _path(self, rel: str) -> str:
         path = os.path.join(self.new_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if "/" in rel:  # only below: a staging directory removed by its owner is never made again
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
     def open(self, rel: str, size: int) -> IO[bytes]:
@@ -407,6 +431,37 @@ class _LocalTarget(LocalStaging):
                 os.fsync(f.fileno())
 
 
+class _LocalTarget(_LocalFiles, LocalStaging):
+    """A local directory built in a temp sibling and renamed into place
+    (:class:`ckptctl.output_dir.LocalStaging`), plus the streaming file operations."""
+
+    def __init__(self, store: Store, overwrite: bool):
+        super().__init__(store, overwrite, kind=HF_EXPORT)
+
+    def _exchange(self, a: str, b: str) -> bool:
+        return _rename_exchange(a, b)
+
+
+class _AttachedLocalTarget(_LocalFiles):
+    """Another process's share of a local output: its files go into the owner's staging
+    directory (same machine, or a filesystem the nodes share); the owner judges, commits
+    and, on failure, removes the whole staging directory."""
+
+    def __init__(self, store: Store, staging: str):
+        self.url = store.url
+        self.new_dir = staging
+        self.replaced: str | None = None
+        self.cleaned: list[str] = []
+
+    def prepare(self) -> None:
+        if not os.path.isdir(self.new_dir):
+            raise CkptctlError(f"{self.new_dir} (the staging directory process 0 created for {self.url}) is not "
+                               "here: the processes must share the destination's filesystem")
+
+    def abort(self) -> None:
+        pass  # the owner removes the staging directory
+
+
 class _UploadBudget:
     """Bytes handed to background uploads and not yet uploaded, at most ``limit`` (one part is
     always let through when nothing is held, so a part larger than the limit cannot stall)."""
@@ -432,7 +487,31 @@ class _UploadBudget:
             self._cond.notify_all()
 
 
-class _S3ConcurrentUpload:
+class _BlockBuffered:
+    """What the two background uploads share: bytes are collected into blocks of
+    ``blocksize`` and each full block is handed to :meth:`_hand_over` (as is: no copy)."""
+
+    blocksize: int
+    _buffer: bytearray
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self.blocksize - len(self._buffer))
+            self._buffer += view[:n]
+            view = view[n:]
+            if len(self._buffer) >= self.blocksize:
+                self._hand_over()
+
+    def _hand_over(self) -> None:  # pragma: no cover - each upload defines it
+        raise NotImplementedError
+
+
+class _S3ConcurrentUpload(_BlockBuffered):
     """One S3 object written as a multipart upload whose parts are uploaded concurrently, in
     the background, while the caller produces the next bytes.
 
@@ -458,10 +537,6 @@ class _S3ConcurrentUpload:
         self._error: BaseException | None = None
         self.closed = False
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
     def _check(self) -> None:
         if self._error is None:
             for future in self._futures:
@@ -471,16 +546,7 @@ class _S3ConcurrentUpload:
         if self._error is not None:
             raise self._error
 
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = min(len(view), self.blocksize - len(self._buffer))
-            self._buffer += view[:n]
-            view = view[n:]
-            if len(self._buffer) >= self.blocksize:
-                self._submit()
-
-    def _submit(self) -> None:
+    def _hand_over(self) -> None:
         self._check()
         if self._upload_id is None:
             self._upload_id = self.store.fs.call_s3("create_multipart_upload", Bucket=self.bucket,
@@ -513,7 +579,7 @@ class _S3ConcurrentUpload:
             self.closed = True
             return
         if self._buffer:
-            self._submit()
+            self._hand_over()
         from concurrent.futures import wait
 
         wait(self._futures)
@@ -536,7 +602,7 @@ class _S3ConcurrentUpload:
             self.store.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id)
 
 
-class _BackgroundUpload:
+class _BackgroundUpload(_BlockBuffered):
     """An fsspec file written by a background thread (GCS: a resumable upload's chunks must go
     up in order, one at a time): the caller hands over copies of ``blocksize`` bytes and goes on
     producing while the previous ones are uploaded; ``budget`` bounds the bytes handed over and
@@ -559,10 +625,6 @@ class _BackgroundUpload:
         self._thread = threading.Thread(target=self._run, name="ckptctl-upload", daemon=True)
         self._thread.start()
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -575,15 +637,6 @@ class _BackgroundUpload:
                 self._error = exc
             finally:
                 self._budget.release(len(item))
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = min(len(view), self.blocksize - len(self._buffer))
-            self._buffer += view[:n]
-            view = view[n:]
-            if len(self._buffer) >= self.blocksize:
-                self._hand_over()
 
     def _hand_over(self) -> None:
         if self._error is not None:
@@ -626,7 +679,7 @@ class _ObjectStoreTarget:
     for upload in either case."""
 
     def __init__(self, store: Store, overwrite: bool, upload_block_size: int, concurrency: int = 1,
-                 memory: int | None = None):
+                 memory: int | None = None, *, attached: bool = False):
         self.store = store
         self.url = store.url
         self.overwrite = overwrite
@@ -637,7 +690,9 @@ class _ObjectStoreTarget:
         self.written: list[str] = []
         self.marker_written = False
         self.cleaned: list[str] = []
-        self.replaced = self._judge(self._listing())
+        # attached: another process's share; the owner judged and prepared the prefix, and commits
+        self.attached = attached
+        self.replaced = None if attached else self._judge(self._listing())
 
     def _judge(self, existing: list[str]) -> str | None:
         """The shared rule (:func:`ckptctl.output_dir.judge_destination`): only an earlier HF
@@ -652,6 +707,8 @@ class _ObjectStoreTarget:
             return []
 
     def prepare(self) -> None:
+        if self.attached:
+            return
         existing = self._listing()
         self.replaced = self._judge(existing)  # again: it may have been filled meanwhile
         if CONFIG_NAME in existing:
@@ -747,15 +804,26 @@ class _ObjectStoreTarget:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def abort(self) -> None:
+    def abort(self, extra: Iterable[str] = (), *, keep_marker: bool = False) -> None:
+        """Delete this run's objects (``extra``: those other processes wrote) and the marker,
+        last; ``keep_marker`` leaves it (other processes may still be writing: the rerun sees
+        an interrupted export and replaces it without asking). Callable again to finish."""
         self.shutdown()
-        doomed = list(dict.fromkeys(self.written))
-        if self.marker_written:
+        doomed = list(dict.fromkeys([*self.written, *extra]))
+        drop_marker = self.marker_written and not keep_marker
+        if drop_marker:
             doomed.append(INCOMPLETE_MARKER)  # last: if this fails, a rerun still sees "interrupted"
         if doomed:
-            self.store.delete_many(doomed)
+            if self.attached:  # best effort: the owner deletes them again
+                try:
+                    self.store.delete_many(doomed)
+                except CkptctlError:
+                    pass
+            else:
+                self.store.delete_many(doomed)
         self.written = []
-        self.marker_written = False
+        if drop_marker:
+            self.marker_written = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,29 +868,62 @@ class HfModelWriter:
     def __init__(self, dest_url: str, specs: Iterable[Any], *, max_shard_size: int | str,
                  overwrite: bool = False, endpoint_url: str | None = None, store: Store | None = None,
                  upload_block_size: int = DEFAULT_UPLOAD_BLOCK_SIZE, upload_concurrency: int = 1,
-                 upload_memory: int | None = None):
+                 upload_memory: int | None = None, shards: Iterable[int] | None = None,
+                 _attach: str | bool | None = None):
         spec_list = [TensorSpec.coerce(s) for s in specs]
         self.plan = plan_shards(spec_list, max_shard_size)
         self.store = store if store is not None else open_store(dest_url, endpoint_url=endpoint_url)
+        #: another process's share (:meth:`attach`): it writes its shards, never commits
+        self.attached = _attach is not None
         if self.store.is_local:
-            self._target: Any = _LocalTarget(self.store, overwrite)
+            self._target: Any = (_AttachedLocalTarget(self.store, str(_attach)) if self.attached
+                                 else _LocalTarget(self.store, overwrite))
         else:
             self._target = _ObjectStoreTarget(self.store, overwrite, upload_block_size, upload_concurrency,
-                                              upload_memory)
+                                              upload_memory, attached=self.attached)
         self.dest = self.store.url
         self._files = self.plan.files
+        #: the shards this writer writes (all, unless several processes share the export)
+        self.shards = sorted(set(range(len(self._files)) if shards is None else shards))
+        if any(not 0 <= i < len(self._files) for i in self.shards):
+            raise UsageError(f"shards {self.shards}: the plan has {len(self._files)}")
+        self.shared = len(self.shards) < len(self._files) or self.attached
+        mine = set(self.shards)
         # Write order = the order of ``specs`` (a tensor larger than max_shard_size sits in an
         # earlier file than its neighbours but arrives in between them).
         shard_of = {spec.name: i for i, shard in enumerate(self.plan.shards) for spec in shard}
-        self._order = [(spec, shard_of[spec.name]) for spec in spec_list]
+        self._order = [(spec, shard_of[spec.name]) for spec in spec_list if shard_of[spec.name] in mine]
+        last_tensor = {shard_of[spec.name]: i for i, spec in enumerate(spec_list)}
+        #: the shards in the order one process completes them (its last tensor added)
+        self._completion_order = [self._files[i] for i in sorted(last_tensor, key=last_tensor.get)]
         self._remaining = [len(shard) for shard in self.plan.shards]
+        #: files other processes wrote (owner of a shared export): kept at commit, deleted on abort
+        self._elsewhere: list[str] = []
+        self._others_settled = True
         self._open: dict[int, Any] = {}
         self._next = 0
         self._state = "new"  # new -> writing -> finished | aborted; "broken" after a failure
+        self._abort_settled = False
         self._completed: list[str] = []
         self._bytes_written = 0
         self.peak_buffered_bytes = 0
         self._sigterm = TerminateAsInterrupt()
+
+    @classmethod
+    def attach(cls, dest_url: str, specs: Iterable[Any], *, staging: str | None, shards: Iterable[int],
+               **options) -> "HfModelWriter":
+        """Another process's share of an export that a writer opened with :meth:`begin`: it writes
+        the shards ``shards`` (into ``staging``, the owner's staging directory, locally; straight
+        to the prefix on object stores) and ends with :meth:`finish_part`. ``options``: as the
+        owner's (``max_shard_size`` and the specs must be the same: the plan is)."""
+        return cls(dest_url, specs, shards=shards, _attach=staging if staging is not None else True, **options)
+
+    def begin(self) -> str | None:
+        """Open the output now (local: the temp sibling; object stores: the old export stops
+        looking complete, the marker is written), before other processes :meth:`attach`; returns
+        the local staging directory they write into (None on object stores)."""
+        self._start()
+        return self._target.new_dir if self.store.is_local else None
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> "HfModelWriter":
@@ -852,10 +953,17 @@ class HfModelWriter:
     def tensors_added(self) -> int:
         return self._next
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """The tensors :meth:`add` takes from this writer, in order (its shards' only, when shared)."""
+        return [spec.name for spec, _ in self._order]
+
     def _start(self) -> None:
         if self._state == "new":
             self._state = "broken"
             self._sigterm.install()  # before the staging exists: from here on, SIGTERM aborts like Ctrl-C
+            if self.shared and not self.attached:
+                self._others_settled = False  # others may write until they report
             self._target.prepare()
             self._state = "writing"
         elif self._state != "writing":
@@ -897,8 +1005,33 @@ class HfModelWriter:
         self._next += 1
         self._state = "writing"
 
+    def _check_all_added(self) -> None:
+        if self._next != len(self._order):
+            missing = len(self._order) - self._next
+            raise UsageError(f"{missing} planned tensor(s) not added yet (next: {self._order[self._next][0].name!r})")
+
+    def others_reported(self, files: Iterable[str]) -> None:
+        """Owner of a shared export: every other process has stopped writing, and these are the
+        files they wrote (kept by the commit, deleted by an abort, marker included)."""
+        self._elsewhere = list(dict.fromkeys([*self._elsewhere, *files]))
+        self._others_settled = True
+
+    def finish_part(self) -> tuple[list[str], int]:
+        """An attached writer's end: every tensor of its shards added and each shard closed
+        (uploaded); returns (its files, bytes written). The owner commits them."""
+        if not self.attached:
+            raise UsageError("finish_part() is for an attached writer; the owner calls finish()")
+        self._check_all_added()
+        self._start()  # a process without shards still checks the staging directory is shared
+        if isinstance(self._target, _ObjectStoreTarget):
+            self._target.shutdown()
+        self._state = "finished"
+        self._sigterm.restore()
+        return list(self._completed), self._bytes_written
+
     def finish(self, config: Mapping[str, Any] | bytes | str, extra_files: Mapping[str, bytes] | None = None,
-               *, total_parameters: int | None = None, verify: bool = True) -> HfWriteSummary:
+               *, total_parameters: int | None = None, verify: bool = True,
+               bytes_elsewhere: int = 0) -> HfWriteSummary:
         """Write extra files (tokenizer, generation_config.json), the index, then -- unless
         ``verify`` is false -- re-read what was written (:func:`verify_export` on the staged
         output: every shard header and the index, against the planned names, shapes and dtypes), and only
@@ -909,10 +1042,15 @@ class HfModelWriter:
         ``total_parameters`` goes into the index metadata; transformers writes
         ``model.num_parameters()`` there, which leaves out persistent buffers: by default the
         sum of all tensors' element counts (the same for models whose state dict holds only
-        parameters)."""
-        if self._next != len(self._order):
-            missing = len(self._order) - self._next
-            raise UsageError(f"{missing} planned tensor(s) not added yet (next: {self._order[self._next][0].name!r})")
+        parameters).
+
+        Shared by several processes: the others' shards must be written (:meth:`others_reported`,
+        ``bytes_elsewhere`` their bytes); the check covers every shard, whoever wrote it."""
+        if self.attached:
+            raise UsageError("an attached writer cannot commit; the owner does")
+        self._check_all_added()
+        if not self._others_settled:
+            raise UsageError("the other processes' shards are not all written yet")
         shard_files = set(self._files)
         extras = {_check_extra_name(rel, shard_files): bytes(data) for rel, data in (extra_files or {}).items()}
         config_data = _config_bytes(config)
@@ -931,8 +1069,16 @@ class HfModelWriter:
             self._target.put(SAFE_WEIGHTS_INDEX_NAME, data)
             self._completed.append(SAFE_WEIGHTS_INDEX_NAME)
             self._bytes_written += len(data)
+        all_specs = [spec for shard in self.plan.shards for spec in shard]
+        if self.shared:  # even without verify: a shard another process wrote where this one cannot see it
+            staged = {e.path for e in self._target.staged_store().walk()}
+            missing = [f for f in self._files if f not in staged]
+            if missing:
+                self.abort()
+                raise CkptctlError(f"{missing[0]} (written by another process) is not at {self.dest}'s staging: the "
+                                   "processes must share the destination's filesystem (nothing committed)")
         if verify:
-            want = {spec.name: (spec.shape, spec.dtype) for spec, _ in self._order}
+            want = {spec.name: (spec.shape, spec.dtype) for spec in all_specs}
             problems = verify_export(self.dest, want, store=self._target.staged_store(), staged=True)
             if problems:
                 self.abort()
@@ -944,24 +1090,38 @@ class HfModelWriter:
         self._target.commit()
         self._state = "finished"
         self._sigterm.restore()
+        files = list(self._completed)
+        if self.shared:  # every shard, in the order one process would have completed them, then the rest
+            done = set(files) | set(self._elsewhere)
+            files = [f for f in self._completion_order if f in done] + [f for f in files if f not in shard_files]
         return HfWriteSummary(
-            dest=self.dest, files=list(self._completed), shard_files=list(self._files),
-            shard_count=len(self._files), tensor_count=len(self._order), total_size=self.plan.total_size,
-            bytes_written=self._bytes_written,
-            dtype_counts=dict(sorted(Counter(spec.dtype for spec, _ in self._order).items())),
+            dest=self.dest, files=files, shard_files=list(self._files),
+            shard_count=len(self._files), tensor_count=len(all_specs), total_size=self.plan.total_size,
+            bytes_written=self._bytes_written + bytes_elsewhere,
+            dtype_counts=dict(sorted(Counter(spec.dtype for spec in all_specs).items())),
             replaced=self._target.replaced, cleaned=list(self._target.cleaned),
             peak_buffered_bytes=self.peak_buffered_bytes)
 
     def abort(self) -> None:
-        """Remove what this run wrote (local: the temp directory; cloud: its objects)."""
-        if self._state in ("finished", "aborted"):
+        """Remove what this run wrote (local: the temp directory; cloud: its objects).
+
+        Owner of a shared export on an object store: the others' files too; while they may still
+        be writing (before :meth:`others_reported`) every planned shard is deleted but the marker
+        stays (the rerun replaces an interrupted export without asking); called again once they
+        reported, it deletes what they wrote and the marker."""
+        if self._state == "finished" or (self._state == "aborted" and self._abort_settled):
             return
         for f in list(self._open.values()):
             self._target.discard(f)
         self._open.clear()
         self._state = "aborted"
+        self._abort_settled = self._others_settled
         try:
-            self._target.abort()
+            if isinstance(self._target, _ObjectStoreTarget) and self.shared and not self.attached:
+                others = [f for i, f in enumerate(self._files) if i not in set(self.shards)]
+                self._target.abort([*self._elsewhere, *others], keep_marker=not self._others_settled)
+            else:
+                self._target.abort()
         finally:
             self._sigterm.restore()
 
@@ -1085,6 +1245,6 @@ def verify_export(dest_url: str, expected: Mapping[str, Any] | None = None, *,
 
 __all__ = [
     "CONFIG_NAME", "DEFAULT_MAX_SHARD_SIZE", "INCOMPLETE_MARKER", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME",
-    "HfModelWriter", "HfWriteSummary", "ShardPlan", "TensorSpec", "normalize_dtype", "parse_size", "plan_shards",
+    "HfModelWriter", "HfWriteSummary", "ShardPlan", "TensorSpec", "assign_shards", "normalize_dtype", "parse_size", "plan_shards",
     "safetensors_header", "shard_file_name", "specs_from_state_dict", "verify_export",
 ]

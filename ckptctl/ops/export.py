@@ -19,6 +19,12 @@ next tensors are produced (:class:`ckptctl.formats.hf_writer.HfModelWriter`).
 A LoRA model (FSDP files holding a PEFT state dict, see :mod:`ckptctl.formats.peft`) exports
 its base weights under HF names plus ``lora_adapter/`` as saved, or with ``merge_lora`` one
 standalone model: each adapted weight is read with its two small factors and merged on the fly.
+
+Several processes (torchrun, ``export-hf --workers``; :func:`export_hf` ``distributed``) share
+the output shards, through the machinery ``convert-reshard`` uses
+(:mod:`ckptctl.ops.distributed`): every process plans the same shards, writes its own run of them
+(reading only their source tensors) into the output process 0 opened, and process 0 commits once
+all reported (:class:`_Share`, :func:`_shared`).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class ExportSummary:
     verified: bool = False
     manifest_checked: bool = False  # the source's files matched its ckptctl-manifest.json
     replaced: str | None = None  # what --overwrite replaced at the destination, in words
+    processes: int = 1  # processes that shared the work (torchrun, --workers)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -239,6 +246,9 @@ class HfTensors:
     shard_groups: dict[str, str] = field(default_factory=dict)
     #: Completes the CRC checks of partly read chunks (call before trusting what was read)
     finish: Callable[[], None] | None = None
+    #: HF names -> the reader's tensors reading them reads, in order (FSDP: a read-ahead plan for
+    #: a part of the export); None: not known
+    sources: Callable[[list[str]], list[str]] | None = None
 
 
 def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary: ExportSummary, *,
@@ -294,13 +304,20 @@ def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: E
         source = sources[name]
         return source() if callable(source) else reader.read_tensor(source)
 
+    def source_names(names: list[str], hf_source: Callable[[str], str] = lambda name: name) -> list[str]:
+        found = []
+        for name in names:
+            source = sources[hf_source(name)]
+            found.extend(source.reads if callable(source) else (source,))
+        return list(dict.fromkeys(found))
+
     if not converts_on_save(config):
         def stream() -> Iterator[tuple[str, Any]]:
             for name in sources:
                 yield name, read_source(name)
 
         specs = [(name, TensorInfo(name=name, shape=info.shape, dtype=info.dtype)) for name, info, _ in outputs]
-        return HfTensors(specs, stream, read_source)
+        return HfTensors(specs, stream, read_source, sources=source_names)
 
     # transformers 5 MoE classes: experts fused in memory, one tensor per expert on save
     dtypes = {name: info.dtype for name, info, _ in outputs}
@@ -325,7 +342,8 @@ def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: E
             fused.clear()
 
     specs = [(t.name, TensorInfo(name=t.name, shape=t.shape, dtype=dtypes[t.source])) for t in layout.values()]
-    return HfTensors(specs, stream, read, shard_groups={t.name: t.shard_group for t in layout.values() if t.shard_group})
+    return HfTensors(specs, stream, read, shard_groups={t.name: t.shard_group for t in layout.values() if t.shard_group},
+                     sources=lambda names: source_names(names, lambda name: layout[name].source))
 
 
 class _LoraSource:
@@ -402,6 +420,7 @@ class _LoraSource:
             a = self.reader.read_tensor(pair.a.source)
             b = self.reader.read_tensor(pair.b.source)
             return merge_lora_weight(weight, a, b, scaling, transpose=transpose)
+        produce.reads = (base_name, pair.a.source, pair.b.source)  # what a read-ahead fetches for it
         return produce
 
 
@@ -545,14 +564,17 @@ class _ReadAheadScope:
     def __enter__(self) -> "_ReadAheadScope":
         return self
 
-    def start(self, reader, summary: ExportSummary, budget: int, concurrency: int) -> None:
+    def start(self, reader, summary: ExportSummary, budget: int, concurrency: int,
+              names: list[str] | None = None) -> None:
+        """``names``: the reader's tensors to fetch ahead, in reading order (default: every one
+        the export reads)."""
         from ckptctl.storage import ReadAhead
 
         planner = getattr(reader, "planned_reads", None)
         if planner is None:
             return
-        # the tensors an export reads, in the reader's order (what the name mapping reads them in)
-        names = [t.name for t in reader.tensors() if t.group == MODEL and t.name not in summary.skipped]
+        if names is None:  # the tensors an export reads, in the reader's order (what the name mapping reads them in)
+            names = [t.name for t in reader.tensors() if t.group == MODEL and t.name not in summary.skipped]
         plan = planner(names)
         if not plan:
             return
@@ -571,14 +593,42 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
               max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
               verify: bool = True, endpoint_url: str | None = None,
               progress: Callable[[int, int], None] | None = None, concurrency: int | None = None,
-              max_memory: int | str | None = None) -> ExportSummary:
+              max_memory: int | str | None = None, distributed: bool | None = None) -> ExportSummary:
     """Export ``component`` of the checkpoint at ``src`` to an HF model directory ``out``.
 
     ``progress(done, total)`` is called after each tensor. ``verify`` re-reads the output before
     committing it and, where the source has a ``ckptctl-manifest.json``, checks the source's hashes.
     ``concurrency`` / ``max_memory``: see :class:`Transfer` (defaults: 8 requests, 1 GiB or 1/8
-    of RAM).
+    of RAM), per process.
+
+    ``distributed``: None detects torchrun (``WORLD_SIZE`` > 1, or an initialised process group).
+    Then the processes share the output shards (:func:`ckptctl.formats.hf_writer.assign_shards`:
+    runs of shards balanced by bytes), each reading only the source bytes its tensors need and
+    writing its own shards; process 0 opens the output first (a local destination's staging
+    directory is shared: on several nodes, a filesystem they all mount), commits it (index and
+    ``config.json`` last) only once every process has reported success, and returns the summary
+    on every process; ``progress`` is called on process 0 only. A process that fails fails the
+    run on every process (``process N: ...``) and nothing is committed. The output is the
+    one-process export's, byte for byte.
     """
+    kwargs = dict(component=component, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                  merge_lora=merge_lora, verify=verify, endpoint_url=endpoint_url, concurrency=concurrency,
+                  max_memory=max_memory)
+    if distributed is None:
+        from ckptctl.ops.distributed import under_torchrun
+
+        distributed = under_torchrun()
+    if not distributed:
+        return _export_process(src, out, progress=progress, share=None, **kwargs)
+    return _shared(lambda share: _export_process(src, out, progress=progress if share.rank == 0 else None,
+                                                 share=share, **kwargs))
+
+
+def _export_process(src: str, out: str, *, component: str | None, dtype: str, max_shard_size: str | int,
+                    overwrite: bool, merge_lora: bool, verify: bool, endpoint_url: str | None,
+                    progress: Callable[[int, int], None] | None, concurrency: int | None,
+                    max_memory: int | str | None, share: "_Share | None") -> ExportSummary:
+    """The export, or this process's part of it (``share``)."""
     started = time.perf_counter()
     transfer = Transfer.make(concurrency, max_memory)
     if dtype not in DTYPES:
@@ -601,13 +651,14 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
         raise UsageError("--merge-lora is supported for FSDP checkpoints (PEFT LoRA); not for Megatron ones")
     config, extra_files = _read_hf_files(parent, comp)
     comp_store = parent.child(comp.path)
-    # With a manifest (verify --write-manifest), the source files are hashed while the export runs.
-    manifest = ManifestCheck.start(parent, comp) if verify else None
+    # With a manifest (verify --write-manifest), the source files are hashed while the export runs
+    # (by process 0 alone when several share it).
+    manifest = ManifestCheck.start(parent, comp) if verify and (share is None or share.rank == 0) else None
     try:
         summary.manifest_checked = manifest is not None
         return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
                        max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora, verify=verify,
-                       manifest=manifest, progress=progress, started=started, transfer=transfer)
+                       manifest=manifest, progress=progress, started=started, transfer=transfer, share=share)
     finally:
         if manifest is not None:
             manifest.cancel()
@@ -617,8 +668,8 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
             summary: ExportSummary, dst_store: Store, *, dtype: str, max_shard_size: str | int, overwrite: bool,
             merge_lora: bool, verify: bool, manifest: "ManifestCheck | None",
             progress: Callable[[int, int], None] | None, started: float,
-            transfer: Transfer | None = None) -> ExportSummary:
-    from ckptctl.formats.hf_writer import HfModelWriter, TensorSpec
+            transfer: Transfer | None = None, share: "_Share | None" = None) -> ExportSummary:
+    from ckptctl.formats.hf_writer import HfModelWriter, TensorSpec, assign_shards, plan_shards
 
     transfer = transfer or Transfer.make()
     read_budget, upload_budget = transfer.budgets(not parent.is_local, not dst_store.is_local)
@@ -645,12 +696,33 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
         config_dtype = _config_dtype(out_specs)
         writer_specs = [replace(TensorSpec.coerce(spec), shard_group=found.shard_groups.get(spec[0]))
                         for spec in out_specs]
-        if read_budget and transfer.concurrency > 1:
-            read_ahead.start(reader, summary, read_budget, transfer.concurrency)
-        with HfModelWriter(dst_store.url, writer_specs, max_shard_size=max_shard_size, overwrite=overwrite,
-                           store=dst_store, upload_concurrency=transfer.concurrency,
-                           upload_memory=upload_budget or None) as writer:
+        options = dict(max_shard_size=max_shard_size, store=dst_store, upload_concurrency=transfer.concurrency,
+                       upload_memory=upload_budget or None)
+        if share is None:
+            writer = HfModelWriter(dst_store.url, writer_specs, overwrite=overwrite, **options)
+        else:
+            mine = assign_shards(plan_shards(writer_specs, max_shard_size), share.world)[share.rank]
+            if share.rank == 0:
+                writer = share.writer = HfModelWriter(dst_store.url, writer_specs, overwrite=overwrite,
+                                                      shards=mine, **options)
+            else:
+                writer = HfModelWriter.attach(dst_store.url, writer_specs, staging=share.opened(), shards=mine,
+                                              **options)
+        with writer:
             import torch
+
+            if share is not None and share.rank == 0:
+                share.open(writer.begin())  # the others write into what process 0 opened
+            names = writer.tensor_names
+            if read_budget and transfer.concurrency > 1:
+                read_ahead.start(reader, summary, read_budget, transfer.concurrency,
+                                 names=None if share is None or found.sources is None else found.sources(names))
+            if share is None:
+                stream = found.stream
+            else:  # this process's shards only: each tensor read on its own (Megatron: by conversion step)
+                def stream() -> Iterator[tuple[str, Any]]:
+                    for name in names:
+                        yield name, found.read(name)
 
             cast_to = getattr(torch, target) if target else None
 
@@ -661,7 +733,7 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
                     yield name, tensor.contiguous()
                     del tensor
 
-            total = len(out_specs)
+            total = len(names)
             # Reading (and casting) the next tensor overlaps writing this one: two threads, at
             # most PREFETCH_SLOTS tensors alive at once.
             tensors = _prefetched(prepared(), PREFETCH_SLOTS)
@@ -678,8 +750,14 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
                 found.finish()  # CRC checks of chunks read in part (one expert of several): before the commit
             if manifest is not None:
                 manifest.result()  # the source's hashes: a mismatch aborts before the commit
+            bytes_elsewhere = 0
+            if share is not None and share.rank != 0:
+                share.report(writer.finish_part())  # process 0 commits
+                return summary
+            if share is not None:
+                bytes_elsewhere = share.collect()  # every other process's shards, or its error
             # Verified before the commit: a failed check leaves nothing behind.
-            result = writer.finish(fixed, extra_files, verify=verify)
+            result = writer.finish(fixed, extra_files, verify=verify, bytes_elsewhere=bytes_elsewhere)
     summary.tensors = result.tensor_count
     summary.shards = result.shard_count
     summary.bytes = result.total_size
@@ -687,5 +765,102 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
     summary.dtypes_written = dict(result.dtype_counts)
     summary.verified = verify
     summary.replaced = result.replaced
+    summary.processes = 1 if share is None else share.world
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun, --workers)
+# ---------------------------------------------------------------------------------------------
+class _Share:
+    """This process's place in an export shared by several, and the run's three collectives
+    (:class:`ckptctl.ops.distributed.ProcessGroup`, the machinery convert-reshard uses):
+    process 0 says how opening the output went (:meth:`open` / :meth:`opened`), every other
+    process reports its shards or its error (:meth:`report` / :meth:`collect`), process 0 says
+    how the commit went (:func:`_shared`). ``step`` counts the collectives done, so that a
+    process that fails early still takes part in the ones the others wait in."""
+
+    def __init__(self, pg):
+        self.pg = pg
+        self.rank, self.world = pg.rank, pg.world
+        self.step = 0
+        self.ended = False  # process 0 failed to open: no collective follows
+        self.writer = None  # process 0's writer (the owner of the output)
+
+    def open(self, staging: str | None) -> None:
+        self.pg.broadcast(("ok", staging))
+        self.step = 1
+
+    def opened(self) -> str | None:
+        """Process 0's staging directory (None: an object store), once it opened the output."""
+        from ckptctl.ops.distributed import raise_payload
+
+        status = self.pg.broadcast()
+        self.step = 1
+        if status[0] == "error":
+            self.ended = True
+            raise_payload(status[1])
+        return status[1]
+
+    def report(self, part: tuple[list[str], int] | None, error: tuple | None = None) -> None:
+        self.pg.gather(("ok", part) if error is None else ("error", error))
+        self.step = 2
+
+    def collect(self) -> int:
+        """Process 0: the others' reports; their files are made known to the writer (kept by the
+        commit, removed by an abort); the first error raised as ``process N: ...``. Returns the
+        bytes the others wrote."""
+        from ckptctl.ops.distributed import raise_payload
+
+        gathered = self.pg.gather(("ok", ([], 0)))
+        self.step = 2
+        files = [f for g in gathered if g[0] == "ok" for f in g[1][0]]
+        if self.writer is not None:
+            self.writer.others_reported(files)
+        for rank, g in enumerate(gathered):
+            if g[0] == "error":
+                raise_payload(g[1], f"process {rank}: ")
+        return sum(g[1][1] for g in gathered)
+
+
+def _shared(run: Callable[["_Share"], ExportSummary]) -> ExportSummary:
+    """Run this process's part of a shared export (``run(share)``) and the collectives it did not
+    reach; every process returns process 0's summary or raises the run's error."""
+    from ckptctl.ops.distributed import PeerLostError, error_payload, process_group, raise_payload
+
+    with process_group() as pg:
+        share = _Share(pg)
+        failure: BaseException | None = None
+        try:
+            outcome: tuple = ("ok", run(share))
+        except PeerLostError:
+            raise  # the group is gone: no collective can follow
+        except BaseException as exc:  # noqa: BLE001 - handed to the other processes
+            failure = exc
+            outcome = ("error", error_payload(exc))
+            if share.ended:
+                raise
+            if share.step == 0 and share.rank == 0:
+                pg.broadcast(("error", outcome[1]))  # the others stop before writing anything
+                raise
+            if share.step == 0:
+                try:
+                    share.opened()
+                except BaseException:
+                    raise exc from None  # process 0 failed too: same error, nothing written
+            if share.step == 1 and share.rank != 0:
+                share.report(None, outcome[1])
+            elif share.step == 1:  # process 0 failed while writing: wait for the others, then clean up
+                try:
+                    share.collect()
+                except BaseException:  # noqa: BLE001 - process 0's own error is the run's
+                    pass
+                if share.writer is not None:
+                    share.writer.abort()  # again, now that the others stopped: their files and the marker
+        final = pg.broadcast(outcome if pg.rank == 0 else None)
+        if final[0] == "error":
+            if failure is not None and pg.rank == 0:
+                raise failure  # process 0's own error, as it was raised (its exit code too)
+            raise_payload(final[1])
+        return final[1]
