@@ -27,6 +27,11 @@ class UsageError(CkptctlError):
     exit_code = 2
 
 
+class OptimizerLayoutError(UsageError):
+    """Layout-bound optimizer state (megatron's dp_reshardable buckets) that cannot be mapped to
+    parameters with certainty: the message names ``--drop-optimizer``."""
+
+
 class NotFoundError(CkptctlError):
     exit_code = 3
 

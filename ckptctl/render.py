@@ -85,8 +85,20 @@ def render_resolution(console: Console, res: Resolution) -> None:
             console.print(f"  {name:<14} {path or '(absent)'}", highlight=False)
     elif res.action == FAIL:
         console.print(f"SkyRL would [red]fail[/red]: {res.skyrl_error}", highlight=False)
+    shown = set()
+    for fit in res.optimizer:
+        verdict = {True: "[green]yes[/green]", False: "[red]no[/red]"}.get(fit.loadable, "[yellow]unknown[/yellow]")
+        console.print(f"optimizer state loads with the run's config: {verdict} ({fit.component}: {fit.reason})",
+                      highlight=False)
+        shown.update(p for p in res.problems if p.startswith(f"{fit.component}: {fit.reason}"))
+        if fit.convert:
+            console.print(f"  convert: {fit.convert}", highlight=False)
+            console.print(f"  or, weights only: {fit.drop}", highlight=False)
+            console.print(f"  then copy trainer_state.pt and data.pt to {fit.resume_path} and launch with "
+                          + " ".join(fit.overrides), highlight=False)
     for problem in res.problems:
-        console.print(f"[red]problem:[/red] {problem}", highlight=False)
+        if problem not in shown:
+            console.print(f"[red]problem:[/red] {problem}", highlight=False)
     for warning in res.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if res.fallback_path:
@@ -115,6 +127,97 @@ def _add_mapping(node, mapping: dict, skip: tuple[str, ...] = (), depth: int = 0
             _add_mapping(node.add(f"[bold]{escape(str(key))}[/bold]"), value, depth=depth + 1)
         else:
             node.add(escape(f"{key}: {_kv(value)}"), highlight=False)
+
+
+_BUCKET_STATES = ("param", "exp_avg", "exp_avg_sq")
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _add_megatron_optimizer(node, opt: dict) -> None:
+    """A Megatron checkpoint's optimizer: format per optimizer of the chain, and for
+    ``dp_reshardable`` a table of its flat buffers (dp_group_idx, grad buffer, bucket, sizes)."""
+    from rich.markup import escape
+
+    head = f"[bold]optimizer[/bold]  {escape(str(opt.get('format') or 'none'))}"
+    if opt.get("format"):
+        head += f" (from {opt.get('format_source', 'keys')})"
+    if opt.get("step") is not None:
+        head += f", step {_kv(opt['step'])}"
+    branch = node.add(head, highlight=False)
+    if opt.get("param_groups"):
+        groups = [{k: g.get(k) for k in _GROUP_KEYS if k in g} for g in opt["param_groups"]]
+        branch.add(escape(f"param_groups: {_kv(groups)}"), highlight=False)
+    if opt.get("bucket_parameters"):
+        branch.add(escape(f"parameters of each bucket: {opt['bucket_parameters']}"), highlight=False)
+    for chain in opt.get("chains") or ():
+        label = chain["chain"] or "state"
+        line = f"{label}: {chain.get('format') or 'unknown'}, {chain['tensors']} tensors, {human_bytes(chain['bytes'])}"
+        if chain.get("dp_groups"):
+            states = {s for g in chain["dp_groups"] for b in g["buffers"] for k in b["buckets"] for s in k["bytes"]}
+            line += (f"; {len(chain['dp_groups'])} model-parallel groups of flat buffers ("
+                     + ", ".join(sorted(states, key=lambda s: (_BUCKET_STATES + (s,)).index(s))) + ")")
+        if chain.get("format_in_common") and chain.get("format_from_keys") \
+                and chain["format_in_common"] != chain["format_from_keys"]:
+            line += f" (common.pt says {chain['format_in_common']}, keys say {chain['format_from_keys']})"
+        sub = branch.add(escape(line), highlight=False)
+        if chain.get("states"):
+            sub.add(escape(f"{chain['parameters']} parameters; " + ", ".join(
+                f"{state} {f['numel']:,} ({human_bytes(f['bytes'])})" for state, f in chain["states"].items())),
+                highlight=False)
+        if chain.get("dp_groups"):
+            sub.add(_bucket_table(chain["dp_groups"]))
+
+
+def _bucket_table(groups: list[dict]) -> Table:
+    """One row per bucket of a ``dp_reshardable`` optimizer (a ``parameters`` column shows
+    when the buckets carry what they hold)."""
+    rows = [(g, b, k) for g in groups for b in g["buffers"] for k in b["buckets"]]
+    with_params = any("parameters" in k for _, _, k in rows)
+    table = Table(show_edge=False, pad_edge=False)
+    states = [s for s in _BUCKET_STATES if any(s in k["bytes"] for _, _, k in rows)]
+    for col in ("dp_group_idx", "ranks", "gbuf", "dtype", "bucket", "numel", "unpadded", "stored", "bytes/state") \
+            + (("parameters",) if with_params else ()):
+        table.add_column(col, justify="left" if col in ("ranks", "dtype", "parameters") else "right")
+    for g, b, k in rows:
+        sizes = {k["bytes"].get(s) for s in states}
+        per_state = (human_bytes(sizes.pop()) if len(sizes) == 1 else
+                     ", ".join(f"{s} {human_bytes(k['bytes'].get(s))}" for s in states))
+        dtype = "/".join(d for d in (b.get("param_dtype"), b.get("grad_dtype")) if d) or b["dtype"]
+        table.add_row(str(g["dp_group_idx"]), ",".join(map(str, g["writer_ranks"])), str(b["gbuf_idx"]), dtype,
+                      str(k["bucket_idx"]), _count(k.get("numel")), _count(k.get("numel_unpadded")),
+                      _count(k.get("stored_numel")), per_state,
+                      *((_held(k.get("parameters")),) if with_params else ()))
+    return table
+
+
+def _count(n) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _held(params) -> str:
+    """A bucket's parameters, short: their number, then in buffer order the modules outside the
+    decoder layers and the range of layers (and of experts) inside (entries with ``key`` /
+    ``layer`` / ``expert``, as inspect lists them; plain names: the first and last)."""
+    if not isinstance(params, (list, tuple)):
+        return _kv(params) if params is not None else "-"
+    if not all(isinstance(p, dict) and "key" in p for p in params):
+        names = [str(p) for p in params]
+        return f"{len(names)}: {names[0]} … {names[-1]}" if len(names) > 2 else f"{len(names)}: " + ", ".join(names)
+    parts: list[str] = []
+    layers = [p["layer"] for p in params if p.get("layer") is not None]
+    experts = [p["expert"] for p in params if p.get("expert") is not None]
+    for p in params:
+        if p.get("layer") is not None:
+            part = "layer" if len(set(layers)) == 1 else "layers"
+            part += f" {min(layers)}" if len(set(layers)) == 1 else f" {min(layers)}-{max(layers)}"
+        else:
+            head, _, rest = p["key"].partition(".")
+            part = rest.split(".")[0] if head == "decoder" and rest else head
+        if part not in parts:
+            parts.append(part)
+    if experts:
+        parts.append(f"expert {experts[0]}" if len(set(experts)) == 1 else f"experts {min(experts)}-{max(experts)}")
+    return f"{len(params)}: " + ", ".join(parts)
 
 
 def render_inspect(console: Console, report) -> None:
@@ -146,7 +249,10 @@ def render_inspect(console: Console, report) -> None:
                    for k, v in comp.moe.items() if v is not None}
             _add_mapping(node.add("[bold]mixture of experts[/bold]"), moe)
         if comp.format:
-            _add_mapping(node.add("[bold]format[/bold]"), comp.format)
+            chained = isinstance(comp.format.get("optimizer"), dict) and "chains" in comp.format["optimizer"]
+            _add_mapping(node.add("[bold]format[/bold]"), comp.format, skip=("optimizer",) if chained else ())
+            if chained:
+                _add_megatron_optimizer(node, comp.format["optimizer"])
         for warning in comp.warnings:
             node.add(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if report.trainer_state:

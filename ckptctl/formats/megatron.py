@@ -49,7 +49,7 @@ VERL_SUBDIR = "dist_ckpt"
 DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
 ZIP_MAGIC = b"PK\x03\x04"
 
-_OPT_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+_OPT_RE = re.compile(r"^(?:(chained_\d+)\.)?optimizer\.")  # group 1: the chain (None: not chained)
 _OPT_STATE_RE = re.compile(r"^(?:chained_\d+\.)?optimizer\.state\.([^.]+)\.(.+)$")
 _PER_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_PREFIX = "decoder.layers."
@@ -159,6 +159,9 @@ class ObjectInfo:
         return dict(self.__dict__)
 
 
+_SMALL_OBJECT = 64 << 10  # bytes: objects up to this size are kept once read
+
+
 def _rank_of(file_name: str) -> int | None:
     m = DISTCP_RE.match(file_name.rsplit("/", 1)[-1])
     return int(m.group(1)) if m else None
@@ -209,6 +212,9 @@ class MegatronReader(CheckpointReader):
         # checks that partial reads (read_region) add up, finished by finish_crc_checks()
         self._crc_verified: set[tuple[str, int]] = set()
         self._crc_parts: dict[tuple[str, int], dict] = {}
+        # the bytes of small objects read (bucket records, param groups: summary and the bucket
+        # layout both read them; one fetch each on object stores)
+        self._small_objects: dict[str, bytes] = {}
 
     # -- locating and parsing .metadata -----------------------------------------------------
     @property
@@ -513,7 +519,11 @@ class MegatronReader(CheckpointReader):
         obj = self._objects.get(name)
         if obj is None:
             raise NotFoundError(f"{self.store.url}: no object named {name!r} in this Megatron checkpoint")
-        blob = self.store.read_range(obj.file, obj.byte_offset, obj.byte_offset + obj.byte_length)
+        blob = self._small_objects.get(name)
+        if blob is None:
+            blob = self.store.read_range(obj.file, obj.byte_offset, obj.byte_offset + obj.byte_length)
+            if len(blob) <= _SMALL_OBJECT:
+                self._small_objects[name] = blob
         where = f"{self.store.url_of(obj.file)} (bytes {obj.byte_offset}+{obj.byte_length}, {name})"
         if len(blob) != obj.byte_length:
             raise CorruptCheckpointError(f"cannot read {where}: truncated")
@@ -572,15 +582,83 @@ class MegatronReader(CheckpointReader):
         out["optimizer"] = {"format_from_keys": _optimizer_format_from_keys(infos, objs)}
         out["optimizer"]["format"] = out["optimizer"]["format_from_keys"]
         out["optimizer"]["state_keys"] = sorted({m.group(1) for t in infos if (m := _OPT_STATE_RE.match(t.name))})
+        out["optimizer"]["chains"] = optimizer_chains(infos, objs)
         rng_objects = sorted(o.name for o in objs if o.key.startswith("rng_state"))
         out["rng"] = {"present": bool(rng_objects), "where": "sharded objects" if rng_objects else None,
                       "objects": rng_objects}
         if common:
             self._summarise_common(out, problems)
+            self._read_bucket_sizes(out["optimizer"], problems)
+        _settle_optimizer_format(out["optimizer"], problems)
         if check_files:
             problems += self._check_files(files, infos, objs)
         out["problems"] = problems
         return out
+
+    def _read_bucket_sizes(self, optimizer: dict, problems: list[str]) -> None:
+        """Fill each ``dp_reshardable`` bucket's padded and unpadded numel from megatron's own
+        ``per_bucket_numel(_unpadded)`` objects (one small read each per dp_group_idx, several
+        at once on object stores), and the step / param_groups from each chain's first group's
+        ``optimizer`` object when common.pt has none."""
+        by_key: dict[str, ObjectInfo] = {}
+        for o in self._objects.values():
+            by_key.setdefault(o.key, o)
+        wanted: list[tuple[dict, dict, str, ObjectInfo]] = []  # (chain, group, what, object)
+        for chain in optimizer.get("chains") or ():
+            prefix = f"{chain['chain']}." if chain.get("chain") else ""
+            for group in chain.get("dp_groups") or ():
+                base = f"{prefix}optimizer.distributed.dp_group_idx_{group['dp_group_idx']}"
+                whats = ["per_bucket_numel", "per_bucket_numel_unpadded"]
+                if group is chain["dp_groups"][0] and "param_groups" not in optimizer:
+                    whats.append("optimizer")
+                for what in whats:
+                    obj = by_key.get(f"{base}.{what}")
+                    if obj is not None:
+                        wanted.append((chain, group, what, obj))
+                    elif what != "optimizer":
+                        group.setdefault("missing_objects", []).append(what)
+
+        def load(item):
+            try:
+                return self.read_object(item[3].name), None
+            except CkptctlError as exc:
+                return None, exc
+
+        if self.store.is_local or len(wanted) < 2 or self.max_workers < 2:
+            loaded = [load(item) for item in wanted]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.max_workers, len(wanted))) as pool:
+                loaded = list(pool.map(load, wanted))
+        failed: set[int] = set()
+        for (chain, group, what, obj), (data, error) in zip(wanted, loaded):
+            try:
+                if error is not None:
+                    raise error
+                if what == "optimizer":
+                    groups = [g for g in _find_key(_sharded_object_data(data), "param_groups") or ()
+                              if isinstance(g, dict)]
+                    chain["param_groups"] = [_summarise_group(g) for g in groups]
+                    steps = {g.get("step") for g in groups if g.get("step") is not None}
+                    if len(steps) == 1:
+                        chain["step"] = _num(steps.pop())
+                else:
+                    _apply_bucket_numels(group, what, data)
+            except (CkptctlError, TypeError, ValueError, AttributeError) as exc:
+                problems.append(f"cannot read {obj.name}: {exc}")
+                failed.add(id(group))
+        for chain in optimizer.get("chains") or ():
+            prefix = f"{chain['chain']}." if chain.get("chain") else ""
+            for group in chain.get("dp_groups") or ():
+                if id(group) not in failed:
+                    problems.extend(_bucket_problems(prefix, group))
+        chains = [c for c in optimizer.get("chains") or () if c.get("param_groups") is not None]
+        if chains and "param_groups" not in optimizer:  # dp_reshardable: in sharded objects, not common.pt
+            optimizer["param_groups"] = chains[0]["param_groups"]
+        steps = {c["step"] for c in chains if c.get("step") is not None}
+        if "step" not in optimizer and len(steps) == 1:
+            optimizer["step"] = steps.pop()
 
     def _summarise_common(self, out: dict, problems: list[str]) -> None:
         try:
@@ -601,14 +679,9 @@ class MegatronReader(CheckpointReader):
             out["lr_scheduler"] = _scalars(to_plain(state["lr_scheduler"]))
         opt = state.get("optimizer")
         if opt is not None:
-            sharding = _find_key(opt, "param_state_sharding_type")
             groups = _find_key(opt, "param_groups")
             o = out["optimizer"]
-            if isinstance(sharding, str):
-                o["format"] = sharding
-                o["format_source"] = "common.pt"
-            else:
-                o["format_source"] = "keys"
+            o["format_in_common"] = _formats_in_common(opt)
             if isinstance(groups, list):
                 o["param_groups"] = [_summarise_group(g) for g in groups if isinstance(g, dict)]
                 steps = {g.get("step") for g in groups if isinstance(g, dict) and g.get("step") is not None}
@@ -617,8 +690,6 @@ class MegatronReader(CheckpointReader):
             common_step = _find_key(opt, "common_step")
             if common_step is not None and "step" not in o:
                 o["step"] = _num(common_step)
-        else:
-            out["optimizer"].setdefault("format_source", "keys")
         rng = state.get("rng")
         if rng is not None:
             out["rng"]["present"] = True
@@ -896,6 +967,226 @@ def _optimizer_format_from_keys(infos: list[TensorInfo], objs: list[ObjectInfo])
     return None
 
 
+#: a ``dp_reshardable`` flat buffer: ``[chained_{i}.]optimizer.distributed.dp_group_idx_{k}.gbuf_idx_{g}.``
+#: ``dtype_({param dtype}, {grad dtype}).bucket_idx_{b}.{state}`` (chain "" for a single optimizer)
+DP_BUFFER_RE = re.compile(r"^(?P<chain>(?:chained_\d+\.)?)optimizer\.distributed\.dp_group_idx_(?P<dpg>\d+)\."
+                          r"gbuf_idx_(?P<gbuf>\d+)\.dtype_(?P<dtype>\(.*?\))\.bucket_idx_(?P<bucket>\d+)\."
+                          r"(?P<state>[^.]+)$")
+#: and its per-dp_group_idx objects: ``per_bucket_numel(_unpadded)``, ``optimizer``, ``grad_scaler``
+DP_OBJECT_RE = re.compile(r"^(?P<chain>(?:chained_\d+\.)?)optimizer\.distributed\.dp_group_idx_(?P<dpg>\d+)\."
+                          r"(?P<what>[^.]+)$")
+_DTYPE_PAIR_RE = re.compile(r"^\(torch\.(\w+), torch\.(\w+)\)$")
+
+
+def _chain_order(label: str | None) -> int:
+    return -1 if label is None else int(label[len("chained_"):])
+
+
+def optimizer_chains(infos: Iterable[TensorInfo], objs: Iterable[ObjectInfo]) -> list[dict[str, Any]]:
+    """One entry per optimizer of the checkpoint's (chained) optimizer, from the key names only
+    (no read): ``chain`` (``"chained_0"``..., None for a single optimizer), its format from the
+    keys, its tensors and bytes; per-parameter formats add ``parameters`` and per-state figures,
+    ``dp_reshardable`` adds ``dp_groups``: per ``dp_group_idx`` (one model-parallel rank group)
+    its grad buffers (``gbuf_idx``, dtype pair) and their buckets (elements stored, bytes per
+    state; ``numel`` / ``numel_unpadded`` stay None until megatron's own records are read)."""
+    members: dict[str | None, tuple[list[TensorInfo], list[ObjectInfo]]] = {}
+    for t in infos:
+        if m := _OPT_RE.match(t.name):
+            members.setdefault(m.group(1), ([], []))[0].append(t)
+    for o in objs:
+        if m := _OPT_RE.match(o.key):
+            members.setdefault(m.group(1), ([], []))[1].append(o)
+    chains = []
+    for label in sorted(members, key=_chain_order):
+        tensors, objects = members[label]
+        chain: dict[str, Any] = {"chain": label, "format_from_keys": _optimizer_format_from_keys(tensors, objects),
+                                 "tensors": len(tensors), "objects": len(objects),
+                                 "bytes": sum(t.nbytes for t in tensors)}
+        states: dict[str, dict[str, int]] = {}
+        params = set()
+        for t in tensors:
+            if m := _OPT_STATE_RE.match(t.name):
+                params.add(m.group(2))
+                figures = states.setdefault(m.group(1), {"tensors": 0, "numel": 0, "bytes": 0})
+                figures["tensors"] += 1
+                figures["numel"] += t.numel
+                figures["bytes"] += t.nbytes
+        if states:
+            chain["parameters"] = len(params)
+            chain["states"] = dict(sorted(states.items()))
+        groups = _dp_groups(tensors, objects)
+        if groups:
+            chain["dp_groups"] = groups
+        chains.append(chain)
+    return chains
+
+
+def _dp_groups(tensors: list[TensorInfo], objects: list[ObjectInfo]) -> list[dict[str, Any]]:
+    """The flat ``dp_reshardable`` buffers of one optimizer, grouped by dp_group_idx, grad
+    buffer and bucket (see :func:`optimizer_chains`)."""
+    groups: dict[int, dict[str, Any]] = {}
+    for t in tensors:
+        m = DP_BUFFER_RE.match(t.name)
+        if not m:
+            continue
+        k, gbuf, dtype, index, state = int(m["dpg"]), int(m["gbuf"]), m["dtype"], int(m["bucket"]), m["state"]
+        group = groups.setdefault(k, {"dp_group_idx": k, "writer_ranks": set(), "buffers": []})
+        group["writer_ranks"].update(p.rank for p in t.pieces if p.rank is not None)
+        bucket = _bucket(_buffer(group, gbuf, dtype), index)
+        stored = t.shape[0] if len(t.shape) == 1 else t.numel
+        bucket["stored_by_state"][state] = stored
+        bucket["bytes"][state] = t.nbytes
+    for o in objects:
+        m = DP_OBJECT_RE.match(o.key)
+        if m and int(m["dpg"]) in groups and o.rank is not None:
+            groups[int(m["dpg"])]["writer_ranks"].add(o.rank)
+    out = []
+    for k in sorted(groups):
+        group = groups[k]
+        group["writer_ranks"] = sorted(group["writer_ranks"])
+        for buf in group["buffers"]:
+            for bucket in buf["buckets"]:
+                _settle_stored(bucket)
+        out.append(group)
+    return out
+
+
+def _buffer(group: dict, gbuf: int, dtype: str) -> dict:
+    for buf in group["buffers"]:
+        if (buf["gbuf_idx"], buf["dtype"]) == (gbuf, dtype):
+            return buf
+    m = _DTYPE_PAIR_RE.match(dtype)
+    buf = {"gbuf_idx": gbuf, "dtype": dtype, "param_dtype": TORCH_DTYPES.get(m.group(1)) if m else None,
+           "grad_dtype": TORCH_DTYPES.get(m.group(2)) if m else None, "buckets": []}
+    group["buffers"].append(buf)
+    group["buffers"].sort(key=lambda b: (b["gbuf_idx"], b["dtype"]))
+    return buf
+
+
+def _bucket(buf: dict, index: int) -> dict:
+    for bucket in buf["buckets"]:
+        if bucket["bucket_idx"] == index:
+            return bucket
+    bucket = {"bucket_idx": index, "numel": None, "numel_unpadded": None, "padding": None, "stored_numel": None,
+              "stored_by_state": {}, "bytes": {}}
+    buf["buckets"].append(bucket)
+    buf["buckets"].sort(key=lambda b: b["bucket_idx"])
+    return bucket
+
+
+def _settle_stored(bucket: dict) -> None:
+    """``stored_numel``: the buffers' length (every state's alike; kept per state if not)."""
+    lengths = set(bucket["stored_by_state"].values())
+    bucket["stored_numel"] = lengths.pop() if len(lengths) == 1 else None
+    if bucket["stored_numel"] is not None:
+        del bucket["stored_by_state"]
+
+
+def _sharded_object_data(value: Any) -> Any:
+    """megatron's torch_dist strategy saves a ShardedObject as ``torch.save([obj.data])``."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def bucket_numels(value: Any) -> list[dict[str, list[int]]]:
+    """megatron's ``per_bucket_numel`` / ``per_bucket_numel_unpadded`` object as read (a
+    ShardedObject is saved as ``[data]``): per grad buffer, ``{"(param dtype, grad dtype)": [numel
+    per bucket]}``, the dtype pair spelt as in the buffer keys; ValueError when it is not that."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list per grad buffer, got {type(value).__name__}")
+    out = []
+    for gbuf, per_dtype in enumerate(value):
+        if not isinstance(per_dtype, dict):
+            raise ValueError(f"grad buffer {gbuf}: expected a dict per dtype pair, got {type(per_dtype).__name__}")
+        entry = {}
+        for key, numels in per_dtype.items():
+            if not isinstance(numels, (list, tuple)) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numels):
+                raise ValueError(f"grad buffer {gbuf}: bucket sizes {numels!r} are not counts")
+            entry[f"({', '.join(str(x) for x in key)})" if isinstance(key, tuple) else str(key)] = list(numels)
+        out.append(entry)
+    return out
+
+
+def _apply_bucket_numels(group: dict, what: str, data: Any) -> None:
+    """Record megatron's ``per_bucket_numel`` or ``per_bucket_numel_unpadded`` (see
+    :func:`bucket_numels`) on ``group``'s buckets."""
+    field = "numel" if what == "per_bucket_numel" else "numel_unpadded"
+    for gbuf, per_dtype in enumerate(bucket_numels(data)):
+        for key, numels in per_dtype.items():
+            buf = _buffer(group, gbuf, key)
+            for index, numel in enumerate(numels):
+                _bucket(buf, index)[field] = numel
+    for buf in group["buffers"]:
+        for bucket in buf["buckets"]:
+            if bucket["numel"] is not None and bucket["numel_unpadded"] is not None:
+                bucket["padding"] = bucket["numel"] - bucket["numel_unpadded"]
+
+
+def _bucket_problems(prefix: str, group: dict) -> list[str]:
+    """Buffers that disagree with megatron's records: megatron stores each bucket's UNPADDED
+    elements (its trailing padding is not saved), and every bucket it recorded."""
+    problems = []
+    for buf in group["buffers"]:
+        for bucket in buf["buckets"]:
+            name = (f"{prefix}optimizer.distributed.dp_group_idx_{group['dp_group_idx']}.gbuf_idx_{buf['gbuf_idx']}."
+                    f"dtype_{buf['dtype']}.bucket_idx_{bucket['bucket_idx']}")
+            stored, unpadded = bucket["stored_numel"], bucket["numel_unpadded"]
+            if not bucket["bytes"]:
+                problems.append(f"{name}: recorded in per_bucket_numel but no buffer of it is saved")
+            elif stored is None:
+                problems.append(f"{name}: its states have different lengths {bucket.get('stored_by_state')}")
+            elif unpadded is not None and stored != unpadded:
+                problems.append(f"{name}: holds {stored} elements, per_bucket_numel_unpadded says {unpadded}")
+            elif not group.get("missing_objects") and (bucket["numel"] is None or unpadded is None):
+                problems.append(f"{name}: not recorded in per_bucket_numel")
+            if bucket["numel"] is not None and unpadded is not None and unpadded > bucket["numel"]:
+                problems.append(f"{name}: per_bucket_numel_unpadded {unpadded} exceeds per_bucket_numel "
+                                f"{bucket['numel']}")
+    return problems
+
+
+def _formats_in_common(opt: Any) -> dict[str | None, str]:
+    """``param_state_sharding_type`` per optimizer of the chain, as megatron writes it into
+    common.pt (a ChainedOptimizer's state is ``{0: ..., 1: ...}``, matching ``chained_{i}.``)."""
+    if isinstance(opt, dict) and opt and all(isinstance(k, int) for k in opt):
+        parts = {f"chained_{k}": v for k, v in opt.items()}
+    elif isinstance(opt, list) and opt and all(isinstance(v, dict) for v in opt):
+        parts = {f"chained_{k}": v for k, v in enumerate(opt)}
+    else:
+        parts = {None: opt}
+    out = {}
+    for label, part in parts.items():
+        fmt = _find_key(part, "param_state_sharding_type")
+        if isinstance(fmt, str):
+            out[label] = fmt
+    return out
+
+
+def _settle_optimizer_format(optimizer: dict, problems: list[str]) -> None:
+    """Each chain's format: what common.pt names (megatron writes it there), else what its keys
+    show; a disagreement is a problem. The overall ``format``: the chains' common one ("mixed"
+    when they differ), ``format_source`` where it came from."""
+    in_common = optimizer.pop("format_in_common", None)
+    chains = optimizer.get("chains") or []
+    for chain in chains:
+        named = (in_common or {}).get(chain["chain"])
+        keys = chain["format_from_keys"]
+        if in_common is not None:
+            chain["format_in_common"] = named
+        if named and keys and named != keys:
+            where = f"optimizer {chain['chain']}" if chain["chain"] else "optimizer"
+            problems.append(f"{where}: common.pt names the format {named!r} but its keys are those of {keys!r}")
+        chain["format"] = named or keys
+    formats = {c["format"] for c in chains if c["format"]}
+    if len(formats) == 1:
+        optimizer["format"] = formats.pop()
+    elif formats:
+        optimizer["format"] = "mixed"
+    optimizer["format_source"] = "common.pt" if chains and all(c.get("format_in_common") for c in chains) else "keys"
+
+
 def _find_key(obj: Any, key: str, depth: int = 0) -> Any:
     """The first value under ``key`` in nested dicts/lists (breadth-limited)."""
     if depth > 4:
@@ -941,4 +1232,5 @@ def _summarise_group(g: dict) -> dict:
     return out
 
 
-__all__ = ["MegatronReader", "ObjectInfo", "METADATA_GLOBALS"]
+__all__ = ["DP_BUFFER_RE", "DP_OBJECT_RE", "MegatronReader", "ObjectInfo", "METADATA_GLOBALS", "bucket_numels",
+           "optimizer_chains"]

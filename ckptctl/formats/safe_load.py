@@ -423,6 +423,44 @@ def load_pickle(data: bytes, allowed: Mapping[str, Any], *, name: str) -> Any:
         raise CorruptCheckpointError(f"cannot read {name}: corrupt or truncated ({type(exc).__name__})") from exc
 
 
+#: What :func:`load_plain_pickle` builds for real: plain containers (a config's dicts and lists).
+PLAIN_GLOBALS: dict[str, Any] = {
+    "builtins.dict": dict, "builtins.list": list, "builtins.tuple": tuple, "builtins.set": set,
+    "builtins.frozenset": frozenset, "builtins.int": int, "collections.OrderedDict": dict,
+}
+
+
+class _PlainUnpickler(_AllowlistUnpickler):
+    """:class:`_AllowlistUnpickler` that resolves protocol-2 names as Python 3 does
+    (``__builtin__.list``) before the allowlist decides."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(*_python3_name(f"{module}.{name}").rsplit(".", 1))
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"cannot read {self._name} without torch: it holds tensors")
+
+
+def load_plain_pickle(data: bytes, *, name: str, extra_stand_ins: Iterable[str] = ()) -> Any:
+    """A ``torch.save`` archive's ``data.pkl`` that holds no tensors (``trainer_state.pt``: the
+    step and the training config), unpickled WITHOUT torch, for the light commands: plain
+    containers are built, OmegaConf containers and other :data:`STAND_INS` kept as data
+    (:func:`to_plain` turns them into dicts), anything else refused (one-line error)."""
+    import collections
+
+    allowed = dict(PLAIN_GLOBALS, **{"collections.defaultdict": collections.defaultdict,
+                                     "builtins.getattr": stand_in_getattr})
+    allowed.update({q: stand_in(q) for q in (*STAND_INS, *extra_stand_ins) if q not in TENSOR_STAND_INS})
+    try:
+        return _PlainUnpickler(io.BytesIO(data), allowed, name).load()
+    except CkptctlError:
+        raise
+    except _RefusedGetattr as exc:
+        raise UnsafeCheckpointError(f"refusing to load {name}: {exc}") from exc
+    except Exception as exc:
+        raise CorruptCheckpointError(f"cannot read {name}: corrupt or truncated ({type(exc).__name__})") from exc
+
+
 def to_plain(obj: Any) -> Any:
     """Turn stand-ins (OmegaConf containers and nodes, other kept-as-data objects) into plain data."""
     if isinstance(obj, PickledObject):

@@ -167,6 +167,8 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     with open_reader(comp_store, comp.backend, **kwargs) as reader:
         tensors = list(reader.tensors())
         report.format = reader.summary()
+        if comp.backend == MEGATRON:
+            _bucket_parameters(reader, report.format)
     model = [t for t in tensors if t.group == MODEL]
     report.lora = lora_summary(comp_store, comp, model, report.warnings)
     report.moe = moe_summary(full_config, model)
@@ -181,6 +183,21 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     if with_tensors:
         report.tensors = tensors
     return report
+
+
+def _bucket_parameters(reader, summary: dict) -> None:
+    """The parameters each ``dp_reshardable`` bucket holds, where the bucket layout can be
+    established (:func:`ckptctl.formats.distopt.annotate_buckets`); otherwise the optimizer summary
+    says why in ``bucket_parameters`` -- inspect never fails for it."""
+    from ckptctl.errors import CkptctlError
+    from ckptctl.formats.distopt import annotate_buckets
+
+    try:
+        why = annotate_buckets(reader, summary)
+    except (CkptctlError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    if why:
+        summary["optimizer"]["bucket_parameters"] = f"not derived: {why}"
 
 
 _ADAPTER_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",

@@ -41,9 +41,17 @@ its source bytes, whatever the model size.
 
 Optimizer state in a layout-bound format (``dp_reshardable``: flattened per-bucket buffers,
 ``dp_zero_gather_scatter``, the N-D flattened ``fully_sharded_model_space``) can only change
-its data-parallel size: it is then copied as is (megatron re-splits it over DP at load); a TP
-or PP change needs ``drop_optimizer=True``. Megatron-LM's per-(PP, TP)-rank ``rng_state``
-objects are dropped when TP or PP changes (megatron itself skips the RNG state then).
+its data-parallel size: it is then copied as is (megatron re-splits it over DP at load). For a
+TP/PP/EP change of ``dp_reshardable`` state, :class:`~ckptctl.formats.distopt.DistOptReader`
+maps the buckets back to parameters and presents them as per-parameter tensors, which are
+resharded like ``fully_reshardable`` state and written in that format (``common.pt`` rewritten
+to say so, with the optimizer's param_groups); when that mapping cannot be established, and for
+the other layout-bound formats, a TP/PP change needs ``drop_optimizer=True``. An MoE target
+gets the optimizer structure megatron-core builds there (:func:`_rechain`): a dense
+(``chained_0.``) + expert (``chained_1.``) chain at EP > 1, ONE unprefixed optimizer at EP 1;
+keys are renamed and ``common.pt``'s optimizer record rewritten when that differs from the
+source's. Megatron-LM's per-(PP, TP)-rank ``rng_state`` objects are dropped when TP or PP
+changes (megatron itself skips the RNG state then).
 
 Output safety is :class:`ckptctl.output_dir.OutputDir`: temp sibling + atomic rename locally,
 data first and ``.metadata``/``common.pt``/``metadata.json`` last on S3/GCS, refusal of a
@@ -64,17 +72,24 @@ import re
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from ckptctl.errors import CkptctlError, CorruptFileError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.formats.base import Piece, TensorInfo, dtype_size
 from ckptctl.formats.dcp_writer import (COMMON_FILE, METADATA_FILE, METADATA_JSON, DcpFileWriter, build_metadata,
                                         data_file_name, metadata_bytes)
-from ckptctl.formats.megatron import _OPT_RE, _OPT_STATE_RE, _PER_LAYER_RE, MegatronReader, _model_key
-from ckptctl.formats.megatron import _STACKED_PREFIX as _STACKED
+from ckptctl.formats.distopt import DistOptReader, fully_reshardable_common
+from ckptctl.formats.megatron import _OPT_RE, _OPT_STATE_RE, MegatronReader, _model_key
+from ckptctl.formats.megatron_sharding import (COLUMN, EXPERT_SPLIT as _EXPERT_SPLIT, FIRST_STAGE as _FIRST_STAGE,
+                                                GATED, LAST_STAGE as _LAST_STAGE, REPLICATED, ROW,
+                                                check_source_split as _check_source_split,
+                                                layer_and_suffix as _layer_and_suffix, split_kind,
+                                                stage_of_layer as _stage_of_layer, tp_blocks)
 from ckptctl.formats.side_files import read_side_file
 from ckptctl.formats.torchzip import check_archive
+from ckptctl.ops.distributed import error_payload as _error_payload
+from ckptctl.ops.distributed import process_group, raise_payload as _raise_payload, under_torchrun
 from ckptctl.ops.export import HF_DIR, resolve_component
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
@@ -83,38 +98,6 @@ from ckptctl.tree import MEGATRON
 
 _OBJECT_KEY_RE = re.compile(r"^(.*)/shard_([\d.]+)_([\d.]+)$")
 
-REPLICATED, COLUMN, GATED, ROW = "replicated", "column", "gated", "row"
-#: suffix (after ``decoder.layers.[i.]``, or the whole key) -> how megatron splits it over TP
-_SPLIT_EXACT = {
-    "self_attention.linear_qkv.weight": COLUMN, "self_attention.linear_qkv.bias": COLUMN,
-    "embedding.word_embeddings.weight": COLUMN, "output_layer.weight": COLUMN, "output_layer.bias": COLUMN,
-    "mlp.linear_fc1.weight": GATED, "mlp.linear_fc1.bias": GATED,
-    "self_attention.linear_proj.weight": ROW, "mlp.linear_fc2.weight": ROW,
-    "self_attention.linear_proj.bias": REPLICATED, "mlp.linear_fc2.bias": REPLICATED,
-    "embedding.position_embeddings.weight": REPLICATED,
-}
-_REPLICATED_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight", "layer_norm_bias",
-                        "norm.weight", "norm.bias")
-_SPLIT_EXACT.update({
-    # MoE: the router (and its expert bias) is replicated over TP and EP; shared experts are a TP-split MLP
-    "mlp.router.weight": REPLICATED, "mlp.router.expert_bias": REPLICATED,
-    "mlp.shared_experts.linear_fc1.weight": GATED, "mlp.shared_experts.linear_fc2.weight": ROW,
-    "mlp.shared_experts.gate_weight": REPLICATED,
-    # multi-latent attention (DeepSeek-V3 family): up projections split by heads; the down projections
-    # are duplicated on every TP rank in the Transformer-Engine spec SkyRL uses
-    "self_attention.linear_q_proj.weight": COLUMN, "self_attention.linear_q_up_proj.weight": COLUMN,
-    "self_attention.linear_kv_up_proj.weight": COLUMN,
-    "self_attention.linear_q_down_proj.weight": REPLICATED, "self_attention.linear_kv_down_proj.weight": REPLICATED,
-})
-#: routed experts ([E, rows, cols] per layer, after the layer axis of a stacked key): split over EP
-#: by whole experts and, within an expert, over ETP like the dense MLP (fc1 gated, fc2 row)
-_EXPERT_SPLIT = {
-    "mlp.experts.experts.linear_fc1.weight": GATED, "mlp.experts.experts.linear_fc2.weight": ROW,
-    "mlp.experts.linear_fc1.weight": GATED, "mlp.experts.linear_fc2.weight": ROW,
-}
-_UNSUPPORTED = ("mtp.",)
-_FIRST_STAGE = ("embedding.",)
-_LAST_STAGE = ("output_layer.", "decoder.final_layernorm.", "decoder.final_norm.")
 #: The optimizer formats whose state is one tensor per parameter with the parameter's shape.
 PER_PARAM_FORMATS = ("fully_reshardable", "non_distributed", "fp32")
 
@@ -127,6 +110,7 @@ class ReshardSummary:
     target_layout: dict[str, Any]
     optimizer: str  # "resharded" | "copied" (DP change only) | "dropped" | "absent"
     optimizer_format: str | None = None
+    optimizer_output_format: str | None = None  # when it differs from the source's (see ReshardPlan)
     tensors: int = 0
     chunks: int = 0
     chunks_copied_verbatim: int = 0
@@ -154,6 +138,7 @@ class ChunkTask:
     sizes: tuple[int, ...]
     nbytes: int
     verbatim: Piece | None = None  # a source chunk with exactly these offsets and sizes
+    source_key: str | None = None  # the source tensor, when its name changes (MoE optimizer chain)
 
 
 @dataclass(frozen=True)
@@ -182,6 +167,12 @@ class ReshardPlan:
     warnings: list[str]
     ep: int | None = None  # MoE targets: expert-parallel and expert-tensor-parallel sizes
     etp: int | None = None
+    #: the optimizer format written when it differs from the source's (dp_reshardable mapped to
+    #: parameters and written as fully_reshardable, with common.pt rewritten to say so)
+    optimizer_output_format: str | None = None
+    #: MoE: whether the target's optimizer is megatron's dense + expert chain (EP > 1) when that
+    #: differs from the source's (keys renamed, common.pt's optimizer record rewritten); else None
+    optimizer_chained: bool | None = None
 
     @property
     def world(self) -> int:
@@ -196,76 +187,6 @@ class ReshardPlan:
 
     def writer_ranks(self) -> list[int]:
         return [r for r in range(self.world) if self.chunks.get(r) or self.object_tasks.get(r)]
-
-
-def _layer_and_suffix(model_key: str) -> tuple[str, int | None, str]:
-    """("stacked" | "per_layer" | "other", layer index for per-layer keys, suffix)."""
-    m = _PER_LAYER_RE.match(model_key)
-    if m:
-        return "per_layer", int(m.group(1)), m.group(2)
-    if model_key.startswith(_STACKED):
-        return "stacked", None, model_key[len(_STACKED):]
-    return "other", None, model_key
-
-
-def split_kind(model_key: str) -> str | None:
-    """How megatron-core splits ``model_key`` (a model key) over TP, from its name; None: unknown."""
-    _, _, suffix = _layer_and_suffix(model_key)
-    if any(suffix.startswith(p) or model_key.startswith(p) for p in _UNSUPPORTED):
-        return None
-    if suffix in _SPLIT_EXACT:
-        return _SPLIT_EXACT[suffix]
-    if suffix.endswith(_REPLICATED_SUFFIXES):
-        return REPLICATED
-    return None
-
-
-def tp_blocks(kind: str, shape: tuple[int, ...], tp: int, *, key: str = "") -> list[tuple[int, tuple, tuple]]:
-    """``(tp_rank, offsets, sizes)`` of the chunks megatron saves for a (per-layer) tensor of
-    ``shape`` split ``kind`` over ``tp`` ranks; replicated tensors are written by TP rank 0."""
-    zero = (0,) * len(shape)
-    if kind == REPLICATED or not shape:
-        return [(0, zero, tuple(shape))]
-    dim = 1 if kind == ROW else 0
-    if dim >= len(shape):
-        raise UsageError(f"{key}: a row-parallel tensor needs 2 dimensions, it has shape {list(shape)}")
-    parts = 2 * tp if kind == GATED else tp
-    if shape[dim] % parts:
-        raise UsageError(f"{key}: dimension {dim} ({shape[dim]}) does not split into {parts} equal parts "
-                         f"for TP={tp}")
-    step = shape[dim] // parts
-    out = []
-    for i in range(parts):
-        rank = i % tp if kind == GATED else i  # gated: gate_0..gate_{tp-1}, then up_0..up_{tp-1}
-        off = list(zero)
-        off[dim] = i * step
-        size = list(shape)
-        size[dim] = step
-        out.append((rank, tuple(off), tuple(size)))
-    return out
-
-
-def _check_source_split(info: TensorInfo, kind: str, tp_src: int, layered: bool) -> str:
-    """The kind that matches how the source is chunked at its TP (GATED vs COLUMN for fc1), or
-    raise when the source chunks are not what megatron's sharding at TP=tp_src gives."""
-    shape = info.shape[1:] if layered else info.shape
-    first = min((p.offsets[0] for p in info.pieces), default=0) if layered else None
-    got = sorted((p.offsets[1:], p.sizes[1:]) if layered else (p.offsets, p.sizes)
-                 for p in info.pieces if first is None or p.offsets[0] == first)
-    candidates = [kind] + ([COLUMN] if kind == GATED else [])
-    for cand in candidates:
-        try:
-            want = sorted((o, s) for _, o, s in tp_blocks(cand, tuple(shape), tp_src, key=info.name))
-        except UsageError:
-            continue
-        if got == want:
-            return cand
-    raise UsageError(f"{info.name}: stored in chunks {[list(o) for o, _ in got][:8]}, which is not how "
-                     f"megatron-core shards a {kind} tensor at TP={tp_src}; cannot reshard it safely")
-
-
-def _stage_of_layer(layer: int, num_layers: int, pp: int) -> int:
-    return layer // (num_layers // pp)
 
 
 def _balanced(items: list, dp: int, size: Callable[[Any], int]) -> list[list]:
@@ -331,6 +252,7 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None
 
     # -- the optimizer: which keys, which format, what to do ---------------------------------
     opt_fmt = (summary.get("optimizer") or {}).get("format")
+    optimizer_output = None
     opt_tensors = [k for k in infos if _OPT_RE.match(k)]
     opt_objects = [o for o in objects if _OPT_RE.match(o.key)]
     per_param = [k for k in opt_tensors if (m := _OPT_STATE_RE.match(k)) and (
@@ -353,12 +275,37 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None
         if dp != dp_src:
             warnings.append(f"optimizer state ({opt_fmt}) copied as is: megatron-core re-splits it over the new "
                             f"data-parallel size {dp} when it loads it")
+    elif opt_fmt == "dp_reshardable" and hasattr(reader, "per_parameter_state"):
+        # TP/PP/EP change: the flat buckets mapped back to parameters (formats.distopt), written as
+        # megatron's per-parameter fully_reshardable state, resharded like the weights below
+        virtual = reader.per_parameter_state(summary)
+        fully_reshardable_common(reader)  # common.pt must be rewritable: fail before writing anything
+        for k in opt_tensors:
+            del infos[k]
+        infos.update(virtual)
+        objects = [o for o in objects if not _OPT_RE.match(o.key)]
+        layout_bound, layout_bound_set = [], set()
+        optimizer, optimizer_output = "resharded", "fully_reshardable"
+        warnings.append("optimizer state (dp_reshardable) mapped to parameters and written as fully_reshardable: "
+                        "load it with that format (megatron-core: distrib_optim_sharding_type 'fully_reshardable'; "
+                        "SkyRL: dist_ckpt_optim_fully_reshardable=true)")
     else:
         example = layout_bound[0]
         raise UsageError(
             f"the optimizer state is in megatron's {opt_fmt or 'layout-bound'} format ({example!r}...), which can "
             f"only change its data-parallel size (source TP={tp_src} PP={pp_src}, asked TP={tp} PP={pp}); keep "
             f"--tp {tp_src} --pp {pp_src}, or pass --drop-optimizer to write the model weights only")
+    # MoE: one optimizer at EP 1, a dense + expert chain at EP > 1 (keys and common.pt follow)
+    rename, optimizer_chained = _rechain(infos, experts, optimizer_output or opt_fmt) if optimizer == "resharded" \
+        else ({}, None)
+    if optimizer_chained is not None:
+        fully_reshardable_common(reader, chained=optimizer_chained)  # refused now if it cannot be rewritten
+        warnings.append(
+            f"optimizer state keyed for EP {experts.ep}: " + (
+                "a dense (chained_0.) and an expert (chained_1.) optimizer, as megatron-core chains them when "
+                "experts are expert-parallel" if optimizer_chained else
+                "ONE optimizer without chained_N. prefixes, as megatron-core builds it when experts are not "
+                "expert-parallel; the expert param groups merged into the dense ones in common.pt"))
 
     # -- tensors ---------------------------------------------------------------------------
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -477,8 +424,13 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None
     for (r, stage), items in obj_by_group.items():
         for d, part in enumerate(_balanced(items, dp, lambda t: t.byte_length)):
             object_tasks[r + tp * (d + dp * stage)].extend(part)
+    if rename:
+        tensors = {rename.get(k, k): v for k, v in tensors.items()}
+        for r, items in chunks.items():
+            chunks[r] = [replace(t, key=rename[t.key], source_key=t.key) if t.key in rename else t for t in items]
     plan = ReshardPlan(tp, pp, dp, source_layout, tensors, object_keys, dict(chunks), dict(object_tasks),
-                       optimizer, opt_fmt, dropped, warnings)
+                       optimizer, opt_fmt, dropped, warnings, optimizer_output_format=optimizer_output,
+                       optimizer_chained=optimizer_chained)
     if experts is not None:
         plan.ep, plan.etp = experts.ep, experts.etp
         source_layout.update(ep=experts.source[0], etp=experts.source[1])
@@ -540,6 +492,49 @@ def _expert_chunks(key: str, info: TensorInfo, kind: str, experts: _ExpertLayout
                 s = (1, 1, *size) if layered else (1, *size)
                 yield (ChunkTask(key, o, s, math.prod(s) * item, exact.get((o, s))), stage,
                        etp_rank + experts.etp * (e // block))
+
+
+def _rechain(infos: dict[str, TensorInfo], experts: _ExpertLayout | None, fmt: str | None
+             ) -> tuple[dict[str, str], bool | None]:
+    """megatron-core 0.16's optimizer structure for an MoE target: expert params are expert-parallel
+    (``allreduce`` False) only when EP > 1, and only then does ``get_megatron_optimizer`` chain a
+    dense (``chained_0.``) and an expert (``chained_1.``) optimizer; at EP 1 there is one optimizer
+    whose keys carry no prefix. Returns (source key -> target key of the per-parameter optimizer
+    tensors whose name changes, the target's chained-ness when it differs from the source's, else
+    None). Only megatron's distributed-optimizer state written as ``fully_reshardable`` can be
+    restructured (its common.pt record is then rewritten, :func:`~ckptctl.formats.distopt.rechain_record`)."""
+    if experts is None:
+        return {}, None
+    chain_of = {k: m.group(1) for k in infos if (m := _OPT_RE.match(k))}
+    if not chain_of:
+        return {}, None
+    source_ep = experts.source[0]
+    source_chained = source_ep > 1 if source_ep else set(chain_of.values()) != {None}
+    chained = experts.ep > 1
+    if chained == source_chained:
+        return {}, None
+    change = (f"EP {source_ep or '?'} -> {experts.ep}: megatron-core has one optimizer at EP 1 and a dense + expert "
+              "chain at EP > 1")
+    if fmt != "fully_reshardable":
+        raise UsageError(f"the {fmt or 'unknown'} optimizer state cannot be restructured for {change} (only the "
+                         "distributed optimizer's dp_reshardable / fully_reshardable state can); pass "
+                         "--drop-optimizer to write the model weights only")
+    rename = {}
+    for key, label in chain_of.items():
+        m = _OPT_STATE_RE.match(key)
+        if not m:
+            raise UsageError(f"{key}: optimizer state that is not per parameter cannot be restructured for {change}; "
+                             "pass --drop-optimizer to write the model weights only")
+        expert = _layer_and_suffix(m.group(2))[2] in _EXPERT_SPLIT
+        if label is not None and label != f"chained_{int(expert)}":
+            raise UsageError(f"{key}: the state of an {'expert' if expert else 'dense'} parameter in optimizer "
+                             f"{label}, not the chain megatron-core builds ({change}); pass --drop-optimizer to "
+                             "write the model weights only")
+        bare = key if label is None else key[len(label) + 1:]
+        target = f"chained_{int(expert)}.{bare}" if chained else bare
+        if target != key:
+            rename[key] = target
+    return rename, chained
 
 
 def _check_hf_config(config: dict, tp: int, tp_src: int, infos: dict) -> list[str]:
@@ -615,10 +610,10 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
     read_before = _bytes_read(store)
     def load(t: ChunkTask):
         """The chunk's bytes (a source blob copied as is) or its tensor (assembled)."""
-        p = t.verbatim
+        p, source_key = t.verbatim, t.source_key or t.key
         if p is not None and (p.file, p.byte_offset) not in reader._transforms:
-            return reader.read_chunk_bytes(p, t.key)  # CRC-checked: copied bytes are good bytes
-        return reader.read_region(t.key, t.offsets, t.sizes)
+            return reader.read_chunk_bytes(p, source_key)  # CRC-checked: copied bytes are good bytes
+        return reader.read_region(source_key, t.offsets, t.sizes)
 
     # One chunk ahead: the next chunk is read and assembled while this one is serialised.
     from concurrent.futures import ThreadPoolExecutor
@@ -682,7 +677,10 @@ def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: Output
                         checkpoint_id=outdir.store.url_of(prefix.rstrip("/")))
     put(prefix + METADATA_FILE, metadata_bytes(md))
     try:
-        put(prefix + COMMON_FILE, copied(prefix + COMMON_FILE))
+        if plan.optimizer_output_format == "fully_reshardable" or plan.optimizer_chained is not None:
+            put(prefix + COMMON_FILE, fully_reshardable_common(reader, chained=plan.optimizer_chained))
+        else:
+            put(prefix + COMMON_FILE, copied(prefix + COMMON_FILE))
     except NotFoundError:
         pass
     put(prefix + METADATA_JSON, copied(prefix + METADATA_JSON))
@@ -759,7 +757,7 @@ def _open_source(src: str, component: str, endpoint_url: str | None) -> tuple[St
     _ReadCounter(comp)
     if reader.read_metadata_json() is None:
         raise CkptctlError(f"{comp.url}: no {prefix}{METADATA_JSON}: the source save did not finish")
-    return src_store, comp, prefix, reader
+    return src_store, comp, prefix, DistOptReader(reader)
 
 
 def _prepare(src: str, out: str, *, component: str, endpoint_url: str | None, overwrite: bool, **plan_args
@@ -804,7 +802,8 @@ def _summary(src_url: str, out: OutputDir, plan: ReshardPlan, results: list[Rank
         target_layout={"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "world_size": plan.world,
                        "writer_ranks": len(plan.writer_ranks()),
                        **({"ep": plan.ep, "etp": plan.etp} if plan.ep is not None else {})},
-        optimizer=plan.optimizer, optimizer_format=plan.optimizer_format, tensors=len(plan.tensors),
+        optimizer=plan.optimizer, optimizer_format=plan.optimizer_format,
+        optimizer_output_format=plan.optimizer_output_format, tensors=len(plan.tensors),
         chunks=sum(len(v) for v in plan.chunks.values()), chunks_copied_verbatim=sum(r.verbatim for r in results),
         objects=len(plan.objects), bytes=plan.total_bytes, bytes_read=sum(r.bytes_read for r in results),
         files=files, dropped=dict(plan.dropped), warnings=list(plan.warnings), processes=processes,
@@ -825,7 +824,7 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
     detects torchrun (``WORLD_SIZE`` > 1 or an initialised process group). ``verify``: where the
     source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit."""
     if distributed is None:
-        distributed = _under_torchrun()
+        distributed = under_torchrun()
     if distributed:
         return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, overwrite=overwrite,
                                     drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
@@ -845,137 +844,89 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
 # ---------------------------------------------------------------------------------------------
 # several processes (torchrun)
 # ---------------------------------------------------------------------------------------------
-def _under_torchrun() -> bool:
-    try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return True
-    except ValueError:
-        pass
-    import sys
-
-    if "torch.distributed" in sys.modules:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return False
-
-
-def _error_payload(exc: BaseException) -> tuple[str, str, int]:
-    if isinstance(exc, CkptctlError):
-        return type(exc).__name__, str(exc), exc.exit_code
-    return type(exc).__name__, f"{type(exc).__name__}: {exc}", 1
-
-
-def _raise_payload(payload: tuple[str, str, int], where: str = "") -> None:
-    import ckptctl.errors as errors
-
-    name, message, _ = payload
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CkptctlError)):
-        cls = CkptctlError
-    raise cls(f"{where}{message}")
-
-
 def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overwrite: bool, drop_optimizer: bool,
                          ep: int | None = None, etp: int | None = None,
                          endpoint_url: str | None, progress, component: str, verify: bool = True) -> ReshardSummary:
     import tempfile
 
-    import torch.distributed as dist
-
     started = time.perf_counter()
     plan_args = dict(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, drop_optimizer=drop_optimizer)
-    own_group = not dist.is_initialized()
-    if own_group:
-        import torch
-
-        if torch.cuda.is_available():  # GPU nodes: NCCL for the job, gloo subgroup for objects
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    # Small Python objects only: a gloo group also on NCCL jobs (no CUDA tensors needed).
-    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     outdir: OutputDir | None = None
-    try:
-        # 1. process 0 checks everything and opens the output; the others learn how it went
-        status: list[Any] = [None]
-        if rank == 0:
-            try:
-                comp, prefix, reader, plan, outdir = _prepare(src, out, component=component,
-                                                              endpoint_url=endpoint_url, overwrite=overwrite,
-                                                              **plan_args)
-                outdir.open().begin()  # object stores: old output no longer complete-looking, marker written
-                _check_source_manifest(outdir, comp, verify)
-                status = [("ok", outdir.staging if outdir.is_local else None)]
-            except BaseException as exc:  # noqa: BLE001 - reported to every process
-                status = [("error", _error_payload(exc))]
-        dist.broadcast_object_list(status, src=0, group=group)
-        if status[0][0] == "error":
-            _raise_payload(status[0][1])
-        shared_staging = status[0][1]
-
-        # 2. every process writes its share of the target ranks
-        tmp = None
-        result: tuple
-        published: list[str] = []
+    with process_group() as pg:
+        rank, world = pg.rank, pg.world
         try:
-            if rank != 0:
-                _, comp, prefix, reader = _open_source(src, component, endpoint_url)
-                plan = _plan(reader, comp, **plan_args)
-            if shared_staging is not None:
-                mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
-            else:
-                tmp = tempfile.mkdtemp(prefix="ckptctl-reshard-")
-                mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
-            ranks = range(rank, plan.world, world)
-            on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
-            result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published), published)
-        except BaseException as exc:  # noqa: BLE001
-            result = ("error", _error_payload(exc), published)
-        finally:
-            if tmp:
-                import shutil
+            # 1. process 0 checks everything and opens the output; the others learn how it went
+            status: list[Any] = [None]
+            if rank == 0:
+                try:
+                    comp, prefix, reader, plan, outdir = _prepare(src, out, component=component,
+                                                                  endpoint_url=endpoint_url, overwrite=overwrite,
+                                                                  **plan_args)
+                    outdir.open().begin()  # object stores: old output no longer complete-looking, marker written
+                    _check_source_manifest(outdir, comp, verify)
+                    status = [("ok", outdir.staging if outdir.is_local else None)]
+                except BaseException as exc:  # noqa: BLE001 - reported to every process
+                    status = [("error", _error_payload(exc))]
+            status = [pg.broadcast(status[0])]
+            if status[0][0] == "error":
+                _raise_payload(status[0][1])
+            shared_staging = status[0][1]
 
-                shutil.rmtree(tmp, ignore_errors=True)
-
-        # 3. process 0 gathers the storage entries, writes the index files last and commits
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(result, gathered, dst=0, group=group)
-        final: list[Any] = [None]
-        if rank == 0:
-            uploaded = [f for g in gathered for f in g[2]]
-            errors = [(i, g[1]) for i, g in enumerate(gathered) if g[0] == "error"]
+            # 2. every process writes its share of the target ranks
+            tmp = None
+            result: tuple
+            published: list[str] = []
             try:
-                if errors:
-                    i, payload = errors[0]
-                    _raise_payload(payload, f"process {i}: ")
-                all_results = sorted((r for g in gathered for r in g[1]), key=lambda r: r.rank)
+                if rank != 0:
+                    _, comp, prefix, reader = _open_source(src, component, endpoint_url)
+                    plan = _plan(reader, comp, **plan_args)
                 if shared_staging is not None:
-                    missing = [r.file for r in all_results if r.file and not os.path.exists(
-                        os.path.join(shared_staging, *r.file.split("/")))]
-                    if missing:
-                        raise CkptctlError(f"{missing[0]} (written by another process) is not in {shared_staging}: "
-                                           "the processes must share the destination's filesystem")
-                files = _commit(reader, plan, all_results, outdir, prefix, uploaded)
-                summary = _summary(comp.url, outdir, plan, all_results, files, world, started)
-                final = [("ok", summary)]
+                    mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
+                else:
+                    tmp = tempfile.mkdtemp(prefix="ckptctl-reshard-")
+                    mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
+                ranks = range(rank, plan.world, world)
+                on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
+                result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published), published)
             except BaseException as exc:  # noqa: BLE001
-                if outdir is not None:
-                    outdir.abort(uploaded=uploaded)
-                final = [("error", _error_payload(exc))]
-        dist.broadcast_object_list(final, src=0, group=group)
-        if final[0][0] == "error":
-            _raise_payload(final[0][1])
-        return final[0][1]
-    finally:
-        if outdir is not None and outdir.state == "open":
-            outdir.abort()
-        if group is not None:
-            dist.destroy_process_group(group)
-        if own_group:
-            dist.destroy_process_group()
+                result = ("error", _error_payload(exc), published)
+            finally:
+                if tmp:
+                    import shutil
+
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+            # 3. process 0 gathers the storage entries, writes the index files last and commits
+            gathered = pg.gather(result)
+            final: list[Any] = [None]
+            if rank == 0:
+                uploaded = [f for g in gathered for f in g[2]]
+                errors = [(i, g[1]) for i, g in enumerate(gathered) if g[0] == "error"]
+                try:
+                    if errors:
+                        i, payload = errors[0]
+                        _raise_payload(payload, f"process {i}: ")
+                    all_results = sorted((r for g in gathered for r in g[1]), key=lambda r: r.rank)
+                    if shared_staging is not None:
+                        missing = [r.file for r in all_results if r.file and not os.path.exists(
+                            os.path.join(shared_staging, *r.file.split("/")))]
+                        if missing:
+                            raise CkptctlError(f"{missing[0]} (written by another process) is not in {shared_staging}: "
+                                               "the processes must share the destination's filesystem")
+                    files = _commit(reader, plan, all_results, outdir, prefix, uploaded)
+                    summary = _summary(comp.url, outdir, plan, all_results, files, world, started)
+                    final = [("ok", summary)]
+                except BaseException as exc:  # noqa: BLE001
+                    if outdir is not None:
+                        outdir.abort(uploaded=uploaded)
+                    final = [("error", _error_payload(exc))]
+            final = [pg.broadcast(final[0])]
+            if final[0][0] == "error":
+                _raise_payload(final[0][1])
+            return final[0][1]
+        finally:
+            if outdir is not None and outdir.state == "open":
+                outdir.abort()
 
 
 __all__ = ["ReshardPlan", "ReshardSummary", "plan_reshard", "reshard_megatron", "split_kind", "tp_blocks",

@@ -22,6 +22,10 @@ ckptctl additionally requires the chosen step to be complete (one definition, se
 its files to pass the deep check (:mod:`ckptctl.formats.integrity`) and to still hold optimizer
 state; ``fallback`` names the newest step of the current run (:class:`ckptctl.tree.CurrentRun`)
 that passes. ``require_checkpoint`` turns "start from scratch" into a failure.
+For a Megatron step it also tells whether the optimizer state loads at the parallelism of the
+run's config (``trainer_state.pt``, read without torch): megatron-core reloads ``dp_reshardable``
+state only at the TP/PP/EP it was written at (any DP), the per-parameter formats at any layout;
+when it cannot, it names the ``convert-reshard`` command that can (:class:`OptimizerFit`).
 """
 
 from __future__ import annotations
@@ -30,15 +34,45 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from ckptctl.errors import BucketNotFoundError, NotACheckpointError, NotFoundError, UsageError
+from ckptctl.errors import BucketNotFoundError, CkptctlError, NotACheckpointError, NotFoundError, UsageError
 from ckptctl.storage import Store, open_store
-from ckptctl.tree import (MODEL_COMPONENTS, POINTER_FILE, STEP_PREFIX, Step, Tree, canonical_step_name,
+from ckptctl.tree import (MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_PREFIX, Component, Step, Tree,
+                          canonical_step_name,
                           classify_step, scan_step, scan_tree)
 
 MODES = ("latest", "from_path", "none")
 RESUME = "resume"
 SCRATCH = "scratch"
 FAIL = "fail"
+
+
+#: Optimizer formats megatron-core reloads only at the TP/PP/EP they were written at (any DP).
+MODEL_PARALLEL_BOUND = ("dp_reshardable", "dp_zero_gather_scatter")
+_PARALLEL_DIMS = ("tp", "pp", "ep", "etp")
+
+
+@dataclass
+class OptimizerFit:
+    """Whether a Megatron component's optimizer state loads at the run's parallelism.
+
+    ``checkpoint``: the layout inferred from the checkpoint's chunks; ``run``: the one the run's
+    config (``trainer_state.pt``) asks for. ``loadable``: None when either is unknown.
+    ``convert``: the ``ckptctl convert-reshard`` command that rewrites it for the run's layout
+    (``drop``: the same keeping only the weights), ``resume_path``: the step it writes."""
+
+    component: str
+    format: str | None
+    checkpoint: dict
+    run: dict | None
+    loadable: bool | None
+    reason: str
+    convert: str | None = None
+    drop: str | None = None
+    resume_path: str | None = None
+    overrides: list[str] = field(default_factory=list)  # Hydra overrides to launch with
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "overrides": list(self.overrides)}
 
 
 @dataclass
@@ -55,6 +89,7 @@ class Resolution:
     fallback_path: str | None = None
     fallback_step: int | None = None
     require_checkpoint: bool = False  # starting from scratch counts as a failure
+    optimizer: list[OptimizerFit] = field(default_factory=list)  # Megatron components of the chosen step
 
     @property
     def resumable(self) -> bool:
@@ -90,6 +125,7 @@ class Resolution:
                                         f"trainer.resume_path={self.fallback_path}"]}
                          if self.fallback_path else None),
             "require_checkpoint": self.require_checkpoint,
+            "optimizer": [f.to_dict() for f in self.optimizer],
             "resumable": self.resumable,
             "reason": self.reason,
         }
@@ -123,7 +159,8 @@ def _pick_fallback(store: Store, tree: Tree, exclude: str | None) -> Step | None
     """The newest step of the current run that is usable, deep check included (never an older
     run's higher step)."""
     for step in reversed(tree.current_run.steps):
-        if step.name != exclude and not _usable_problems(step) and not _deep_checked_problems(store, step):
+        if step.name != exclude and not _usable_problems(step) and not _deep_checked_problems(store, step) \
+                and not any(f.loadable is False for f in optimizer_fits(store, step, store.url_of(step.name))[0]):
             return step
     return None
 
@@ -137,6 +174,239 @@ def _check_step(res: Resolution, store: Store, step: Step) -> None:
     res.loads = _loads(res.path, step)
     res.problems = _deep_checked_problems(store, step)
     res.warnings.extend(step.notes)
+    _check_optimizer_fit(res, store, step)
+
+
+# -- does the optimizer state load at the run's parallelism? ----------------------------------
+
+def read_run_config(store: Store, rel: str) -> dict:
+    """The training config saved in ``trainer_state.pt`` (a plain dict, or an OmegaConf one as
+    SkyRL 0.3.1 pickles it), read WITHOUT torch (resolve-resume stays light)."""
+    import io
+    import zipfile
+
+    from ckptctl.formats.safe_load import CorruptCheckpointError, load_plain_pickle, to_plain
+
+    url = store.url_of(rel)
+    data = store.read_bytes(rel)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if member is None:
+                raise CorruptCheckpointError(f"cannot read {url}: no data.pkl in the archive")
+            pickled = zf.read(member)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CorruptCheckpointError(f"cannot read {url}: not a torch.save zip archive ({exc})") from exc
+    state = to_plain(load_plain_pickle(pickled, name=url))
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{url} holds no training config (a dict under 'config')")
+    return config
+
+
+def _dig(data, *keys):
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def run_parallelism(config: dict, component: str) -> dict | None:
+    """TP/PP/CP/EP/ETP and world size of ``component`` (policy/critic) from SkyRL's config:
+    ``trainer.<component>.megatron_config.*_parallel_size`` and ``trainer.placement.
+    <component>_num_nodes`` x ``<component>_num_gpus_per_node``. DP = world / (TP x PP x CP)
+    (the distributed optimizer shards over DP x CP alike). None when the config has no
+    Megatron settings for it."""
+    mc = _dig(config, "trainer", component, "megatron_config")
+    if not isinstance(mc, dict):
+        return None
+
+    def size(key, default):
+        value = mc.get(key)
+        return value if isinstance(value, int) and value > 0 else default
+
+    tp = size("tensor_model_parallel_size", 1)
+    out = {"tp": tp, "pp": size("pipeline_model_parallel_size", 1), "cp": size("context_parallel_size", 1),
+           "ep": size("expert_model_parallel_size", 1), "etp": size("expert_tensor_parallel_size", tp)}
+    nodes = _dig(config, "trainer", "placement", f"{component}_num_nodes")
+    gpus = _dig(config, "trainer", "placement", f"{component}_num_gpus_per_node")
+    world = nodes * gpus if isinstance(nodes, int) and isinstance(gpus, int) and nodes > 0 and gpus > 0 else None
+    model_parallel = out["tp"] * out["pp"] * out["cp"]
+    out["world_size"] = world
+    out["dp"] = world // model_parallel if world and world % model_parallel == 0 else None
+    out["optimizer_format"], out["optimizer_format_key"] = _run_optimizer_format(mc, component)
+    return out
+
+
+def _run_optimizer_format(mc: dict, component: str) -> tuple[str | None, str | None]:
+    """The optimizer format the run saves AND loads with (megatron-core builds its load template
+    for it), and the config key that says so: ``optimizer_checkpoint_sharding_type`` (a name) or
+    ``dist_ckpt_optim_fully_reshardable`` (a flag; false = SkyRL's ``dp_reshardable``)."""
+    key = f"trainer.{component}.megatron_config."
+    named = mc.get("optimizer_checkpoint_sharding_type")
+    if isinstance(named, str) and named:
+        return named, key + "optimizer_checkpoint_sharding_type"
+    flag = mc.get("dist_ckpt_optim_fully_reshardable")
+    if isinstance(flag, bool):
+        return ("fully_reshardable" if flag else "dp_reshardable"), key + "dist_ckpt_optim_fully_reshardable"
+    return None, None
+
+
+def _format_override(run: dict, fmt: str) -> str | None:
+    """The Hydra override that makes the run load ``fmt``."""
+    key = run.get("optimizer_format_key")
+    if not key:
+        return None
+    if key.endswith("dist_ckpt_optim_fully_reshardable"):
+        return f"{key}={'true' if fmt == 'fully_reshardable' else 'false'}" \
+            if fmt in ("fully_reshardable", "dp_reshardable") else None
+    return f"{key}={fmt}"
+
+
+def layout_text(layout: dict, experts: bool) -> str:
+    text = f"TP{layout.get('tp') or '?'}·PP{layout.get('pp') or '?'}"
+    if experts:
+        text += f"·EP{layout.get('ep') or '?'}·ETP{layout.get('etp') or '?'}"
+    return text
+
+
+def _optimizer_components(step: Step) -> list[Component]:
+    return [c for c in step.components.values() if c.backend == MEGATRON and c.complete]
+
+
+def optimizer_fits(store: Store, step: Step, step_url: str) -> tuple[list[OptimizerFit], list[str]]:
+    """For each complete Megatron component of ``step`` (``store``: its parent): its optimizer
+    format and layout (one read of its ``.metadata``) against the run's config (one read of
+    ``trainer_state.pt``); and the warnings of what could not be told."""
+    comps = _optimizer_components(step)
+    fits: list[OptimizerFit] = []
+    warnings: list[str] = []
+    if not comps:
+        return fits, warnings
+    config, config_error = None, None
+    try:
+        config = read_run_config(store, posixpath.join(step.name, "trainer_state.pt"))
+    except CkptctlError as exc:
+        config_error = str(exc)
+    for comp in comps:
+        try:
+            fit = optimizer_fit(store, comp, config, step_url)
+        except CkptctlError as exc:
+            warnings.append(f"{comp.name}: cannot tell whether its optimizer state loads at the run's "
+                            f"parallelism: {exc}")
+            continue
+        if fit is None:
+            continue
+        fits.append(fit)
+        if fit.loadable is None and fit.run is None and config_error:
+            warnings.append(f"{comp.name}: the run's parallelism is unknown: {config_error}")
+    return fits, warnings
+
+
+def _check_optimizer_fit(res: Resolution, store: Store, step: Step) -> None:
+    """:func:`optimizer_fits` of the chosen step: state that cannot load is a problem."""
+    res.optimizer, warnings = optimizer_fits(store, step, res.path)
+    res.warnings.extend(warnings)
+    for fit in res.optimizer:
+        if fit.loadable is False:
+            res.problems.append(f"{fit.component}: {fit.reason}" + (
+                f"; convert it: {fit.convert} (or add --drop-optimizer to keep the weights only)" if fit.convert
+                else ""))
+
+
+def optimizer_fit(store: Store, comp: Component, config: dict | None, step_url: str) -> OptimizerFit | None:
+    """The :class:`OptimizerFit` of one Megatron component (``store``: what ``comp.path`` is
+    relative to; ``step_url``: the step as the user named it). None without optimizer state."""
+    from ckptctl.formats.megatron import MegatronReader
+
+    reader = MegatronReader(store.child(comp.path) if comp.path else store, nesting=comp.nesting)
+    summary = reader.summary(common=False, check_files=False)  # key names only: no torch, no tensor read
+    opt = summary.get("optimizer") or {}
+    fmt = opt.get("format")
+    if not fmt:
+        return None
+    par = summary.get("parallel") or {}
+    experts = bool(par.get("num_experts"))
+    checkpoint = {k: par.get(k) for k in (*_PARALLEL_DIMS, "dp")}
+    if not experts:
+        checkpoint["ep"] = checkpoint["etp"] = None
+    checkpoint["layout"] = par.get("layout")
+    run = run_parallelism(config, comp.name) if config is not None else None
+    fit = OptimizerFit(component=comp.name, format=fmt, checkpoint=checkpoint, run=run, loadable=None, reason="")
+    bound = sorted({c["format"] for c in opt.get("chains") or () if c.get("format") in MODEL_PARALLEL_BOUND}
+                   or ({fmt} & set(MODEL_PARALLEL_BOUND)))
+    if run is not None and run.get("optimizer_format") and run["optimizer_format"] != fmt:
+        # megatron-core loads through a template of the run's own format: other keys are missing
+        fit.loadable = False
+        fit.reason = (f"the run's config loads optimizer state as {run['optimizer_format']} "
+                      f"({run['optimizer_format_key']}) but this checkpoint holds {fmt}")
+        override = _format_override(run, fmt)
+        if override and (not bound or all(checkpoint.get(d) == run.get(d) for d in _PARALLEL_DIMS
+                                          if checkpoint.get(d) is not None)):
+            fit.overrides = [override]
+            fit.reason += f": launch with {override}"
+            return fit
+        if not bound:
+            return fit
+    if not bound:
+        fit.loadable = True
+        fit.reason = f"{fmt} optimizer state loads at any TP/PP/EP/DP"
+        return fit
+    dims = ("tp", "pp", "ep", "etp") if experts else ("tp", "pp")
+    written = layout_text(checkpoint, experts)
+    if run is None:
+        fit.reason = (f"{', '.join(bound)} optimizer state (written at {written}) loads only at that TP/PP"
+                      + ("/EP" if experts else "") + "; the run's parallelism is unknown (no "
+                      f"trainer.{comp.name}.megatron_config in trainer_state.pt)")
+        return fit
+    if any(checkpoint.get(d) is None for d in dims):
+        if fit.loadable is None:  # (a format mismatch stays the answer)
+            fit.reason = f"cannot tell the TP/PP{'/EP' if experts else ''} this checkpoint was written at"
+        return fit
+    wanted = layout_text(run, experts)
+    if all(checkpoint[d] == run[d] for d in dims):
+        if fit.loadable is False:  # the run's format differs and no override can say this one
+            return fit
+        fit.loadable = True
+        fit.reason = f"{', '.join(bound)} optimizer state written at {written}, the run's layout"
+        if run.get("dp") and checkpoint.get("dp") and run["dp"] != checkpoint["dp"]:
+            fit.reason += f" (megatron-core re-splits it from DP{checkpoint['dp']} to DP{run['dp']})"
+        return fit
+    fit.loadable = False
+    fit.reason = (f"{', '.join(bound)} optimizer state written at {written} cannot be loaded at the run's "
+                  f"{wanted} (trainer_state.pt): megatron-core reloads it only at the same "
+                  f"TP/PP{'/EP' if experts else ''}")
+    _convert_commands(fit, comp, step_url, run, experts)
+    # convert-reshard writes the moved state as fully_reshardable: the run must load that format
+    override = _format_override(run, "fully_reshardable")
+    fit.overrides = ["trainer.resume_mode=from_path", f"trainer.resume_path={fit.resume_path}"] + (
+        [override] if override and run.get("optimizer_format") != "fully_reshardable" else [])
+    return fit
+
+
+def _convert_commands(fit: OptimizerFit, comp: Component, step_url: str, run: dict, experts: bool) -> None:
+    """``convert-reshard`` of the component for the run's layout, into a sibling tree (the step
+    keeps its ``global_step_N`` name, as SkyRL's from_path resume requires)."""
+    import shlex
+
+    step_url = step_url.rstrip("/")
+    tree, name = posixpath.split(step_url)
+    tree = tree.rstrip("/")
+    suffix = f"tp{run['tp']}pp{run['pp']}" + (f"ep{run['ep']}etp{run['etp']}" if experts else "")
+    if not tree or tree.endswith(":") or ("://" in tree and "/" not in tree.split("://", 1)[1]):
+        target_step = posixpath.join(tree + "/" if tree.endswith(":") else tree, f"resharded-{suffix}", name)
+    else:  # a sibling of the tree: /ckpts-tp1pp2/global_step_N
+        target_step = posixpath.join(f"{tree}-{suffix}", name)
+    args = ["ckptctl", "convert-reshard", posixpath.join(step_url, comp.name), "--out",
+            posixpath.join(target_step, comp.name), "--tp", str(run["tp"]), "--pp", str(run["pp"])]
+    if run.get("dp"):
+        args += ["--dp", str(run["dp"])]
+    if experts:
+        args += ["--ep", str(run["ep"]), "--etp", str(run["etp"])]
+    fit.convert = shlex.join(args)
+    fit.drop = shlex.join(args + ["--drop-optimizer"])
+    fit.resume_path = target_step
 
 
 def skyrl_step_number(name: str) -> int:

@@ -5,7 +5,7 @@ Run as a script (never imported by ckptctl)::
 
     python distopt_worker.py JOBS.json
 
-Each job: ``mode`` "save" or "load", ``tp``, ``pp``, ``world_size`` (DP = world / (tp*pp)),
+Each job: ``mode`` "save", "load" or "step", ``tp``, ``pp``, ``world_size`` (DP = world / (tp*pp)),
 ``model`` (the schema of :mod:`megatron_worker`), ``format`` (``dp_reshardable`` or
 ``fully_reshardable``; megatron-core 0.16.1 refuses to write ``fully_sharded_model_space``, see
 :mod:`distopt_writer`), ``steps``, ``ckpt_dir``, ``ref_dir``.
@@ -31,6 +31,11 @@ Rank side, "save":
 "load": same layout, fresh model + optimizer (different init seed, no step), the optimizer's
 ``sharded_state_dict(model_sd, is_loading=True, metadata=...)``, ``dist_checkpointing.load``,
 ``optimizer.load_state_dict``, then the same per-rank reference dump, compared with the saved one.
+
+"step" (the oracle of ``tests/test_reshard_distopt.py``, :func:`_next_step`): at ANY layout
+(``tp``, ``pp``, ``ep``, ``etp``, ``world_size``), load ``ckpt_dir`` in the format its ``common.pt``
+declares, snapshot the loaded state as full tensors, train the one step the writing job would have
+trained next (batch ``first_step``), snapshot again (``out_dir``).
 
 TEST-ONLY CPU shims (:func:`install_distopt_shims`, applied inside these worker processes only),
 besides :mod:`cuda_shim` (``torch.cuda.current_device`` -> cpu, ``torch.cuda.synchronize`` no-op):
@@ -231,7 +236,12 @@ def _build(job, seed: int):
     return model, ddp, opt
 
 
-def _train(job, model, ddp, opt) -> list:
+def _train(job, model, ddp, opt, first_step: int = 0, eval_mode: bool | None = None,
+           expert_grad_scale: float = 1.0) -> list:
+    """``job["steps"]`` training steps on batches ``first_step``, ``first_step + 1``, ... of the
+    job's deterministic batch sequence; returns the losses (last pipeline stage only).
+    ``expert_grad_scale``: multiplies the reduced expert grads before the optimizer step (see
+    :func:`_next_step`)."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
@@ -247,13 +257,15 @@ def _train(job, model, ddp, opt) -> list:
     g = torch.Generator().manual_seed(1234)  # same data on every rank (DP ranks see the same batch)
     losses = []
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
-    if m.get("moe") and job["tp"] > 1:
+    if eval_mode if eval_mode is not None else (m.get("moe") and job["tp"] > 1):
         # MoELayer refuses TRAINING mode with TP > 1 and no sequence parallel, and the local spec's
         # torch norms refuse sequence parallel; with dropout 0 eval mode changes nothing but that
         # check (autograd runs as usual: real grads, real Adam steps).
         model.eval()
-    for step in range(job["steps"]):
+    for step in range(first_step + job["steps"]):
         ids = torch.randint(0, m["padded_vocab"], (b, s + 1), generator=g)
+        if step < first_step:
+            continue
         # each DP rank its own micro-batch, so the DP reduce-scatter really sums different grads
         dp = ps.get_data_parallel_rank()
         ids = torch.roll(ids, shifts=dp, dims=0)
@@ -286,6 +298,9 @@ def _train(job, model, ddp, opt) -> list:
                 micro_batch_size=b,
                 forward_only=False,
             )
+        if expert_grad_scale != 1.0:
+            for buf in ddp.expert_parallel_buffers:
+                buf.grad_data.mul_(expert_grad_scale)
         ok, grad_norm, _ = opt.step()
         assert ok, f"optimizer step {step} skipped"
         if res:
@@ -353,6 +368,112 @@ def _chain_parts(opt_sd) -> list:
     return [opt_sd[k] for k in sorted(opt_sd)]
 
 
+def _load_checkpoint(ckpt_dir: str, model, opt, fmt: str) -> dict:
+    """megatron-core's own load of a model + distributed-optimizer checkpoint in format ``fmt``
+    into the freshly built ``model`` / ``opt``.  Returns what ``dist_checkpointing.load`` gave."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    _ensure_on_path()
+    import cuda_shim
+
+    # torch's AdamW (no Apex / TE on this machine) creates its per-param state, which
+    # holds 'step', only on the first step; DistributedOptimizer.state_dict() needs it.
+    # megatron-core's own helper for this (used by its fsdp_dtensor load path): one Adam
+    # step on zero grads; every value it touches is overwritten by the load.
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        o._init_optimizer_states_with_dummy_values()
+    meta = {"distrib_optim_sharding_type": fmt}
+    model_sd = model.sharded_state_dict()
+    with cuda_shim.tensor_cuda_is_identity():
+        state = {"model": model_sd,
+                 "optimizer": opt.sharded_state_dict(model_sd, is_loading=True, metadata=meta)}
+    loaded = dist_checkpointing.load(state, ckpt_dir, validate_access_integrity=True)
+    model.load_state_dict(loaded["model"])
+    # (fp32 params: the main-param shards are views of the model params, which require
+    #  grad; the in-place copy of the loaded values needs no_grad)
+    with torch.no_grad(), cuda_shim.tensor_cuda_is_identity():
+        opt.load_state_dict(loaded["optimizer"])
+    # torch AdamW fallback only: DistributedOptimizer.load_state_dict (distrib_optimizer.py:817-823)
+    # gives every param's inner state the SAME 'step' tensor, and AdamW's in-place step += 1 then
+    # advances it once per param: the next step's bias correction would depend on how many params
+    # the rank holds (so on the layout).  Each param its own step, as a fresh AdamW has.
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for st in o.optimizer.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+    return loaded
+
+
+def checkpoint_optimizer_format(ckpt_dir: str) -> str:
+    """The distributed-optimizer format a checkpoint declares in its ``common.pt``
+    (``param_state_sharding_type`` of every optimizer of the chain: they must agree)."""
+    from megatron.core import dist_checkpointing
+
+    opt = dist_checkpointing.load_common_state_dict(ckpt_dir)["optimizer"]
+    parts = [opt] if "param_state_sharding_type" in opt else [opt[k] for k in sorted(opt)]
+    formats = {p["param_state_sharding_type"] for p in parts}
+    if len(formats) != 1:
+        raise ValueError(f"{ckpt_dir}: optimizers of the chain declare different formats {sorted(formats)}")
+    return formats.pop()
+
+
+def _save_full_snapshot(model, opt, path: str, rank: int) -> None:
+    """Model + optimizer state as megatron-core's ``fully_reshardable`` checkpoint at ``path``:
+    megatron's own gather of every rank's Adam shards into full per-parameter tensors, which a
+    plain torch DCP read turns into layout-independent tensors to compare across layouts."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    _ensure_on_path()
+    import cuda_shim
+
+    model_sd = model.sharded_state_dict()
+    with cuda_shim.tensor_cuda_is_identity():
+        state = {"model": model_sd, "optimizer": opt.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
+    torch.distributed.barrier()
+
+
+def _next_step(job, rank: int) -> None:
+    """The "step" oracle: a fresh model + DDP + DistributedOptimizer at the job's layout loads
+    ``ckpt_dir`` (in the format its ``common.pt`` declares, as a resumed run would), snapshots
+    the loaded state (``out_dir/loaded``), takes ONE more training step on the batch the writing
+    job would have used next (batch index ``first_step``), and snapshots the result
+    (``out_dir/stepped``); ``out_dir/rank_{r}.json``: the loss, the inner Adam steps after load."""
+    t0 = time.monotonic()
+    fmt = job["format"] if job["format"] != "auto" else checkpoint_optimizer_format(job["ckpt_dir"])
+    model, ddp, opt = _build(job, seed=job["seed"] + 1000)
+    _load_checkpoint(job["ckpt_dir"], model, opt, fmt)
+    steps_loaded = _named_state(model, opt)["__steps__"]
+    if job.get("control") == "halve_exp_avg":  # a negative control: moments off by a factor
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            for st in o.optimizer.state.values():
+                st["exp_avg"].mul_(0.5)
+    t1 = time.monotonic()
+    _save_full_snapshot(model, opt, os.path.join(job["out_dir"], "loaded"), rank)
+    t2 = time.monotonic()
+    # MoE: eval mode at every layout (TP > 1 needs it, see _train) so source and target step alike.
+    # MoE at TP > 1 without sequence parallel (which megatron-core refuses in training mode; the local
+    # spec's torch norms refuse SP) routes every token once per TP rank, so the reduced expert
+    # grads come out TP times what megatron computes with SP or at TP 1 (measured: exactly 2x at
+    # TP 2, ETP 1 or 2): divided back so that every layout takes megatron's real step.
+    moe = bool(job["model"].get("moe"))
+    losses = _train(job, model, ddp, opt, first_step=job["first_step"], eval_mode=moe,
+                    expert_grad_scale=1.0 / job["tp"] if moe else 1.0)
+    t3 = time.monotonic()
+    _save_full_snapshot(model, opt, os.path.join(job["out_dir"], "stepped"), rank)
+    with open(os.path.join(job["out_dir"], f"rank_{rank}.json"), "w") as f:
+        json.dump({"format": fmt, "losses": losses, "steps_loaded": steps_loaded,
+                   "steps_after": _named_state(model, opt)["__steps__"],
+                   "seconds": dict(load=round(t1 - t0, 2), snapshot=round(t2 - t1, 2), step=round(t3 - t2, 2),
+                                   total=round(time.monotonic() - t0, 2))}, f)
+
+
 def _rank(job, rank: int) -> None:
     import torch
     from megatron.core import dist_checkpointing
@@ -396,24 +517,11 @@ def _rank(job, rank: int) -> None:
             if rank == 0:
                 _log(f"{fmt}: build {t1 - t0:.1f}s train {t2 - t1:.1f}s sd {t3 - t2:.1f}s "
                      f"save {time.monotonic() - t3:.1f}s losses {losses}")
+        elif job["mode"] == "step":
+            _next_step(job, rank)
         else:
             model, ddp, opt = _build(job, seed=job["seed"] + 1000)
-            # torch's AdamW (no Apex / TE on this machine) creates its per-param state, which
-            # holds 'step', only on the first step; DistributedOptimizer.state_dict() needs it.
-            # megatron-core's own helper for this (used by its fsdp_dtensor load path): one Adam
-            # step on zero grads; every value it touches is overwritten by the load.
-            for o in getattr(opt, "chained_optimizers", [opt]):
-                o._init_optimizer_states_with_dummy_values()
-            model_sd = model.sharded_state_dict()
-            with cuda_shim.tensor_cuda_is_identity():
-                state = {"model": model_sd,
-                         "optimizer": opt.sharded_state_dict(model_sd, is_loading=True, metadata=meta)}
-            loaded = dist_checkpointing.load(state, job["ckpt_dir"], validate_access_integrity=True)
-            model.load_state_dict(loaded["model"])
-            # (fp32 params: the main-param shards are views of the model params, which require
-            #  grad; the in-place copy of the loaded values needs no_grad)
-            with torch.no_grad(), cuda_shim.tensor_cuda_is_identity():
-                opt.load_state_dict(loaded["optimizer"])
+            loaded = _load_checkpoint(job["ckpt_dir"], model, opt, fmt)
             got = _named_state(model, opt)
             ref = torch.load(os.path.join(job["ref_dir"], f"rank_{rank}.pt"), weights_only=False)
             ref.pop("__losses__", None)
@@ -481,6 +589,11 @@ def _rank_entry(job, rank: int) -> None:
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
+        if job["mode"] == "step":  # the oracle reports each case's failure and goes on
+            with contextlib.suppress(OSError):
+                os.makedirs(job["out_dir"], exist_ok=True)
+                with open(os.path.join(job["out_dir"], f"error_rank_{rank}.txt"), "w") as f:
+                    f.write(traceback.format_exc())
         # os._exit skips the multiprocessing finalizers: stop our own manager process first so it
         # is not left orphaned
         if _MANAGER:
@@ -552,7 +665,8 @@ def main(argv=None) -> int:
             _run_job(job, timeout=float(job.get("timeout", 240)))
         except Exception as e:  # noqa: BLE001
             _log(str(e))
-            return 1
+            if job["mode"] != "step":
+                return 1
         _log(f"{job['mode']} {job['ckpt_dir']} (world {job['world_size']}) in {time.monotonic() - t1:.1f}s")
     return 0
 

@@ -35,6 +35,12 @@ Idempotent: a variant whose ``params.json`` matches and whose ``COMPLETE`` marke
 rewritten.  All variants in one launcher (megatron imported once): ~35 s on 2 CPU cores for the
 default set, save + load check.
 
+The step oracle (:func:`next_step_job`, :func:`run_next_step`, :func:`read_full_tensors`):
+megatron-core loads a checkpoint (a fixture, or a ckptctl ``convert-reshard`` output of one) at
+any layout and trains the one step the fixture's job would have trained next; its loaded and
+stepped states come back as full per-parameter tensors.  A fixture's own step at its own layout
+is cached in ``<name>/next_step/``.
+
 Usage: ``python distopt_writer.py OUT_DIR [NAME ...]``.
 """
 
@@ -150,6 +156,101 @@ def write_distopt_fixtures(out_dir, names=None, verify: bool = True, python: str
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {n: out / n for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# the "next step" oracle: megatron-core loads a checkpoint at some layout and trains one more step
+# --------------------------------------------------------------------------------------------
+#: bump when the step oracle's behaviour changes: cached reference steps are then recomputed
+NEXT_STEP_VERSION = 2
+
+
+def next_step_job(source: str, ckpt_dir, out_dir, *, tp: int, pp: int, dp: int, ep: int = 1, etp: int = 1,
+                  cache: bool = False, control: str | None = None) -> dict:
+    """A job for :func:`run_next_step`: megatron-core's DDP + DistributedOptimizer for the model and
+    optimizer of fixture ``source``, at TP x PP x DP (EP, ETP for MoE), loads ``ckpt_dir`` in the
+    format its ``common.pt`` declares and trains the one step the ``source`` job would have trained
+    next (same batch).  ``cache``: ``out_dir`` keeps the result between runs (a fixture's own
+    reference step); it is reused while the job's parameters are the same.  ``control``
+    ``"halve_exp_avg"``: a negative control, the loaded exp_avg halved before anything else."""
+    job = _job(source, Path("/"), Path("/"), "step")
+    job.update(oracle_version=NEXT_STEP_VERSION, tp=tp, pp=pp, ep=ep, etp=etp, world_size=tp * pp * dp,
+               format="auto", first_step=job["steps"], steps=1, ckpt_dir=str(ckpt_dir), out_dir=str(out_dir),
+               cache=cache, control=control)
+    job.pop("ref_dir")
+    return job
+
+
+def _job_params(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k not in ("store_file", "timeout")}
+
+
+def run_next_step(jobs: list[dict], python: str | None = None, timeout: float = 900) -> dict[str, dict]:
+    """Run every job (from :func:`next_step_job`) in ONE worker launcher (megatron imported once,
+    one forked gloo process per rank).  Returns ``{out_dir: result}``, result: ``losses`` (those of
+    the last pipeline stage's ranks), ``format`` (the loaded one), ``steps_loaded`` /
+    ``steps_after`` (the inner Adam steps after the load / after the step), ``seconds`` (rank 0),
+    ``loaded`` / ``stepped`` (snapshot dirs, see :func:`read_full_tensors`), ``errors`` (per-rank
+    tracebacks; [] when it all ran), ``cached``."""
+    todo = []
+    for job in jobs:
+        out = Path(job["out_dir"])
+        done = out / "COMPLETE"
+        if job["cache"] and done.is_file() and done.read_text() == json.dumps(_job_params(job), sort_keys=True):
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        todo.append(job)
+    tmp = Path(tempfile.mkdtemp(prefix="distopt_step_"))
+    proc = None
+    try:
+        if todo:
+            for i, job in enumerate(todo):
+                job["store_file"] = str(tmp / f"store_{i}")
+            (tmp / "jobs.json").write_text(json.dumps(todo))
+            proc = subprocess.run([python or sys.executable, str(WORKER), str(tmp / "jobs.json")],
+                                  capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    for job in jobs:
+        out = Path(job["out_dir"])
+        res = dict(losses=[], format=None, steps_loaded=None, steps_after=None, seconds=None,
+                   loaded=out / "loaded", stepped=out / "stepped", errors=[], cached=job not in todo)
+        for r in range(job["world_size"]):
+            err, rec = out / f"error_rank_{r}.txt", out / f"rank_{r}.json"
+            if err.is_file():
+                res["errors"].append(f"rank {r}: {err.read_text()}")
+            elif not rec.is_file():
+                res["errors"].append(f"rank {r} wrote no result" + (f":\n{proc.stderr[-3000:]}" if proc else ""))
+            else:
+                doc = json.loads(rec.read_text())
+                res["losses"] += doc["losses"]
+                res.update(format=doc["format"], steps_loaded=doc["steps_loaded"], steps_after=doc["steps_after"])
+                if r == 0:
+                    res["seconds"] = doc["seconds"]
+        if job["cache"] and not res["cached"] and not res["errors"]:
+            (out / "COMPLETE").write_text(json.dumps(_job_params(job), sort_keys=True))
+        results[job["out_dir"]] = res
+    return results
+
+
+def read_full_tensors(snapshot) -> dict:
+    """Every tensor of a snapshot written by the step oracle (a ``fully_reshardable`` checkpoint:
+    model keys and ``[chained_i.]optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``) as one
+    full tensor per key, read with plain torch DCP in this process (no megatron)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(snapshot))
+    md = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.items()
+           if isinstance(v, TensorStorageMetadata)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
 
 
 if __name__ == "__main__":
