@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from cli_runner import run, run_json  # noqa: E402
-from distopt_tree import distopt_fixtures, job_of, skyrl_tree  # noqa: E402
+from distopt_tree import job_of, skyrl_tree  # noqa: E402
 
 from ckptctl.formats.base import OPTIMIZER  # noqa: E402
 from ckptctl.formats.mcore_to_hf import is_model_key  # noqa: E402
@@ -44,8 +44,8 @@ PER_GBUF = re.compile(r"\{(\(torch\.\w+, torch\.\w+\)): \[([\d, ]*)\]\}")
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory) -> dict[str, Path]:
-    return distopt_fixtures(tmp_path_factory)
+def fixtures(distopt_ckpts) -> dict[str, Path]:
+    return distopt_ckpts
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ if importlib.util.find_spec("megatron.core") is None:  # pragma: no cover
     pytest.skip("megatron-core is needed to write the fixtures", allow_module_level=True)
 
 from cli_runner import run, run_json  # noqa: E402
-from realckpt.distopt_writer import LAYOUTS, write_distopt_fixtures  # noqa: E402
+from realckpt.distopt_writer import LAYOUTS  # noqa: E402
 
 from ckptctl.errors import OptimizerLayoutError  # noqa: E402
 from ckptctl.formats.distopt import DistOptReader, build_layout  # noqa: E402
@@ -43,10 +43,8 @@ NAMES = list(LAYOUTS)
 
 
 @pytest.fixture(scope="module")
-def distopt(tmp_path_factory):
-    cache = os.environ.get("CKPTCTL_REALCKPT_CACHE")
-    out = Path(cache) / "distopt" if cache else tmp_path_factory.mktemp("distopt")
-    return write_distopt_fixtures(out)
+def distopt(distopt_ckpts):
+    return distopt_ckpts
 
 
 def _reader(path: Path) -> MegatronReader:

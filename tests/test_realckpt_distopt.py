@@ -18,7 +18,6 @@ Set ``CKPTCTL_REALCKPT_CACHE`` to keep the fixtures between sessions (~35 s to w
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-from realckpt.distopt_writer import DISTOPT_VARIANTS, LAYOUTS, write_distopt_fixtures  # noqa: E402
+from realckpt.distopt_writer import DISTOPT_VARIANTS, LAYOUTS  # noqa: E402
 
 DP_KEY = re.compile(
     r"^(?P<chain>chained_\d+\.)?optimizer\.distributed\.dp_group_idx_(?P<dpg>\d+)\."
@@ -42,10 +41,8 @@ FR_KEY = re.compile(r"^(?P<chain>chained_\d+\.)?optimizer\.state\.(?P<state>para
 
 
 @pytest.fixture(scope="module")
-def distopt(tmp_path_factory):
-    cache = os.environ.get("CKPTCTL_REALCKPT_CACHE")
-    out = Path(cache) / "distopt" if cache else tmp_path_factory.mktemp("distopt")
-    return write_distopt_fixtures(out)
+def distopt(distopt_ckpts):
+    return distopt_ckpts
 
 
 def _metadata(path: Path):

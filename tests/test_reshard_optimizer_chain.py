@@ -18,7 +18,6 @@ the target, loads the output in the format its ``common.pt`` declares, and:
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,8 +28,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from ckptctl.ops.reshard import convert_reshard  # noqa: E402
-from realckpt.distopt_writer import (next_step_job, read_full_tensors, run_next_step,  # noqa: E402
-                                     write_distopt_fixtures)
+from realckpt.distopt_writer import next_step_job, read_full_tensors, run_next_step  # noqa: E402
 
 SOURCES = ("moe_tp2ep2dp2_dp_reshardable", "moe_tp2ep2dp2_fully_reshardable")
 #: name -> (source fixture or earlier case, tp, pp, dp, ep, etp)
@@ -53,10 +51,8 @@ def _bare(tensors: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stepped(tmp_path_factory):
-    cache = os.environ.get("CKPTCTL_REALCKPT_CACHE")
-    distopt = write_distopt_fixtures(Path(cache) / "distopt" if cache else tmp_path_factory.mktemp("distopt"),
-                                     list(SOURCES))
+def stepped(distopt_ckpts, tmp_path_factory):
+    distopt = distopt_ckpts
     work = tmp_path_factory.mktemp("optimizer_chain")
     summaries, jobs = {}, []
     for name, (source, tp, pp, dp, ep, etp) in CASES.items():

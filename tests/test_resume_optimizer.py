@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from cli_runner import run, run_json  # noqa: E402
-from distopt_tree import distopt_fixtures, job_of, skyrl_config, skyrl_tree  # noqa: E402
+from distopt_tree import job_of, skyrl_config, skyrl_tree  # noqa: E402
 from test_light_imports import heavy_modules_after  # noqa: E402
 
 NAMES = ["dense_tp1dp2", "dense_tp2dp2", "dense_pp2dp2", "moe_tp2ep2dp2", "moe_pp2ep2dp2"]
@@ -27,8 +27,8 @@ ALL = [f"{n}_{f}" for n in NAMES for f in ("dp_reshardable", "fully_reshardable"
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory) -> dict[str, Path]:
-    return distopt_fixtures(tmp_path_factory)
+def fixtures(distopt_ckpts) -> dict[str, Path]:
+    return distopt_ckpts
 
 
 def _moe(job: dict) -> bool:
