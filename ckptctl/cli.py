@@ -131,12 +131,13 @@ def main_callback(
 def list_command(
     path: PathArg,
     deep: Annotated[bool, typer.Option(
-        "--deep", help="Also check every file's size against its own index (zip directory, DCP .metadata, "
-                       "safetensors header): about one small read per file.")] = False,
+        "--deep", help="Also check every file's size against its own index (zip directory, safetensors "
+                       "header; Megatron's .metadata is read without it): about one small read per file.")] = False,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """List the steps of a checkpoint (or HF export) tree: backend, world size, size, completeness."""
+    """List the steps of a checkpoint (or HF export) tree: backend, parallel layout (Megatron: TP·PP·EP from
+    .metadata; FSDP: world size), size, completeness."""
     from ckptctl.ops.listing import list_checkpoints
     from ckptctl.render import render_tree
 
@@ -307,6 +308,18 @@ def verify_command(
         raise typer.Exit(1)
 
 
+#: export-hf's and convert-reshard's transfer options (ckptctl.ops.transfer.Transfer)
+ConcurrencyOpt = Annotated[Optional[int], typer.Option(
+    "--concurrency", metavar="N",
+    help="Object stores: ranged reads in flight ahead of the conversion, and shard parts uploading at once "
+         "(1: one tensor read ahead, uploads in the writing thread). [default: 8]",
+    show_default=False)]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", metavar="SIZE",
+    help="Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two "
+         "tensors being converted). [default: 1GiB, at most 1/8 of RAM]", show_default=False)]
+
+
 @app.command("export-hf")
 @handle_errors
 def export_hf_command(
@@ -331,15 +344,8 @@ def export_hf_command(
         "--steps", metavar="all|latest|N[,M...]",
         help="SRC is a tree: export these steps to OUT/global_step_N/<component>, skipping steps already "
              "exported complete (--overwrite re-exports them).", show_default=False)] = None,
-    concurrency: Annotated[Optional[int], typer.Option(
-        "--concurrency", metavar="N",
-        help="Object stores: ranged reads in flight ahead of the conversion, and shard parts uploading at once "
-             "(1: one tensor read ahead, uploads in the writing thread). [default: 8]",
-        show_default=False)] = None,
-    max_memory: Annotated[Optional[str], typer.Option(
-        "--max-memory", metavar="SIZE",
-        help="Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two "
-             "tensors being converted). [default: 1GiB, at most 1/8 of RAM]", show_default=False)] = None,
+    concurrency: ConcurrencyOpt = None,
+    max_memory: MaxMemoryOpt = None,
     workers: Annotated[Optional[int], typer.Option(
         "--workers", metavar="N",
         help="Share the export between N processes on this machine, each writing its own shards (as "
@@ -354,28 +360,25 @@ def export_hf_command(
     (`torchrun --nnodes M --nproc-per-node N -m ckptctl export-hf ...`; a local OUT must be on a
     filesystem every node shares).
     """
-    from ckptctl.ops.distributed import check_workers, launch_workers, under_torchrun
+    from ckptctl.ops.distributed import check_workers, launch_workers
 
     workers = check_workers(workers)
-    if steps is not None and (workers > 1 or under_torchrun()):
-        raise UsageError("--steps exports one step after the other in one process; it cannot be shared "
-                         "between processes yet (leave out --workers / torchrun, or export each step)")
     out_ = Output(json_output and _is_rank_zero())
-    if steps is not None:
-        _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
-                    overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url,
-                    concurrency=concurrency, max_memory=max_memory)
-        return
     if workers > 1:  # the same run as under torchrun: these processes run this command without --workers
         argv = ["export-hf", src, "--out", out, "--dtype", dtype, "--max-shard-size", max_shard_size]
         argv += [flag for flag, on in (("--overwrite", overwrite), ("--merge-lora", merge_lora),
                                        ("--no-verify", no_verify), ("--json", json_output)) if on]
-        for flag, value in (("--component", component), ("--concurrency", concurrency),
+        for flag, value in (("--component", component), ("--steps", steps), ("--concurrency", concurrency),
                             ("--max-memory", max_memory), ("--endpoint-url", endpoint_url)):
             argv += [flag, str(value)] if value is not None else []
-        code = launch_workers(workers, argv)
+        code = launch_workers(workers, argv, warn=out_.warn)
         if code:
             raise typer.Exit(code)
+        return
+    if steps is not None:
+        _export_run(out_, src, out, steps=steps, component=component, dtype=dtype, max_shard_size=max_shard_size,
+                    overwrite=overwrite, merge_lora=merge_lora, verify=not no_verify, endpoint_url=endpoint_url,
+                    concurrency=concurrency, max_memory=max_memory)
         return
     from ckptctl.ops.distributed import silent_exit
     from ckptctl.ops.export import export_hf
@@ -397,14 +400,24 @@ def export_hf_command(
 
 
 def _export_run(out_: Output, src: str, out: str, **options) -> None:
+    from ckptctl.ops.distributed import WORKERS_ENV, silent_exit
     from ckptctl.ops.export_run import export_run
     from ckptctl.render import describe_step_export, render_export_run
 
-    with out_.progress("exporting tensors", None) as advance:
-        summary = export_run(src, out, on_step=lambda result: out_.info(describe_step_export(result)),
-                             progress=lambda done, total: advance(done, total, absolute=True), **options)
-    out_.result(summary, render_export_run)
-    if summary.exit_code:
+    first = _is_rank_zero()  # several processes (torchrun, --workers): process 0 speaks for the run
+    with (out_ if first else Output(True)).progress("exporting tensors", None) as advance:
+        try:
+            summary = export_run(src, out, on_step=lambda result: out_.info(describe_step_export(result)),
+                                 progress=lambda done, total: advance(done, total, absolute=True), **options)
+        except CkptctlError as exc:
+            code = silent_exit(exc)
+            if code is not None:
+                raise typer.Exit(code) from None
+            raise
+    if first:
+        out_.result(summary, render_export_run)
+    # under --workers the others leave with 0: the launcher must not stop process 0 while it reports
+    if summary.exit_code and (first or not os.environ.get(WORKERS_ENV)):
         raise typer.Exit(summary.exit_code)
 
 
@@ -433,6 +446,8 @@ def convert_reshard_command(
     allow_global: AllowGlobalOpt = None,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip checking the source against its ckptctl-manifest.json.")] = False,
+    concurrency: ConcurrencyOpt = None,
+    max_memory: MaxMemoryOpt = None,
     json_output: JsonOpt = False,
     endpoint_url: EndpointOpt = None,
 ) -> None:
@@ -449,7 +464,7 @@ def convert_reshard_command(
         summary = convert_reshard(src, out, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, world_size=world_size,
                                   drop_optimizer=drop_optimizer, overwrite=overwrite, device_type=device_type,
                                   allow_globals=tuple(allow_global or ()), endpoint_url=endpoint_url,
-                                  verify=not no_verify,
+                                  verify=not no_verify, concurrency=concurrency, max_memory=max_memory,
                                   progress=lambda done, total: advance(done, total, absolute=True))
     if _is_rank_zero():
         out_.result(summary, render_reshard)

@@ -16,7 +16,7 @@ def render_tree(console: Console, tree: Tree, *, deep: bool = False) -> None:
     target = tree.pointer_target
     title = f"{tree.url}  ({'HF export tree' if tree.kind == 'export' else 'checkpoint tree'})"
     table = Table(title=title, title_justify="left", show_lines=False)
-    for col, kw in (("step", {"justify": "right"}), ("mark", {}), ("backend", {}), ("world", {"justify": "right"}),
+    for col, kw in (("step", {"justify": "right"}), ("mark", {}), ("backend", {}), ("parallel", {"justify": "right"}),
                     ("components", {}), ("size", {"justify": "right"}), ("status", {}), ("modified", {})):
         table.add_column(col, **kw)
     for step in tree.steps:

@@ -783,21 +783,41 @@ class Store:
         """Batches of 100 deletions, one after the other, counting the per-object answers.
 
         GCS answers each object of a batch on its own (204 deleted, 404 already gone), so the
-        count is exact. Emulators lack the batch API: gcsfs then deletes one object a request.
+        count is exact. Emulators lack the batch API: one object a request, a few at a time,
+        stopping at the first failure (a store that stopped answering costs one timeout, not
+        one per remaining object).
         """
         from fsspec.asyn import sync
+
+        def gone(result: BaseException) -> bool:
+            return isinstance(result, FileNotFoundError) or "No such object" in str(result)
+
+        async def one_request_each(batch: list[str], width: int = 5) -> list:
+            import asyncio
+
+            results: list = []
+            for start in range(0, len(batch), width):
+                chunk = await asyncio.gather(*(self.fs._rm_file(p) for p in batch[start:start + width]),
+                                             return_exceptions=True)
+                results += chunk
+                if any(isinstance(r, BaseException) and not gone(r) for r in chunk):
+                    break
+            return results
 
         deleted = 0
         try:
             for start in range(0, len(paths), GCS_DELETE_BATCH):
                 batch = paths[start:start + GCS_DELETE_BATCH]
-                # gcsfs answers with the deleted paths (or None per object on the one-request-each
-                # path) and an exception for each object that failed.
-                results = sync(self.fs.loop, self.fs._delete_files, batch, GCS_DELETE_BATCH)
+                # the deleted paths (or None per object one request each) and an exception for
+                # each object that failed
+                if self.fs.on_google:
+                    results = sync(self.fs.loop, self.fs._delete_files, batch, GCS_DELETE_BATCH)
+                else:
+                    results = sync(self.fs.loop, one_request_each, batch)
                 failures = []
                 for result in results:
                     if isinstance(result, BaseException):
-                        if not (isinstance(result, FileNotFoundError) or "No such object" in str(result)):
+                        if not gone(result):
                             failures.append(result)
                     else:
                         deleted += 1
@@ -880,10 +900,13 @@ def check_concurrency(value: int, source: str = "--concurrency") -> int:
 class _Unit:
     """One buffer of the read-ahead: a byte range of one file, fetched by one or more requests."""
 
-    __slots__ = ("rel", "start", "end", "last", "buffer", "pending", "error", "admitted", "released")
+    __slots__ = ("rel", "start", "end", "first", "last", "reads", "buffer", "pending", "error", "admitted",
+                 "released")
 
     def __init__(self, rel: str, start: int, end: int, index: int):
-        self.rel, self.start, self.end, self.last = rel, start, end, index
+        self.rel, self.start, self.end = rel, start, end
+        self.first = self.last = index  # the plan's first and last reads inside it
+        self.reads: list[int] = []  # the plan indices of those reads
         self.buffer: bytearray | None = None
         self.pending = 0  # requests not finished yet
         self.error: BaseException | None = None
@@ -900,11 +923,13 @@ class ReadAhead:
     memory budget; :meth:`Store.read_range` serves reads inside them from memory.
 
     ``plan``: ``(rel, start, end)`` of the reads the caller will make, in the order it makes
-    them. Neighbouring ranges of one file (at most ``gap`` apart) are coalesced into buffers of
-    up to ``request_size``; a larger range is one buffer fetched by several ``request_size``
-    requests in parallel. Buffers are fetched in plan order by ``concurrency`` threads while
-    the bytes fetched and not yet used stay under ``budget`` (one buffer is always allowed, so
-    the budget never stalls the caller: the peak is ``budget`` plus one buffer).
+    them. Neighbouring ranges of one file (at most ``gap`` apart in the file, and read within
+    half the ``budget`` of plan bytes of each other, in any order) are coalesced into buffers
+    of up to ``request_size``; a larger range is one buffer fetched by several
+    ``request_size`` requests in parallel. Buffers are fetched in the order of their first
+    planned read by ``concurrency`` threads while the bytes fetched and not yet used stay under
+    ``budget`` (one buffer is always allowed, so the budget never stalls the caller: the peak
+    is ``budget`` plus one buffer).
 
     A read ``[start, end)`` of ``rel`` is served when it lies inside the range of a planned
     read at or after the current position (the plan's index of the previous read served); it
@@ -928,28 +953,15 @@ class ReadAhead:
         self.budget = max(int(budget), 1)
         self._bisect = bisect
         self._cond = threading.Condition()
-        self._units: list[_Unit] = []
-        self._reads: list[tuple[str, int, int, _Unit]] = []
         # rel -> sorted planned ranges: starts, [(start, end, [plan indices])]
         self._ranges: dict[str, tuple[list[int], list[tuple[int, int, list[int]]]]] = {}
-        open_units: dict[str, _Unit] = {}
+        reads = [(rel, start, end) for rel, start, end in plan if end > start]
         by_range: dict[tuple[str, int, int], list[int]] = {}
-        for rel, start, end in plan:
-            if end <= start:
-                continue
-            index = len(self._reads)
-            unit = open_units.get(rel)
-            if unit is not None and unit.start <= start and end <= unit.end:
-                unit.last = index  # inside the buffer already (a tied weight, a second view)
-            elif (unit is not None and 0 <= start - unit.end <= gap
-                  and max(end, unit.end) - unit.start <= request_size):
-                unit.end, unit.last = max(end, unit.end), index
-            else:
-                unit = _Unit(rel, start, end, index)
-                self._units.append(unit)
-                open_units[rel] = unit
-            self._reads.append((rel, start, end, unit))
-            by_range.setdefault((rel, start, end), []).append(index)
+        for index, read in enumerate(reads):
+            by_range.setdefault(read, []).append(index)
+        self._units: list[_Unit] = self._coalesce(reads, request_size, gap, max(self.budget // 2, request_size))
+        unit_of = {index: unit for unit in self._units for index in unit.reads}
+        self._reads: list[tuple[str, int, int, _Unit]] = [(*r, unit_of[i]) for i, r in enumerate(reads)]
         for (rel, start, end), indices in sorted(by_range.items()):
             starts, entries = self._ranges.setdefault(rel, ([], []))
             starts.append(start)
@@ -966,6 +978,38 @@ class ReadAhead:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckptctl-read-ahead")
         with self._cond:
             self._admit_locked()
+
+    @staticmethod
+    def _coalesce(reads: list[tuple[str, int, int]], request_size: int, gap: int, window: int) -> list[_Unit]:
+        """The buffers of planned ``reads``, in the order of their first read: a file's planned
+        ranges, in file order, grouped while they are at most ``gap`` apart, the group spans at
+        most ``request_size``, and its reads come within ``window`` bytes of plan of each other
+        (whatever the order they are read in: a reader interleaving regions of one file, such
+        as MoE experts' gate, up and down chunks, still gets large requests; reads far apart in
+        the plan, such as a tied weight read twice, get buffers of their own, not one held long)."""
+        planned_before = [0]  # bytes planned before each read
+        for _, start, end in reads:
+            planned_before.append(planned_before[-1] + end - start)
+        by_file: dict[str, list[tuple[int, int, int]]] = {}
+        for index, (rel, start, end) in enumerate(reads):
+            by_file.setdefault(rel, []).append((start, end, index))
+        units = []
+        for rel, ranges in by_file.items():
+            unit = None
+            for start, end, index in sorted(ranges):
+                joins = unit is not None and (
+                    end <= unit.end  # inside it (a range read twice: a tied weight, an expert's gate and up)
+                    or start - unit.end <= gap and end - unit.start <= request_size) and (
+                    planned_before[max(index, unit.last) + 1] - planned_before[min(index, unit.first)] <= window)
+                if joins:
+                    unit.end = max(end, unit.end)
+                    unit.first, unit.last = min(index, unit.first), max(index, unit.last)
+                else:
+                    unit = _Unit(rel, start, end, index)
+                    units.append(unit)
+                unit.reads.append(index)
+        units.sort(key=lambda u: u.first)
+        return units
 
     # -- fetching ---------------------------------------------------------------------------
     def _admit_locked(self, force: _Unit | None = None) -> None:

@@ -69,7 +69,7 @@ class Component:
     has_lora: bool = False
     nesting: str = ""  # "dist_ckpt" for verl's Megatron layout
     problems: list[str] = field(default_factory=list)
-    layout: str | None = None  # Megatron: "TP2·PP2·EP8", known once a deep check has read .metadata
+    layout: str | None = None  # Megatron: "TP2·PP2·EP8", known once .metadata is read (list, integrity checks)
 
     @property
     def complete(self) -> bool:

@@ -25,7 +25,7 @@ __ckptctl_options()
         'ckptctl inspect') echo '--tensors --config --config-format --component --allow-global --json --endpoint-url -h --help' ;;
         'ckptctl verify') echo '--full --write-manifest --json --endpoint-url -h --help' ;;
         'ckptctl export-hf') echo '-o --out --component --dtype --max-shard-size --overwrite --merge-lora --no-verify --steps --concurrency --max-memory --workers --json --endpoint-url -h --help' ;;
-        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --ep --etp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --json --endpoint-url -h --help' ;;
+        'ckptctl convert-reshard') echo '-o --out --tp --pp --dp --ep --etp --world-size --device-type --drop-optimizer --overwrite --allow-global --no-verify --concurrency --max-memory --json --endpoint-url -h --help' ;;
         'ckptctl diff') echo '--atol --rtol --tensors --component --json --endpoint-url -h --help' ;;
     esac
 }
@@ -65,6 +65,8 @@ __ckptctl_nvalues()
         'ckptctl convert-reshard --world-size') return 1 ;;
         'ckptctl convert-reshard --device-type') return 1 ;;
         'ckptctl convert-reshard --allow-global') return 1 ;;
+        'ckptctl convert-reshard --concurrency') return 1 ;;
+        'ckptctl convert-reshard --max-memory') return 1 ;;
         'ckptctl convert-reshard --endpoint-url') return 1 ;;
         'ckptctl diff --atol') return 1 ;;
         'ckptctl diff --rtol') return 1 ;;

@@ -109,6 +109,12 @@ function __ckptctl_nvalues
         case 'ckptctl convert-reshard --allow-global'
             echo 1
             return
+        case 'ckptctl convert-reshard --concurrency'
+            echo 1
+            return
+        case 'ckptctl convert-reshard --max-memory'
+            echo 1
+            return
         case 'ckptctl convert-reshard --endpoint-url'
             echo 1
             return
@@ -170,7 +176,7 @@ end
 complete -c ckptctl -f
 
 # ckptctl
-complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'list' -d 'List the steps of a checkpoint (or HF export) tree: backend, world size, size, completeness.'
+complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'list' -d 'List the steps of a checkpoint (or HF export) tree: backend, parallel layout (Megatron: TP·PP·EP from .metadata; FSDP: world size), size,...'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'prune' -d 'Delete all but the newest N complete checkpoints (never the pointer target or newest complete).'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'resolve-resume' -d 'Print what a SkyRL restart would load, by SkyRL\'s rules, and check that it is usable.'
 complete -c ckptctl -n '__ckptctl_using ckptctl' -a 'inspect' -d 'Show what a checkpoint holds: backend, layout, dtypes, parameters, optimizer, scheduler, trainer state.'
@@ -182,7 +188,7 @@ complete -c ckptctl -n '__ckptctl_using ckptctl' -l version -d 'Show the version
 complete -c ckptctl -n '__ckptctl_using ckptctl' -s h -l help -d 'Show this message and exit.'
 
 # ckptctl list
-complete -c ckptctl -n '__ckptctl_using ckptctl list' -l deep -d 'Also check every file\'s size against its own index (zip directory, DCP .metadata, safetensors header): about one small read per file.'
+complete -c ckptctl -n '__ckptctl_using ckptctl list' -l deep -d 'Also check every file\'s size against its own index (zip directory, safetensors header; Megatron\'s .metadata is read without it): about one small read per file.'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl list' -s h -l help -d 'Show this message and exit.'
@@ -262,6 +268,8 @@ complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l drop-optimiz
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l overwrite -d 'Replace a non-empty destination.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l allow-global -x -d 'Keep objects of this pickled class as plain data (never executed). Repeatable.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l no-verify -d 'Skip checking the source against its ckptctl-manifest.json.'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l concurrency -x -d 'Object stores: ranged reads in flight ahead of the conversion, and shard parts uploading at once (1: one tensor read ahead, uploads in the writing thread). [default: 8]'
+complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l max-memory -x -d 'Object stores: memory for read-ahead and upload buffers, e.g. 1GiB or 256MiB (besides the two tensors being converted). [default: 1GiB, at most 1/8 of RAM]'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l json -d 'Print a JSON document for scripts instead of tables.'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -l endpoint-url -x -d 'S3-compatible or GCS emulator endpoint (also AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).'
 complete -c ckptctl -n '__ckptctl_using ckptctl convert-reshard' -s h -l help -d 'Show this message and exit.'

@@ -124,9 +124,11 @@ def test_list_recognises_every_backend_layout(make_tree):
         tb.pointer(d, 6)
 
     steps = {s["step"]: s for s in run_json("list", make_tree(build))["steps"]}
-    assert steps[1]["backend"] == "megatron" and steps[1]["world_size"] == 3 and steps[1]["complete"]
+    assert steps[1]["backend"] == "megatron" and steps[1]["world_size"] == 3
     assert steps[2]["backend"] == "megatron" and steps[2]["components"][0]["nesting"] == "dist_ckpt"
-    assert steps[2]["complete"]
+    # the builder's .metadata holds filler bytes: list reads it (for the layout) and says so
+    assert steps[1]["problems"] == ["policy/.metadata: corrupt or truncated (UnpicklingError)"]
+    assert steps[2]["problems"] == ["policy/dist_ckpt/.metadata: corrupt or truncated (UnpicklingError)"]
     assert not steps[3]["complete"] and "metadata.json" in steps[3]["problems"][0]
     assert steps[4]["backend"] == "fsdp-single-file" and steps[4]["world_size"] == 8 and steps[4]["complete"]
     assert [c["name"] for c in steps[5]["components"]] == ["policy", "critic"]

@@ -221,12 +221,12 @@ def test_flat_buffers_are_never_counted_as_model_tensors(trees, fixtures, pair):
     flat = [t for t in reader.tensors() if DP_KEY.match(t.name)]
     assert flat and all(t.group == OPTIMIZER and not is_model_key(t.name) for t in flat)
     assert dp_comp["tensor_count"]["optimizer"] == len(flat)
-    # list --deep infers the layout the job ran at, from the model tensors alone
+    # list infers the layout the job ran at, from the model tensors alone
     job = job_of(fixtures[dp])
     layout = f"TP{job['tp']}·PP{job['pp']}"
     if job["model"].get("moe"):
         layout += f"·EP{job['ep']}" + (f"·ETP{job['etp']}" if job["etp"] != job["tp"] else "")
-    (step,) = run_json("list", trees[dp], "--deep")["steps"]
+    (step,) = run_json("list", trees[dp])["steps"]
     (policy,) = [c for c in step["components"] if c["name"] == "policy"]
     assert policy["layout"] == dp_comp["format"]["parallel"]["layout"] == layout, step
 

@@ -45,6 +45,9 @@ _FAULT_HOOK = textwrap.dedent("""
                 raise RuntimeError("injected fault while writing " + name)
             return real(self, name, tensor)
         HfModelWriter.add = add
+        if os.environ["FAULT"] == "abort-at-exit":  # the run succeeds; the process crashes leaving
+            HfModelWriter.add = real
+            os._exit = lambda code: os.abort()
 """)
 
 
@@ -106,8 +109,6 @@ def test_shards_split_into_balanced_runs_every_shard_once():
 
 def test_workers_refusals():
     runner = CliRunner()
-    result = runner.invoke(app, ["export-hf", "x", "--out", "y", "--workers", "2", "--steps", "all"])
-    assert result.exit_code == 2 and "--steps" in result.stderr
     result = runner.invoke(app, ["export-hf", "x", "--out", "y", "--workers", "0"])
     assert result.exit_code == 2 and "--workers" in result.stderr
     result = runner.invoke(app, ["export-hf", "x", "--out", "y", "--workers", "2"], env={"WORLD_SIZE": "2"})
@@ -158,6 +159,38 @@ def test_workers_to_s3_identical_to_one_process(fsdp_ckpts, make_backend, tmp_pa
     assert_identical(s3_files(s3, out), local_files(want))  # the marker is gone too
 
 
+def test_workers_export_a_whole_run_like_one_process(tmp_path):
+    """--steps with --workers: process 0 plans, every step is shared by both processes, one
+    document; the result is the one-process run's, file for file; a rerun skips every step."""
+    import shutil
+
+    example = Path(shutil.copytree(REPO_ROOT / "examples" / "skyrl-run", tmp_path / "ckpts",
+                                   copy_function=shutil.copy))
+    want = tmp_path / "one"
+    single = CliRunner().invoke(app, ["export-hf", str(example), "--out", str(want), "--steps", "all",
+                                      "--max-shard-size", SHARD, "--json"])
+    assert single.exit_code == 0, single.stderr
+    out = tmp_path / "two"
+    proc = run_ckptctl(example, "--out", out, "--steps", "all", "--max-shard-size", SHARD, "--workers", "2",
+                       "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # one document
+    statuses = {s["step"]: s["status"] for s in doc["steps"]}
+    assert statuses == {1: "exported", 2: "exported", 3: "exported", 4: "in progress"}
+    assert all(s["export"]["processes"] == 2 for s in doc["steps"][:3])
+    assert_identical(local_files(out), local_files(want))
+    proc = run_ckptctl(example, "--out", out, "--steps", "1,3", "--workers", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {s["step"]: s["status"] for s in json.loads(proc.stdout)["steps"]} == {1: "already exported",
+                                                                                   3: "already exported"}
+    # a plan refused by process 0 is the run's one error, with the one-process exit code
+    alone = CliRunner().invoke(app, ["export-hf", str(example), "--out", str(tmp_path / "x"), "--steps", "2,9"])
+    proc = run_ckptctl(example, "--out", tmp_path / "x", "--steps", "2,9", "--workers", "2")
+    assert proc.returncode == alone.exit_code != 0
+    assert proc.stderr.strip().splitlines() == alone.stderr.strip().splitlines()
+    assert "no global_step_9" in proc.stderr and not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # a process that dies or fails
 # ------------------------------------------------------------------------------------------
@@ -176,6 +209,20 @@ def test_killed_process_fails_the_run_local_then_rerun(fsdp_ckpts, tmp_path):
     want = tmp_path / "one"
     one_process(src, want, "--max-shard-size", SHARD)
     assert_identical(local_files(out), local_files(want))
+
+
+def test_process_crashing_after_the_commit_is_a_warning(fsdp_ckpts, tmp_path):
+    """A process that aborts on its way out, after process 0 committed the output (torch's gloo
+    teardown once did): the run succeeded, and the launcher says so instead of "nothing was
+    committed"."""
+    src = fsdp_ckpts["w2"].path
+    out = tmp_path / "out"
+    proc = run_ckptctl(src, "--out", out, "--max-shard-size", SHARD, "--workers", "2", fault="abort-at-exit",
+                       tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: process 1 of 2 was killed (SIGABRT) after the output was committed; the output is complete" \
+        in " ".join(proc.stderr.split()), proc.stderr
+    assert verify_export(out) == [] and leftovers(out) == []
 
 
 def test_failing_process_fails_the_run_on_s3_then_rerun(fsdp_ckpts, make_backend, tmp_path):

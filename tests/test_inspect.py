@@ -151,17 +151,25 @@ def test_not_a_checkpoint(tmp_path):
     assert code == 5 and "not a checkpoint" in err
 
 
-def test_list_deep_shows_the_megatron_layout(megatron_ckpts, tmp_path):
-    """Having read .metadata, list --deep shows TP·PP read from the chunks; plain list the world size."""
+def test_list_shows_the_megatron_layout(megatron_ckpts, tmp_path):
+    """list reads each Megatron step's .metadata: the layout read from the chunks (not the bare
+    world size), and a data file shorter than its chunks, without --deep."""
     example = Path(__file__).resolve().parent.parent / "examples" / "skyrl-run" / "global_step_1"
     for n, name in enumerate(("tp2", "tp2pp2"), start=1):
         step = tmp_path / "ckpts" / f"global_step_{n}"
         shutil.copytree(megatron_ckpts[name].out_dir, step / "policy")
         shutil.copy(example / "trainer_state.pt", step / "trainer_state.pt")
     (tmp_path / "ckpts" / "latest_ckpt_global_step.txt").write_text("2")
-    deep = run_json("list", tmp_path / "ckpts", "--deep")
-    assert [s["components"][0]["layout"] for s in deep["steps"]] == ["TP2·PP1", "TP2·PP2"]
-    plain = run_json("list", tmp_path / "ckpts")
-    assert [s["components"][0]["layout"] for s in plain["steps"]] == [None, None]
-    code, out, _ = run("list", tmp_path / "ckpts", "--deep")
-    assert code == 0 and "TP2·PP2" in out
+    for flags in ((), ("--deep",)):
+        listed = run_json("list", tmp_path / "ckpts", *flags)
+        assert [s["components"][0]["layout"] for s in listed["steps"]] == ["TP2·PP1", "TP2·PP2"]
+        assert [s["world_size"] for s in listed["steps"]] == [2, 4]
+    code, out, _ = run("list", tmp_path / "ckpts")
+    assert code == 0 and "TP2·PP2" in out and "TP2·PP1" in out
+    data = tmp_path / "ckpts" / "global_step_2" / "policy" / "__3_0.distcp"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 1)
+    listed = run_json("list", tmp_path / "ckpts")
+    assert [s["complete"] for s in listed["steps"]] == [True, False]
+    (problem,) = listed["steps"][1]["problems"]
+    assert problem.startswith("policy/__3_0.distcp: truncated (") and ".metadata has chunks up to" in problem

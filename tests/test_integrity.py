@@ -194,8 +194,11 @@ def test_list_deep_on_every_store(fsdp_tree, megatron_ckpts, store_backend, tmp_
     url = store_backend.new_root()
     store_backend.upload_dir(str(local), url)
 
-    plain = run_json("list", url)  # the cheap path says what it always said
-    assert [s["complete"] for s in plain["steps"]] == [True, True, True]
+    plain = run_json("list", url)  # the cheap path: listing, pointer, and Megatron's .metadata
+    assert [s["complete"] for s in plain["steps"]] == [True, True, False]
+    (megatron_problem,) = plain["steps"][2]["problems"]
+    assert megatron_problem.startswith("policy/__1_1.distcp: truncated (")
+    assert plain["steps"][2]["components"][0]["layout"] == "TP2·PP1"
 
     deep = run_json("list", url, "--deep")
     step4 = deep["steps"][1]
@@ -215,9 +218,9 @@ def test_list_deep_on_every_store(fsdp_tree, megatron_ckpts, store_backend, tmp_
 def test_list_deep_megatron_and_hf(megatron_ckpts, hf_export, fsdp_tree, tmp_path):
     root = step_tree(tmp_path, megatron_ckpts["tp2"].out_dir, fsdp_tree)
     truncate(root / "global_step_1/policy/__0_0.distcp", 100)
-    assert run_json("list", str(root))["steps"][0]["complete"] is True
-    (problem,) = run_json("list", str(root), "--deep")["steps"][0]["problems"]
-    assert problem.startswith("policy/__0_0.distcp: truncated (100 bytes; .metadata has chunks up to ")
+    for flags in ((), ("--deep",)):  # plain list reads .metadata too
+        (problem,) = run_json("list", str(root), *flags)["steps"][0]["problems"]
+        assert problem.startswith("policy/__0_0.distcp: truncated (100 bytes; .metadata has chunks up to ")
 
     export = step_tree(tmp_path, hf_export["single"].path, fsdp_tree, export=True)
     shard = export / "global_step_1/policy/model.safetensors"

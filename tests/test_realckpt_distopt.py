@@ -10,7 +10,8 @@ and compares every rank's inner Adam state (exp_avg, exp_avg_sq, fp32 main param
 what it held when saving: those per-rank results are asserted here, plus the key layout of each
 format as plain torch DCP metadata shows it.
 
-``fully_sharded_model_space`` is not written: megatron-core 0.16.1 refuses it (see the writer).
+``fully_sharded_model_space`` is not written here: megatron-core 0.16.1 refuses it (see the writer);
+its committed megatron-core 0.13.1 fixture is tested in ``test_distopt_fsms.py``.
 
 Set ``CKPTCTL_REALCKPT_CACHE`` to keep the fixtures between sessions (~35 s to write all).
 """

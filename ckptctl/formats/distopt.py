@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ckptctl.errors import CkptctlError, OptimizerLayoutError
 from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
+from ckptctl.formats.flattened import FlattenedState, is_flattened_state
 from ckptctl.formats.megatron import DP_BUFFER_RE, DP_OBJECT_RE, bucket_numels
 from ckptctl.formats.megatron_sharding import (EXPERT_SPLIT, REPLICATED, check_source_split, layer_and_suffix,
                                                split_kind, tp_blocks)
@@ -594,6 +595,7 @@ class DistOptReader:
         self.check_params = check_params
         self._layout: DistOptLayout | None = None
         self._virtual: dict[str, TensorInfo] = {}
+        self._flattened: FlattenedState | None = None  # fully_sharded_model_space state instead of buckets
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
@@ -609,7 +611,14 @@ class DistOptReader:
         return self._layout
 
     def per_parameter_state(self, summary: dict | None = None) -> dict[str, TensorInfo]:
-        """``[chained_i.]optimizer.state.<state>.<model key>`` -> its TensorInfo (no pieces: virtual)."""
+        """``[chained_i.]optimizer.state.<state>.<model key>`` -> its TensorInfo (no pieces: virtual).
+        ``dp_reshardable`` buckets are mapped by :meth:`layout`; ``fully_sharded_model_space``'s
+        N-D flattened pieces by :class:`~ckptctl.formats.flattened.FlattenedState`."""
+        if is_flattened_state(self._reader.tensor_infos()):
+            if self._flattened is None:
+                self._flattened = FlattenedState(self._reader)
+                self._virtual = self._flattened.tensor_infos()
+            return dict(self._virtual)
         self.layout(summary)
         return dict(self._virtual)
 
@@ -635,6 +644,11 @@ class DistOptReader:
         offsets, sizes = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
         m = _STATE_NAME_RE.match(name)
         chain, state, key = m["chain"], m["state"], m["key"]
+        if self._flattened is not None:
+            out = self._flattened.read_region(name, offsets, sizes)
+            if state == "param" and self.check_params:
+                self._check_against_model(name, key, offsets, sizes, out)
+            return out
         layout = self._layout
         out = torch.empty(sizes, dtype=getattr(torch, layout.dtype))
         covered = 0
@@ -706,9 +720,18 @@ def fully_reshardable_common(reader: "DistOptReader | MegatronReader", *, chaine
                                 f"{sorted(objects)}")
     for chain, part in parts.items():
         fmt = part.get("param_state_sharding_type")
-        if fmt == "fully_reshardable":
+        if fmt in ("fully_reshardable", "fully_sharded_model_space"):
             if not isinstance(part.get("optimizer"), dict):
                 raise _record_error(where, f"{chain or 'the'} optimizer's record has no param_groups")
+            # fully_sharded_model_space also keeps each param's inner 'step' under its index in
+            # param_state, which fully_reshardable does not have (the step is the param groups')
+            inner = {repr(_plain_number(v.get("step"))) for v in (part.pop("param_state", None) or {}).values()
+                     if isinstance(v, dict) and "step" in v}
+            groups = {repr(_plain_number(g.get("step"))) for g in part["optimizer"].get("param_groups") or ()}
+            if inner and inner != groups:
+                raise _record_error(where, f"per-parameter steps {sorted(inner)} differ from the param groups' "
+                                    f"{sorted(groups)}")
+            part["param_state_sharding_type"] = "fully_reshardable"
             continue
         if fmt != "dp_reshardable":
             raise _record_error(where, f"{chain or 'the'} optimizer is {fmt!r}")

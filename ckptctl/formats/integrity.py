@@ -20,8 +20,9 @@ about its own extent, never tensor data, and compare it with the size the listin
 
 Cost: one small request per checked file (a 16-file FSDP step: 16 ranged reads of at most
 64 KiB), :data:`MAX_WORKERS` at a time on object stores, for every step of ``list --deep`` and
-for the steps ``prune`` and ``resolve-resume`` decide on. No torch import (the light commands
-use it).
+for the steps ``prune`` and ``resolve-resume`` decide on. Plain ``list`` runs only the Megatron
+``.metadata`` check (:func:`check_megatron_indexes`): one read per Megatron component, which
+also gives its parallel layout (``TP2·PP2·EP8``). No torch import (the light commands use it).
 
 Problems name the file relative to the component directory on a :class:`~ckptctl.tree.Component`
 (``model_world_size_2_rank_1.pt: truncated (100 bytes; no zip end record)``) and relative to the
@@ -183,7 +184,7 @@ def _megatron_check(store: Store, comp: Component, sizes: dict[str, int]) -> Che
             return Findings(problems=[f"{index}: missing (removed since it was listed)"])
         found = Findings()
         try:  # the .metadata is parsed already: its chunks also tell the layout (TP2·PP2·EP8)
-            found.layout = (reader.summary(common=False, check_files=False).get("parallel") or {}).get("layout")
+            found.layout = reader.layout()
         except CkptctlError:
             pass
         for rel, end in sorted(extents.items(), key=lambda item: natural_key(item[0])):
@@ -226,10 +227,16 @@ def _hf_index_check(store: Store, comp: Component, sizes: dict[str, int]) -> Che
     return _json_check(store, comp, INDEX_FILE, shards_present)
 
 
-def component_checks(parent: Store, comp: Component) -> list[Check]:
-    """The checks of one component (``parent``: the store ``comp.path`` is relative to)."""
+def component_checks(parent: Store, comp: Component, *, megatron_index_only: bool = False) -> list[Check]:
+    """The checks of one component (``parent``: the store ``comp.path`` is relative to).
+    ``megatron_index_only``: only a Megatron component's ``.metadata`` check."""
     sizes = {f.path: f.size for f in comp.files}
     checks: list[Check] = []
+    if megatron_index_only:
+        prefix = f"{comp.nesting}/" if comp.nesting else ""
+        if comp.backend == MEGATRON and sizes.get(prefix + METADATA_FILE):
+            checks.append(_megatron_check(parent, comp, sizes))
+        return checks
     for f in comp.files:
         if f.size == 0:
             continue  # tree.py already calls it a zero-byte file
@@ -274,10 +281,13 @@ def deep_check_component(parent: Store, comp: Component) -> list[str]:
     return found.problems
 
 
-def _step_checks(tree_store: Store, step: Step) -> list[tuple[Component | None, Check]]:
+def _step_checks(tree_store: Store, step: Step, megatron_index_only: bool = False
+                 ) -> list[tuple[Component | None, Check]]:
     checks: list[tuple[Component | None, Check]] = []
     for comp in step.components.values():
-        checks += [(comp, c) for c in component_checks(tree_store, comp)]
+        checks += [(comp, c) for c in component_checks(tree_store, comp, megatron_index_only=megatron_index_only)]
+    if megatron_index_only:
+        return checks
     for f in step.files:
         if "/" not in f.path and f.path.endswith(".pt") and f.size:
             checks.append((None, _file_check(tree_store, step.name, f.path, f.size, torch_save_problem)))
@@ -314,7 +324,19 @@ def deep_check_step(tree_store: Store, step: Step) -> list[str]:
 def deep_check_steps(tree_store: Store, steps: list[Step]) -> dict[int, list[str]]:
     """:func:`deep_check_step` for many steps, every file's check concurrently (one pool):
     step number -> the problems found (empty for a sound step)."""
-    jobs = [(step, comp, check) for step in steps for comp, check in _step_checks(tree_store, step)]
+    return _check_steps(tree_store, steps, megatron_index_only=False)
+
+
+def check_megatron_indexes(tree_store: Store, steps: list[Step]) -> dict[int, list[str]]:
+    """The part of :func:`deep_check_steps` that reads each Megatron component's ``.metadata``
+    only (one read per component, concurrently): sets the components' ``layout`` and finds
+    data files missing or shorter than their chunks (the sizes come from the listing)."""
+    return _check_steps(tree_store, steps, megatron_index_only=True)
+
+
+def _check_steps(tree_store: Store, steps: list[Step], *, megatron_index_only: bool) -> dict[int, list[str]]:
+    jobs = [(step, comp, check) for step in steps
+            for comp, check in _step_checks(tree_store, step, megatron_index_only)]
     results = _run(tree_store, [check for _s, _c, check in jobs])
     per_step: dict[int, list[tuple[Component | None, Findings]]] = {id(s): [] for s in steps}
     for (step, comp, _check), found in zip(jobs, results):

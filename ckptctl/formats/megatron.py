@@ -125,6 +125,9 @@ _RECORDS = (
     f"{_DCP}.metadata.MetadataIndex", f"{_DCP}.metadata.StorageMeta", f"{_DCP}.filesystem._StorageInfo",
     f"{_DCP}.planner.SavePlan", f"{_DCP}.planner.WriteItem", f"{_DCP}.planner.TensorWriteData",
     f"{_DCP}.planner.BytesIOWriteData",
+    # megatron-core 0.13.1 also pickles each rank's save plan (its ``mcore_data``: the N-D
+    # flattened tensors' original shapes, see formats.flattened)
+    "megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan",
 )
 
 #: The globals a DCP ``.metadata`` pickle may reference (found by experiment on torch 2.13 +
@@ -357,7 +360,9 @@ class MegatronReader(CheckpointReader):
     def _read_chunks(self, pieces: list[Piece], name: str) -> Iterator[bytes]:
         """:meth:`read_chunk_bytes` of each piece, in order; on object stores several at once
         (the CRC checks run in those threads too: zlib releases the GIL)."""
-        if self.store.is_local or len(pieces) < 2 or self.max_workers < 2:
+        if self.store.is_local or len(pieces) < 2 or self.max_workers < 2 \
+                or getattr(self.store, "read_ahead", None) is not None:
+            # (a read-ahead fetches concurrently already, and serves reads made in its plan's order)
             for piece in pieces:
                 yield self.read_chunk_bytes(piece, name)
             return
@@ -446,16 +451,7 @@ class MegatronReader(CheckpointReader):
         out = torch.empty(sizes, dtype=dtype)
         if not out.numel():
             return out
-        whole, partial = [], []
-        for p in info.pieces:
-            lo = tuple(max(po, o) for po, o in zip(p.offsets, offsets))
-            hi = tuple(min(po + ps, o + s) for po, ps, o, s in zip(p.offsets, p.sizes, offsets, sizes))
-            if any(a >= b for a, b in zip(lo, hi)):
-                continue
-            local = tuple(slice(a - po, b - po) for a, b, po in zip(lo, hi, p.offsets))
-            dest = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))
-            (whole if lo == p.offsets and hi == tuple(po + ps for po, ps in zip(p.offsets, p.sizes))
-             else partial).append((p, local, dest))
+        whole, partial = self._region_pieces(info, offsets, sizes)
         covered = 0
         for p, local, dest in partial:
             block = self._read_part(p, info, local, dtype)
@@ -474,6 +470,62 @@ class MegatronReader(CheckpointReader):
                                          f"elements of block {list(offsets)}+{list(sizes)}")
         return out
 
+    @staticmethod
+    def _region_pieces(info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]
+                       ) -> tuple[list[tuple[Piece, tuple, tuple]], list[tuple[Piece, tuple, tuple]]]:
+        """The chunks overlapping block ``[offsets, offsets + sizes)``: (those it covers whole,
+        those it covers in part), each as (piece, its slice in the chunk, its slice in the block)."""
+        whole, partial = [], []
+        for p in info.pieces:
+            lo = tuple(max(po, o) for po, o in zip(p.offsets, offsets))
+            hi = tuple(min(po + ps, o + s) for po, ps, o, s in zip(p.offsets, p.sizes, offsets, sizes))
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            local = tuple(slice(a - po, b - po) for a, b, po in zip(lo, hi, p.offsets))
+            dest = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))
+            (whole if lo == p.offsets and hi == tuple(po + ps for po, ps in zip(p.offsets, p.sizes))
+             else partial).append((p, local, dest))
+        return whole, partial
+
+    def _part_worth_reading(self, piece: Piece, info: TensorInfo, local: tuple[slice, ...]) -> bool:
+        """Whether :meth:`_read_part` reads ``chunk[local]`` by its byte span rather than the
+        whole chunk (a large chunk, a small enough span, no stream transforms)."""
+        if (piece.byte_length or 0) < self.REGION_MIN_BYTES or (piece.file, piece.byte_offset) in self._transforms:
+            return False
+        item = dtype_size(info.dtype)
+        strides = [1] * len(piece.sizes)
+        for d in range(len(piece.sizes) - 2, -1, -1):
+            strides[d] = strides[d + 1] * piece.sizes[d + 1]
+        first = sum(s.start * st for s, st in zip(local, strides))
+        last = sum((s.stop - 1) * st for s, st in zip(local, strides))
+        return bool(item) and (last - first + 1) * item <= self.REGION_MAX_FRACTION * piece.byte_length
+
+    def planned_reads(self, reads: Iterable[Any]) -> list[tuple[str, int, int]]:
+        """``(file, start, end)`` of the ranged reads that reading ``reads`` makes, in that order:
+        each a tensor name or ``(name, index)`` (:meth:`read_tensor`; index None: whole), or
+        ``(name, offsets, sizes)`` (:meth:`read_region`). Each chunk read is planned as its whole
+        byte range in its ``.distcp`` (a chunk read in part, by its span, reads inside that range).
+        Unknown names are left out. The plan of a read-ahead (:class:`ckptctl.storage.ReadAhead`)."""
+        self._index()
+        plan = []
+        for asked in reads:
+            name, *how = (asked,) if isinstance(asked, str) else asked
+            info = self._infos.get(name)
+            if info is None:
+                continue
+            if len(how) == 2:  # read_region: the chunks read in part first, then the whole ones
+                offsets, sizes = tuple(int(o) for o in how[0]), tuple(int(s) for s in how[1])
+                whole, partial = self._region_pieces(info, offsets, sizes)
+                by_span = [p for p, local, _ in partial if self._part_worth_reading(p, info, local)]
+                pieces = by_span + [p for p, _, _ in whole] + [p for p, _, _ in partial if p not in by_span]
+            elif how and how[0] is not None:
+                index = how[0]
+                pieces = [p for p in info.pieces if p.offsets and p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+            else:
+                pieces = info.pieces
+            plan.extend((p.file, p.byte_offset, p.byte_offset + p.byte_length) for p in pieces)
+        return plan
+
     def _read_part(self, piece: Piece, info: TensorInfo, local: tuple[slice, ...], dtype):
         """``chunk[local]`` by the byte span it covers in the chunk's blob, or None when reading
         the whole chunk is as good (small chunk, large span, stream transforms, odd layout).
@@ -485,16 +537,9 @@ class MegatronReader(CheckpointReader):
 
         from ckptctl.formats.torchzip import TorchZipFile
 
-        if (piece.byte_length or 0) < self.REGION_MIN_BYTES or (piece.file, piece.byte_offset) in self._transforms:
+        if not self._part_worth_reading(piece, info, local):
             return None
         item = dtype_size(info.dtype)
-        strides = [1] * len(piece.sizes)
-        for d in range(len(piece.sizes) - 2, -1, -1):
-            strides[d] = strides[d + 1] * piece.sizes[d + 1]
-        first = sum(s.start * st for s, st in zip(local, strides))
-        last = sum((s.stop - 1) * st for s, st in zip(local, strides))
-        if not item or (last - first + 1) * item > self.REGION_MAX_FRACTION * piece.byte_length:
-            return None
         key = (piece.file, piece.byte_offset)
         checks = {} if key in self._crc_verified else self._crc_parts.setdefault(key, {})
         zf = TorchZipFile(_BlobStore(self.store, piece), "blob", size=piece.byte_length, crc_checks=checks)
@@ -553,6 +598,15 @@ class MegatronReader(CheckpointReader):
         except NotFoundError:
             return None
         return load_pt(source, name=self.store.url_of(rel), extra_stand_ins=self.extra_stand_ins)
+
+    def layout(self) -> str | None:
+        """The parallel layout read from the chunks (``TP2·PP2·EP8``), as :meth:`summary` gives
+        it, without the rest of the summary (what ``list`` shows for every step)."""
+        self._index()
+        infos = list(self._infos.values())
+        files = {p.file for t in infos for p in t.pieces} | {o.file for o in self._objects.values()}
+        ranks = sorted({r for f in files if (r := _rank_of(f)) is not None})
+        return _infer_parallel(infos, ranks).get("layout")
 
     def summary(self, *, common: bool = True, check_files: bool = True) -> dict[str, Any]:
         """Plain-data facts: metadata.json, tensor statistics, inferred parallel layout,

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ckptctl.errors import CkptctlError, UsageError
 
@@ -79,7 +79,7 @@ class ProcessGroup:
         except RuntimeError as exc:
             text = " ".join(str(exc).split())[:200]
             raise PeerLostError(f"lost contact with another process of this run during the {what} (it died or was "
-                                f"killed; nothing was committed): {text}") from None
+                                f"killed): {text}") from None
 
     def broadcast(self, value: Any = None) -> Any:
         """Process 0's ``value``, on every process."""
@@ -145,6 +145,41 @@ def process_group() -> Iterator[ProcessGroup]:
 WORKERS_ENV = "CKPTCTL_WORKERS"
 
 
+#: Names a file in the processes ``--workers`` starts: process 0 creates it once the output is
+#: committed (:func:`mark_committed`), so that a process failing after that (on its way out) is
+#: not reported as a failed run.
+COMMITTED_ENV = "CKPTCTL_WORKERS_COMMITTED"
+
+
+_commit_mark_held = False
+
+
+def mark_committed() -> None:
+    """Process 0, right after its commit: tell the ``--workers`` launcher the output is complete
+    (held back inside :func:`one_commit_mark`)."""
+    if not _commit_mark_held:
+        _write_commit_mark()
+
+
+def _write_commit_mark() -> None:
+    path = os.environ.get(COMMITTED_ENV)
+    if path:
+        with open(path, "w"):
+            pass
+
+
+@contextmanager
+def one_commit_mark(owner: bool) -> Iterator[Callable[[], None]]:
+    """A run of several commits (``export-hf --steps``): the mark each one would leave is held
+    back; the run calls the function yielded (a no-op unless ``owner``) once all are settled."""
+    global _commit_mark_held
+    held, _commit_mark_held = _commit_mark_held, True
+    try:
+        yield _write_commit_mark if owner else (lambda: None)
+    finally:
+        _commit_mark_held = held
+
+
 #: Exit status of a ``--workers`` process that lost its peers and printed nothing: the launcher
 #: then names the process that died (any other non-zero status is the run's error, which
 #: process 0 printed).
@@ -182,13 +217,15 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def launch_workers(workers: int, argv: list[str]) -> int:
+def launch_workers(workers: int, argv: list[str], warn: Callable[[str], None] | None = None) -> int:
     """Run ``python -m ckptctl ARGV`` in ``workers`` processes on this machine, as
     ``torchrun --standalone --nproc-per-node WORKERS -m ckptctl ARGV`` would (torch's elastic
     launcher: a free rendezvous port, torchrun's environment, the others stopped when one
     fails). Returns the exit code of process 0 (it printed the run's result or its error);
-    raises :class:`CkptctlError` naming a process that died without reporting."""
+    raises :class:`CkptctlError` naming a process that died without reporting. A process that
+    died after process 0 committed the output is told to ``warn`` and the run succeeds."""
     import logging
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -199,9 +236,11 @@ def launch_workers(workers: int, argv: list[str]) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # the workers' environment (theirs is a copy of ours): as torchrun, one intra-op thread per
     # process unless the user chose
-    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", WORKERS_ENV)}
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", WORKERS_ENV, COMMITTED_ENV)}
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     os.environ[WORKERS_ENV] = str(workers)
+    signals = tempfile.TemporaryDirectory(prefix="ckptctl-workers-")
+    committed = os.environ[COMMITTED_ENV] = os.path.join(signals.name, "committed")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=f"ckptctl-{uuid.uuid4().hex}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1)
@@ -219,6 +258,10 @@ def launch_workers(workers: int, argv: list[str]) -> int:
         _, _, rank, code = min((f.exitcode in (-signal.SIGTERM, UNREPORTED_EXIT), f.timestamp, r, f.exitcode)
                                for r, f in failures.items())
         what = f"was killed ({_signal_name(code)})" if code < 0 else "lost contact with the others"
+        if os.path.exists(committed):
+            if warn is not None:
+                warn(f"process {rank} of {workers} {what} after the output was committed; the output is complete")
+            return 0
         raise CkptctlError(f"process {rank} of {workers} {what}; the run failed and nothing was committed") from None
     except KeyboardInterrupt:
         return 130
@@ -229,6 +272,7 @@ def launch_workers(workers: int, argv: list[str]) -> int:
             return 128 + int(sig) if sig is not None else 130
         raise CkptctlError(f"--workers {workers}: the processes could not be started ({name}: {exc})") from None
     finally:
+        signals.cleanup()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -237,5 +281,5 @@ def launch_workers(workers: int, argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["WORKERS_ENV", "PeerLostError", "ProcessGroup", "check_workers", "error_payload", "launch_workers",
+__all__ = ["COMMITTED_ENV", "WORKERS_ENV", "mark_committed", "one_commit_mark", "PeerLostError", "ProcessGroup", "check_workers", "error_payload", "launch_workers",
            "process_group", "raise_payload", "silent_exit", "under_torchrun", "UNREPORTED_EXIT"]

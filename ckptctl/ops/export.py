@@ -10,10 +10,11 @@ moment leaves nothing that looks like a complete model, and a rerun succeeds; th
 re-read and checked before that commit.
 
 On object stores the transfers hide behind the conversion (:class:`Transfer`, ``--concurrency``
-and ``--max-memory``): the ranged reads of the next tensors' pieces (FSDP) are planned from the
-metadata and fetched ahead by several threads, neighbours coalesced and large ranges split,
-within a byte budget (:class:`ckptctl.storage.ReadAhead`; the bytes are CRC-checked when used,
-as before), and output shards upload in the background, S3 parts several at a time, while the
+and ``--max-memory``): the ranged reads of the next tensors' pieces (FSDP) or chunks (Megatron,
+in the order the conversion steps read them) are planned from the metadata and fetched ahead
+by several threads, neighbours coalesced and large ranges split, within a byte budget
+(:class:`ckptctl.ops.transfer.ReadAheadScope`; the bytes are CRC-checked when used, as
+before), and output shards upload in the background, S3 parts several at a time, while the
 next tensors are produced (:class:`ckptctl.formats.hf_writer.HfModelWriter`).
 
 A LoRA model (FSDP files holding a PEFT state dict, see :mod:`ckptctl.formats.peft`) exports
@@ -44,6 +45,7 @@ from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft
                                   parse_adapter_config, split_peft_state)
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.output_dir import refuse_overlap
+from ckptctl.ops.transfer import ReadAheadScope, Transfer
 from ckptctl.storage import FileEntry, Store, open_store
 from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, UNKNOWN,
                           Component, Step, Tree, classify_component, classify_step, parse_step_name, scan_tree)
@@ -246,9 +248,10 @@ class HfTensors:
     shard_groups: dict[str, str] = field(default_factory=dict)
     #: Completes the CRC checks of partly read chunks (call before trusting what was read)
     finish: Callable[[], None] | None = None
-    #: HF names -> the reader's tensors reading them reads, in order (FSDP: a read-ahead plan for
-    #: a part of the export); None: not known
-    sources: Callable[[list[str]], list[str]] | None = None
+    #: HF names -> what reading them (in that order) reads from the reader, in order, as the
+    #: reader's ``planned_reads`` takes it (FSDP: tensor names; Megatron: tensors, layers of
+    #: stacked tensors and regions): the plan of a read-ahead; None: not known
+    sources: Callable[[list[str]], list[Any]] | None = None
 
 
 def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary: ExportSummary, *,
@@ -439,18 +442,41 @@ def _megatron_outputs(reader, config: dict, summary: ExportSummary):
     specs = [(o.name, TensorInfo(name=o.name, shape=tuple(o.shape), dtype=dtype_of[o.name])) for o in plan.outputs]
     groups = {o.name: o.shard_group for o in plan.outputs if o.shard_group}
 
-    def read_source(src):
+    def request(src) -> tuple:
+        """What reading ``src`` asks the reader (as its ``planned_reads`` takes it): (key, layer)
+        for :meth:`read_tensor`, (key, offsets, sizes) for :meth:`read_region`."""
         if src.expert is None and src.rows is None:
-            return reader.read_tensor(src.key, src.layer)
+            return src.key, src.layer
         # one expert (of one layer), or its gate or up rows: only the chunks that hold it are read
-        offsets, sizes = src.region(infos[src.key].shape)
-        return reader.read_region(src.key, offsets, sizes).reshape(src.shape)
+        return (src.key, *src.region(infos[src.key].shape))
+
+    def read_source(src):
+        asked = request(src)
+        if len(asked) == 2:
+            return reader.read_tensor(*asked)
+        return reader.read_region(*asked).reshape(src.shape)
 
     def stream():
         return plan.iter_tensors(read_source)
 
+    step_of = {out.name: step for step in plan.steps for out in step.outputs}
+
+    def sources(names: list[str]) -> list[tuple]:
+        """The reads :meth:`ConversionPlan.reader` makes for ``names`` in that order (a step's
+        sources when one of its outputs is first asked; its other outputs are kept)."""
+        kept: set[str] = set()
+        reads = []
+        for name in names:
+            if name in kept:
+                kept.discard(name)
+                continue
+            step = step_of[name]
+            reads.extend(request(src) for src in step.sources)
+            kept.update(o.name for o in step.outputs if o.name != name)
+        return reads
+
     return HfTensors(specs, stream, plan.reader(read_source), shard_groups=groups,
-                     finish=getattr(reader, "finish_crc_checks", None))
+                     finish=getattr(reader, "finish_crc_checks", None), sources=sources)
 
 
 #: Tensors alive at once while exporting: the one being written plus the one being read.
@@ -512,81 +538,6 @@ def _prefetched(items: Iterator[Any], slots: int = PREFETCH_SLOTS) -> Iterator[A
         stop.set()
         free.release()  # wake the producer if it waits for a slot
         thread.join()
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """How an export moves bytes from and to object stores (``--concurrency``, ``--max-memory``).
-
-    ``concurrency``: ranged GETs in flight while reading ahead, and shard parts uploading at once;
-    1 reads one tensor ahead and uploads in the writing thread (no read-ahead, no background
-    upload). ``max_memory``: bytes the read-ahead buffers and the upload buffers may hold
-    together (split evenly when both ends are object stores; besides that, the two tensors
-    being converted and written). Local files are read and written as before."""
-
-    concurrency: int
-    max_memory: int
-
-    @classmethod
-    def make(cls, concurrency: int | None = None, max_memory: int | str | None = None) -> "Transfer":
-        from ckptctl.formats.hf_writer import parse_size
-        from ckptctl.storage import DEFAULT_CONCURRENCY, MIN_MAX_MEMORY, check_concurrency, default_max_memory
-
-        conc = DEFAULT_CONCURRENCY if concurrency is None else check_concurrency(concurrency)
-        if max_memory is None:
-            memory = default_max_memory()
-        else:
-            try:
-                memory = parse_size(max_memory)
-            except UsageError:
-                raise UsageError(f"--max-memory: invalid size {max_memory!r} (e.g. 1GiB, 512MiB)") from None
-            if memory < MIN_MAX_MEMORY:
-                raise UsageError(f"--max-memory must be at least 1MiB, not {max_memory!r}")
-        return cls(conc, memory)
-
-    def budgets(self, src_remote: bool, dst_remote: bool) -> tuple[int, int]:
-        """(read-ahead bytes, upload bytes)."""
-        if src_remote and dst_remote:
-            return self.max_memory // 2, self.max_memory - self.max_memory // 2
-        return (self.max_memory if src_remote else 0), (self.max_memory if dst_remote else 0)
-
-
-class _ReadAheadScope:
-    """The read-ahead of an export's source files (object stores only): the ranged reads the
-    reader will make, fetched concurrently ahead of their use within a byte budget
-    (:class:`ckptctl.storage.ReadAhead`), for readers that can plan them (FSDP; the others read
-    as before). Stopped, and its buffers dropped, when the scope ends."""
-
-    def __init__(self):
-        self.read_ahead = None
-        self.store = None
-
-    def __enter__(self) -> "_ReadAheadScope":
-        return self
-
-    def start(self, reader, summary: ExportSummary, budget: int, concurrency: int,
-              names: list[str] | None = None) -> None:
-        """``names``: the reader's tensors to fetch ahead, in reading order (default: every one
-        the export reads)."""
-        from ckptctl.storage import ReadAhead
-
-        planner = getattr(reader, "planned_reads", None)
-        if planner is None:
-            return
-        if names is None:  # the tensors an export reads, in the reader's order (what the name mapping reads them in)
-            names = [t.name for t in reader.tensors() if t.group == MODEL and t.name not in summary.skipped]
-        plan = planner(names)
-        if not plan:
-            return
-        self.store = reader.store
-        self.read_ahead = ReadAhead(self.store, plan, budget=budget, concurrency=concurrency)
-        self.store.read_ahead = self.read_ahead
-
-    def __exit__(self, *exc) -> None:
-        if self.read_ahead is not None:
-            self.store.read_ahead = None
-            self.read_ahead.close()
-            self.read_ahead = None
 
 
 def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = "auto",
@@ -673,7 +624,7 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
 
     transfer = transfer or Transfer.make()
     read_budget, upload_budget = transfer.budgets(not parent.is_local, not dst_store.is_local)
-    with open_component_reader(parent, comp) as reader, _ReadAheadScope() as read_ahead:
+    with open_component_reader(parent, comp) as reader, ReadAheadScope() as read_ahead:
         found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
         specs, stream, lora = found.specs, found.stream, found.lora
         if comp.has_lora and not merge_lora:
@@ -714,9 +665,13 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
             if share is not None and share.rank == 0:
                 share.open(writer.begin())  # the others write into what process 0 opened
             names = writer.tensor_names
-            if read_budget and transfer.concurrency > 1:
-                read_ahead.start(reader, summary, read_budget, transfer.concurrency,
-                                 names=None if share is None or found.sources is None else found.sources(names))
+            planner = getattr(reader, "planned_reads", None)  # HF sources: none, read as before
+            if read_budget and transfer.concurrency > 1 and planner is not None:
+                # what the reader reads for this process's tensors, in order (else: the model tensors
+                # not skipped, in the reader's order)
+                reads = (found.sources(names) if found.sources is not None else
+                         [t.name for t in reader.tensors() if t.group == MODEL and t.name not in summary.skipped])
+                read_ahead.start(reader.store, planner(reads), read_budget, transfer.concurrency)
             if share is None:
                 stream = found.stream
             else:  # this process's shards only: each tensor read on its own (Megatron: by conversion step)
@@ -827,7 +782,7 @@ class _Share:
 def _shared(run: Callable[["_Share"], ExportSummary]) -> ExportSummary:
     """Run this process's part of a shared export (``run(share)``) and the collectives it did not
     reach; every process returns process 0's summary or raises the run's error."""
-    from ckptctl.ops.distributed import PeerLostError, error_payload, process_group, raise_payload
+    from ckptctl.ops.distributed import PeerLostError, error_payload, mark_committed, process_group, raise_payload
 
     with process_group() as pg:
         share = _Share(pg)
@@ -858,6 +813,13 @@ def _shared(run: Callable[["_Share"], ExportSummary]) -> ExportSummary:
                     pass
                 if share.writer is not None:
                     share.writer.abort()  # again, now that the others stopped: their files and the marker
+        if pg.rank == 0 and outcome[0] == "ok":
+            mark_committed()
+            try:
+                pg.broadcast(outcome)
+            except PeerLostError:
+                pass  # committed, and the others' shares were done: a process lost now changes nothing
+            return outcome[1]
         final = pg.broadcast(outcome if pg.rank == 0 else None)
         if final[0] == "error":
             if failure is not None and pg.rank == 0:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ckptctl.errors import BucketNotFoundError, CkptctlError, NotFoundError, UsageError
+from ckptctl.ops.distributed import PeerLostError
 from ckptctl.ops.export import DTYPES, TREE, ExportSummary, Transfer, chosen_step, export_hf, locate
 from ckptctl.output_dir import refuse_overlap
 from ckptctl.storage import Store, open_store
@@ -180,26 +181,82 @@ def _incomplete_reason(step: Step) -> str:
     return "incomplete: " + "; ".join(step.problems)
 
 
+@dataclass
+class _Todo:
+    """A step the plan exports (or settles without exporting: ``result`` is set)."""
+
+    step: int
+    name: str
+    source: str
+    destination: str
+    redo: bool = False
+    why: str = ""
+    result: StepExport | None = None
+
+
 def export_run(src: str, out: str, *, steps: str, component: str | None = None, dtype: str = "auto",
                max_shard_size: str | int = "5GB", overwrite: bool = False, merge_lora: bool = False,
                verify: bool = True, endpoint_url: str | None = None, concurrency: int | None = None,
                max_memory: int | str | None = None,
                on_step: Callable[[StepExport], None] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> ExportRunSummary:
+               progress: Callable[[int, int], None] | None = None,
+               distributed: bool | None = None) -> ExportRunSummary:
     """Export ``component`` (default policy) of the steps ``steps`` (``all``, ``latest`` or
     ``N[,M...]``) of the checkpoint tree ``src`` to ``out/global_step_N/{component}``.
 
     ``on_step(result)`` is called as each step is settled; ``progress(done, total)`` after each
     tensor of the step being exported. The other arguments are :func:`export_hf`'s; ``overwrite``
-    also re-exports steps whose export is already complete."""
+    also re-exports steps whose export is already complete.
+
+    ``distributed`` (default: under torchrun): process 0 makes the plan (the listings and deep
+    checks) and sends it to the others; then every step is exported by all processes together,
+    one after the other, as :func:`export_hf` shares one export. Every process returns the same
+    summary; ``on_step`` and ``progress`` are called on process 0 only."""
+    started = time.perf_counter()
+    export_options = dict(component=component or "policy", dtype=dtype, max_shard_size=max_shard_size,
+                          merge_lora=merge_lora, verify=verify, endpoint_url=endpoint_url, concurrency=concurrency,
+                          max_memory=max_memory)
+    if distributed is None:
+        from ckptctl.ops.distributed import under_torchrun
+
+        distributed = under_torchrun()
+    if not distributed:
+        summary, todo = _plan(src, out, steps=steps, overwrite=overwrite, **export_options)
+        _execute(summary, todo, export_options, on_step, progress)
+    else:
+        from ckptctl.ops.distributed import error_payload, one_commit_mark, process_group, raise_payload
+
+        with process_group() as pg, one_commit_mark(pg.rank == 0) as mark:
+            planned: tuple = ("ok", None)
+            if pg.rank == 0:
+                try:
+                    planned = ("ok", _plan(src, out, steps=steps, overwrite=overwrite, **export_options))
+                except BaseException as exc:  # noqa: BLE001 - every process raises it
+                    planned = ("error", error_payload(exc))
+            planned = pg.broadcast(planned)
+            if planned[0] == "error":
+                raise_payload(planned[1])
+            summary, todo = planned[1]
+            first = pg.rank == 0
+            _execute(summary, todo, export_options, on_step if first else None, progress if first else None)
+            if first:
+                mark()  # every step settled: a process failing on its way out now changes nothing
+            pg.broadcast()
+    summary.steps.sort(key=lambda r: r.step)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _plan(src: str, out: str, *, steps: str, component: str, dtype: str, overwrite: bool, endpoint_url: str | None,
+          concurrency: int | None, max_memory: int | str | None, **_) -> tuple[ExportRunSummary, list[_Todo]]:
+    """The run's summary with the steps passed over already settled, and the steps to export
+    (those settled without an export carry their ``result``)."""
     from ckptctl.formats.integrity import deep_check_steps
 
-    started = time.perf_counter()
     Transfer.make(concurrency, max_memory)  # a bad value: a usage error before any step is settled
     spec = parse_steps(steps)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    component = component or "policy"
     if component not in MODEL_COMPONENTS:
         raise UsageError(f"--component must be policy or critic, not {component!r}")
     src_store = open_store(src, endpoint_url=endpoint_url)
@@ -217,16 +274,12 @@ def export_run(src: str, out: str, *, steps: str, component: str | None = None, 
     def where(step: Step) -> tuple[str, str]:
         return src_store.url_of(step.name), dst_store.url_of(f"{canonical_step_name(step.step)}/{component}")
 
-    def settle(result: StepExport) -> None:
-        summary.steps.append(result)
-        if on_step:
-            on_step(result)
-
     # What is exported already (deep-checked: a truncated shard is redone, not skipped).
     exports = _existing_exports(dst_store)
     done_before = {n: s for n, s in exports.items() if s.step in {c.step for c in chosen} and s.complete}
     deep_check_steps(dst_store, list(done_before.values()))
-    todo, skipped = [], [StepExport(s.step, s.name, *where(s), status, why) for s, status, why in passed]
+    todo: list[tuple[Step, Step | None]] = []
+    skipped = [StepExport(s.step, s.name, *where(s), status, why) for s, status, why in passed]
     for step in chosen:
         previous = exports.get(step.step)
         if previous is not None and previous.complete and component in previous.components and not overwrite:
@@ -240,31 +293,42 @@ def export_run(src: str, out: str, *, steps: str, component: str | None = None, 
     if bad and spec != ALL:
         raise CkptctlError("refusing incomplete steps (nothing was exported): "
                            + "; ".join(f"{s.name}: {', '.join(s.problems)}" for s in bad))
-    for result in sorted(skipped, key=lambda r: r.step):
-        settle(result)
+    plan = [_Todo(r.step, r.name, r.source, r.destination, result=r) for r in sorted(skipped, key=lambda r: r.step)]
     for step, previous in todo:
-        src_url, dst_url = where(step)
+        item = _Todo(step.step, step.name, *where(step))
         if not step.complete:
-            settle(StepExport(step.step, step.name, src_url, dst_url, REFUSED, _incomplete_reason(step), exit_code=1))
+            item.result = StepExport(step.step, step.name, item.source, item.destination, REFUSED,
+                                     _incomplete_reason(step), exit_code=1)
+        elif component not in step.components:
+            item.result = StepExport(step.step, step.name, item.source, item.destination, FAILED,
+                                     f"no {component}/ component", exit_code=2)
+        elif previous is not None and component in previous.components:
+            item.redo = True
+            item.why = ("replaced a complete export (--overwrite)" if previous.complete
+                        else "replaced a damaged export: " + "; ".join(previous.problems))
+        plan.append(item)
+    return summary, plan
+
+
+def _execute(summary: ExportRunSummary, plan: list[_Todo], export_options: dict,
+             on_step: Callable[[StepExport], None] | None, progress: Callable[[int, int], None] | None) -> None:
+    def settle(result: StepExport) -> None:
+        summary.steps.append(result)
+        if on_step:
+            on_step(result)
+
+    for item in plan:
+        if item.result is not None:
+            settle(item.result)
             continue
-        if component not in step.components:
-            settle(StepExport(step.step, step.name, src_url, dst_url, FAILED, f"no {component}/ component",
-                              exit_code=2))
-            continue
-        redo = previous is not None and component in previous.components
-        why = ""
-        if redo:
-            why = ("replaced a complete export (--overwrite)" if previous.complete
-                   else "replaced a damaged export: " + "; ".join(previous.problems))
         try:
-            exported = export_hf(src_url, dst_url, component=component, dtype=dtype, max_shard_size=max_shard_size,
-                                 overwrite=redo, merge_lora=merge_lora, verify=verify, endpoint_url=endpoint_url,
-                                 progress=progress, concurrency=concurrency, max_memory=max_memory)
+            exported = export_hf(item.source, item.destination, overwrite=item.redo, progress=progress,
+                                 **export_options)
+        except PeerLostError:
+            raise  # another process of the run is gone: no step can follow
         except CkptctlError as exc:
-            settle(StepExport(step.step, step.name, src_url, dst_url, FAILED, str(exc), exit_code=exc.exit_code))
+            settle(StepExport(item.step, item.name, item.source, item.destination, FAILED, str(exc),
+                              exit_code=exc.exit_code))
             continue
-        settle(StepExport(step.step, step.name, src_url, dst_url, REEXPORTED if redo else EXPORTED, why,
-                          export=exported))
-    summary.steps.sort(key=lambda r: r.step)
-    summary.seconds = round(time.perf_counter() - started, 3)
-    return summary
+        settle(StepExport(item.step, item.name, item.source, item.destination, REEXPORTED if item.redo else EXPORTED,
+                          item.why, export=exported))

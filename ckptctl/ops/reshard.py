@@ -11,9 +11,14 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
                     ep: int | None = None, etp: int | None = None, world_size: int | None = None, drop_optimizer: bool = False, overwrite: bool = False,
                     device_type: str | None = None, allow_globals: tuple[str, ...] = (),
                     endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None,
-                    verify: bool = True) -> Any:
+                    verify: bool = True, concurrency: int | None = None, max_memory: int | str | None = None) -> Any:
     """Megatron when --tp/--pp/--dp/--ep/--etp are given, FSDP when --world-size is; never both. ``verify``:
-    a source with a ``ckptctl-manifest.json`` must match its hashes before the output is committed."""
+    a source with a ``ckptctl-manifest.json`` must match its hashes before the output is committed.
+    ``concurrency`` / ``max_memory``: transfers from and to object stores
+    (:class:`ckptctl.ops.transfer.Transfer`, as export-hf's)."""
+    from ckptctl.ops.transfer import Transfer
+
+    Transfer.make(concurrency, max_memory)  # a bad value: a usage error before anything is read
     megatron = any(v is not None for v in (tp, pp, dp, ep, etp))
     if megatron and device_type is not None:
         raise UsageError("--device-type is for FSDP checkpoints (the mesh device their DTensors record)")
@@ -24,11 +29,11 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
 
         return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, ep=ep, etp=etp, overwrite=overwrite,
                                 drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
-                                verify=verify)
+                                verify=verify, concurrency=concurrency, max_memory=max_memory)
     if world_size is not None:
         from ckptctl.ops.reshard_fsdp import reshard_fsdp
 
         return reshard_fsdp(src, out, world_size=world_size, overwrite=overwrite, drop_optimizer=drop_optimizer,
                             device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
-                            progress=progress, verify=verify)
+                            progress=progress, verify=verify, concurrency=concurrency, max_memory=max_memory)
     raise UsageError("say the target layout: --tp/--pp[/--dp] for Megatron, --world-size for FSDP")

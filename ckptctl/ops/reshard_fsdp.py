@@ -50,7 +50,11 @@ materialised), so peak memory is about one target rank's model (or optimizer) fi
 source is read about once per target rank's share. Small replicated tensors are read once.
 Every byte read is CRC-checked: a shard read in row ranges by several target ranks adds its
 parts up, and what no target rank needed (padding) is read before the commit, so a corrupted
-source fails the run instead of being re-saved under fresh, valid CRCs.
+source fails the run instead of being re-saved under fresh, valid CRCs. From an object store
+those ranged reads are planned from the metadata and read ahead
+(:meth:`_ComponentJob.planned_reads`, :class:`ckptctl.ops.transfer.ReadAheadScope`;
+``concurrency`` / ``max_memory`` as export-hf's); to one, a rank's files upload while the next
+rank is written.
 
 DTensors without a process group: the target mesh is a real
 :class:`~torch.distributed.device_mesh.DeviceMesh` built with ``_init_backend=False`` and
@@ -85,13 +89,14 @@ import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.formats.side_files import is_checked, read_side_file
 from ckptctl.ops.export import STEP, TREE, component_at, locate
+from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import OUTPUT_MARKER, RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
@@ -242,14 +247,14 @@ class _SourceFiles:
     def tree(self, rel: str) -> Any:
         return self.zip(rel).metadata()
 
-    def read_box(self, info: TensorInfo, path: tuple, box: tuple[tuple[int, int], ...]) -> "torch.Tensor":
-        """``global[box]`` (one (start, stop) per dim) of the tensor ``info`` describes, whose
-        local piece sits at ``path`` in each piece's file."""
+    def _box_parts(self, info: TensorInfo, path: tuple, box: tuple[tuple[int, int], ...]
+                   ) -> Iterator[tuple["TorchZipFile", "torch.Tensor", tuple[slice, ...]]]:
+        """For each piece overlapping ``box``: (its file, the meta tensor of its part inside the
+        box, where that part goes in the box)."""
         import torch
         from torch.distributed.tensor import DTensor
 
         dtype = getattr(torch, info.dtype)
-        out = torch.empty(tuple(b - a for a, b in box), dtype=dtype)
         for piece in info.pieces:
             lo = [max(a, o) for (a, _), o in zip(box, piece.offsets)]
             hi = [min(b, o + s) for (_, b), o, s in zip(box, piece.offsets, piece.sizes)]
@@ -268,10 +273,37 @@ class _SourceFiles:
             for d, (l, h, o) in enumerate(zip(lo, hi, piece.offsets)):
                 if l - o != 0 or h - o != view.shape[d]:
                     view = view.narrow(d, l - o, h - l)
+            yield zf, view, tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))
+
+    def read_box(self, info: TensorInfo, path: tuple, box: tuple[tuple[int, int], ...]) -> "torch.Tensor":
+        """``global[box]`` (one (start, stop) per dim) of the tensor ``info`` describes, whose
+        local piece sits at ``path`` in each piece's file."""
+        import torch
+
+        out = torch.empty(tuple(b - a for a, b in box), dtype=getattr(torch, info.dtype))
+        for zf, view, where in self._box_parts(info, path, box):
             # rows of a shard: partial reads whose CRC checks add up across target ranks
-            zf.materialize_into(view, out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, box))],
-                                name=info.name, partial=True)
+            zf.materialize_into(view, out[where], name=info.name, partial=True)
         return out
+
+    def planned_box_reads(self, info: TensorInfo, path: tuple, box: tuple[tuple[int, int], ...],
+                          started: set) -> list[tuple[str, int, int]]:
+        """``(file, start, end)`` of the ranged reads :meth:`read_box` makes: per part, the bytes
+        it spans, from the record's local header on for the first read of a record (which
+        checks that header; ``started``: the records planned so far, updated)."""
+        plan = []
+        for zf, view, _ in self._box_parts(info, path, box):
+            if view.device.type != "meta" or not view.numel():
+                continue
+            loc = zf.location(view)
+            record = loc.storage
+            if not record.stored or loc.byte_end == loc.byte_start:
+                continue
+            first = (zf.rel, record.key) not in started
+            started.add((zf.rel, record.key))
+            start = record.header_offset if first else record.data_offset + loc.byte_start
+            plan.append((zf.rel, start, record.data_offset + loc.byte_end))
+        return plan
 
     def finish_crc_checks(self) -> None:
         """Finish the CRC checks of every source record read in parts (reads what no target rank
@@ -546,10 +578,23 @@ class _ComponentJob:
 
     # -- writing -------------------------------------------------------------------------
     def write(self, staging: str, prefix: str, publish: Callable[[list[str]], None],
-              on_bytes: Callable[[int], None]) -> tuple[list[str], list[str]]:
+              on_bytes: Callable[[int], None], transfer: Transfer | None = None,
+              remote_out: bool = False) -> tuple[list[str], list[str]]:
         """Write every target file below ``staging/prefix``; returns (written, copied) paths
         relative to ``staging``. ``publish`` is called with each finished rank file except
-        rank 0's model file (committed last)."""
+        rank 0's model file (committed last). ``transfer``: on an object store, the source's
+        tensor data is read ahead (:meth:`planned_reads`) and, with ``remote_out`` (the
+        destination is one too), rank files upload while the next rank is written."""
+        transfer = transfer or Transfer.make()
+        read_budget, _ = transfer.budgets(not self.src.store.is_local, remote_out)
+        background = remote_out and transfer.concurrency > 1
+        with ReadAheadScope() as read_ahead, BackgroundPublish(publish, background) as published:
+            if read_budget and transfer.concurrency > 1 and not self.src.store.is_local:
+                read_ahead.start(self.src.store, self.planned_reads(), read_budget, transfer.concurrency)
+            return self._write(staging, prefix, published, on_bytes)
+
+    def _write(self, staging: str, prefix: str, publish: Callable[[list[str]], None],
+               on_bytes: Callable[[int], None]) -> tuple[list[str], list[str]]:
         import torch
 
         base = os.path.join(staging, *prefix.split("/")) if prefix else staging
@@ -571,6 +616,8 @@ class _ComponentJob:
             rels = [posixpath.join(prefix, f) for f in files]
             written += rels
             publish([r for r in rels if posixpath.basename(r) != self.target_file("model", 0)])
+        if isinstance(publish, BackgroundPublish):
+            publish.wait()  # the last rank's files are up before anything else is published
         self.src.finish_crc_checks()
         if self.writes_config:
             with open(os.path.join(base, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -603,8 +650,7 @@ class _ComponentJob:
         full = cache.get(key)
         if full is None:
             full = self.src.read_box(info, slot.path, tuple((0, n) for n in shape))
-            if self.world > 1 and info.nbytes <= CACHE_LIMIT and \
-                    sum(t.numel() * t.element_size() for t in cache.values()) + info.nbytes <= CACHE_TOTAL:
+            if self._cacheable(info, sum(t.numel() * t.element_size() for t in cache.values())):
                 cache[key] = full
         on_bytes(info.nbytes)
         if slot.how == "replicate_dtensor":
@@ -612,6 +658,43 @@ class _ComponentJob:
 
             return make_dtensor(full.clone(), mesh, (Replicate(),), shape)
         return full
+
+    def _cacheable(self, info: TensorInfo, cached_bytes: int) -> bool:
+        """Whether a whole (replicated) tensor read for one target rank is kept for the others."""
+        return self.world > 1 and info.nbytes <= CACHE_LIMIT and cached_bytes + info.nbytes <= CACHE_TOTAL
+
+    def _rank_slots(self) -> list[_Slot]:
+        """The slots :meth:`_model_state` and :meth:`_optim_state` read, in their order."""
+        slots = [s for s in self.model_slots.values() if s is not None and s.how != "tied"]
+        if self.optimizer == "resharded":
+            for index, per_param in self.optim_tree["state"].items():
+                if isinstance(per_param, dict):
+                    slots += [self.optim_slots[(index, key)] for key in per_param
+                              if self.optim_slots.get((index, key)) is not None]
+        return slots
+
+    def planned_reads(self) -> list[tuple[str, int, int]]:
+        """``(file, start, end)`` of the ranged reads :meth:`write` makes of the source's tensor
+        data, in order (target rank by rank: its rows of each tensor; a replicated tensor once
+        while it is kept for the next ranks): the plan of a read-ahead."""
+        plan: list[tuple[str, int, int]] = []
+        started: set = set()
+        cached: dict[tuple, int] = {}
+        slots = self._rank_slots()
+        for rank in range(self.world):
+            for slot in slots:
+                info, shape = slot.info, tuple(slot.info.shape)
+                if slot.how == "shard":
+                    start, stop = chunk_range(shape[slot.dim], self.world, rank)
+                    box = tuple((start, stop) if d == slot.dim else (0, n) for d, n in enumerate(shape))
+                elif (info.group, info.name) in cached:
+                    continue
+                else:
+                    box = tuple((0, n) for n in shape)
+                    if self._cacheable(info, sum(cached.values())):
+                        cached[(info.group, info.name)] = info.nbytes
+                plan += self.src.planned_box_reads(info, slot.path, box, started)
+        return plan
 
     def _model_state(self, rank: int, mesh, cache: dict, on_bytes) -> "OrderedDict":
         zf = self.src.zip(self._rank_file("model", 0))
@@ -719,7 +802,8 @@ def _resolve(src_store: Store) -> tuple[str, Any, list]:
 def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False, drop_optimizer: bool = False,
                  endpoint_url: str | None = None, progress: Callable[[int, int], None] | None = None,
                  w1_plain: bool | None = None, device_type: str | None = None,
-                 extra_stand_ins: Iterable[str] = (), verify: bool = True) -> ReshardSummary:
+                 extra_stand_ins: Iterable[str] = (), verify: bool = True, concurrency: int | None = None,
+                 max_memory: int | str | None = None) -> ReshardSummary:
     """Reshard the FSDP component or step at ``src`` for ``world_size`` ranks into ``out``.
 
     ``drop_optimizer``: leave the optimizer state out (required for FSDP1 flat-parameter
@@ -729,8 +813,11 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
     (a checkpoint saved on GPUs resumes on GPUs), "cuda" for a plain source.
     ``progress(done_bytes, total_bytes)`` is called after each tensor. ``extra_stand_ins``:
     more globals to keep as data when reading (the CLI's ``--allow-global``). ``verify``: where
-    the source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit."""
+    the source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit.
+    ``concurrency`` / ``max_memory``: on object stores, see :class:`ckptctl.ops.transfer.Transfer`
+    (the source's tensor data read ahead, rank files uploaded while the next rank is written)."""
     started = time.perf_counter()
+    transfer = Transfer.make(concurrency, max_memory)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"--world-size must be a positive integer, not {world_size!r}")
     if device_type is not None and device_type not in DEVICE_TYPES:
@@ -790,7 +877,8 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
             outdir.check_before_commit(check)
         copied_all: list[str] = []
         for prefix, job in jobs:
-            written, copied = job.write(outdir.staging, prefix, outdir.publish, on_bytes)
+            written, copied = job.write(outdir.staging, prefix, outdir.publish, on_bytes, transfer,
+                                        remote_out=not outdir.is_local)
             outdir.publish(copied)
             copied_all += copied
             summary.components.append(job.result(written, copied))

@@ -37,13 +37,17 @@ in part is read by the byte span of that part); a target chunk identical to a so
 copied byte for byte. Every source chunk's CRC-32 is checked on the bytes read (chunks read in
 parts add up their parts, and the rest is read before the commit), so corrupted bytes fail the
 run instead of being written out under fresh CRCs. Memory is bounded by one target chunk plus
-its source bytes, whatever the model size.
+its source bytes, whatever the model size. From an object store the source chunks are read
+ahead in the order the target ranks read them (:func:`planned_reads`,
+:class:`ckptctl.ops.transfer.ReadAheadScope`; ``concurrency`` / ``max_memory`` as export-hf's),
+and to one a data file uploads while the next is written.
 
 Optimizer state in a layout-bound format (``dp_reshardable``: flattened per-bucket buffers,
-``dp_zero_gather_scatter``, the N-D flattened ``fully_sharded_model_space``) can only change
-its data-parallel size: it is then copied as is (megatron re-splits it over DP at load). For a
-TP/PP/EP change of ``dp_reshardable`` state, :class:`~ckptctl.formats.distopt.DistOptReader`
-maps the buckets back to parameters and presents them as per-parameter tensors, which are
+``dp_zero_gather_scatter``) can only change its data-parallel size: it is then copied as is
+(megatron re-splits it over DP at load). For a TP/PP/EP change of ``dp_reshardable`` state, and
+for any change of the N-D flattened ``fully_sharded_model_space`` (which megatron-core 0.16
+cannot load), :class:`~ckptctl.formats.distopt.DistOptReader` maps the buckets (or pieces) back
+to parameters and presents them as per-parameter tensors, which are
 resharded like ``fully_reshardable`` state and written in that format (``common.pt`` rewritten
 to say so, with the optimizer's param_groups); when that mapping cannot be established, and for
 the other layout-bound formats, a TP/PP change needs ``drop_optimizer=True``. An MoE target
@@ -91,6 +95,7 @@ from ckptctl.formats.torchzip import check_archive
 from ckptctl.ops.distributed import error_payload as _error_payload
 from ckptctl.ops.distributed import process_group, raise_payload as _raise_payload, under_torchrun
 from ckptctl.ops.export import HF_DIR, resolve_component
+from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
 from ckptctl.storage import Store, open_store
@@ -270,14 +275,15 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None
                         "its param_groups and step)")
     elif not layout_bound:
         optimizer = "resharded"
-    elif same_mp:
+    elif same_mp and opt_fmt != "fully_sharded_model_space":  # (which megatron-core 0.16 cannot load)
         optimizer = "copied"
         if dp != dp_src:
             warnings.append(f"optimizer state ({opt_fmt}) copied as is: megatron-core re-splits it over the new "
                             f"data-parallel size {dp} when it loads it")
-    elif opt_fmt == "dp_reshardable" and hasattr(reader, "per_parameter_state"):
-        # TP/PP/EP change: the flat buckets mapped back to parameters (formats.distopt), written as
-        # megatron's per-parameter fully_reshardable state, resharded like the weights below
+    elif opt_fmt in ("dp_reshardable", "fully_sharded_model_space") and hasattr(reader, "per_parameter_state"):
+        # TP/PP/EP change: the flat buckets (formats.distopt) or N-D flattened pieces (formats.flattened)
+        # mapped back to parameters, written as megatron's per-parameter fully_reshardable state,
+        # resharded like the weights below
         virtual = reader.per_parameter_state(summary)
         fully_reshardable_common(reader)  # common.pt must be rewritable: fail before writing anything
         for k in opt_tensors:
@@ -286,7 +292,7 @@ def plan_reshard(reader, *, tp: int, pp: int, dp: int = 1, ep: int | None = None
         objects = [o for o in objects if not _OPT_RE.match(o.key)]
         layout_bound, layout_bound_set = [], set()
         optimizer, optimizer_output = "resharded", "fully_reshardable"
-        warnings.append("optimizer state (dp_reshardable) mapped to parameters and written as fully_reshardable: "
+        warnings.append(f"optimizer state ({opt_fmt}) mapped to parameters and written as fully_reshardable: "
                         "load it with that format (megatron-core: distrib_optim_sharding_type 'fully_reshardable'; "
                         "SkyRL: dist_ckpt_optim_fully_reshardable=true)")
     else:
@@ -623,7 +629,7 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
         for i, t in enumerate(tasks):
             data = ahead.result()
             ahead = pool.submit(load, tasks[i + 1]) if i + 1 < len(tasks) else None
-            if isinstance(data, bytes):
+            if isinstance(data, (bytes, memoryview)):  # (a view: the bytes read ahead)
                 w.add_blob(t.key, t.offsets, t.sizes, data)
                 verbatim += 1
             else:
@@ -640,18 +646,39 @@ def write_rank(reader, plan: ReshardPlan, rank: int, staging: str, prefix: str =
     return RankResult(rank, [e.as_tuple() for e in w.entries], rel, verbatim, _bytes_read(store) - read_before)
 
 
-def _write_ranks(reader, plan: ReshardPlan, ranks: range, outdir: OutputDir, prefix: str,
-                 on_bytes: Callable[[int], None], published: list[str]) -> list[RankResult]:
-    """Write the target ranks ``ranks`` into ``outdir``; each data file is published as soon as
-    it is written (object stores: uploaded, so local disk holds one file at a time) and added to
-    ``published``. Ends with the CRC checks of source chunks read only in parts (a corrupt
-    source fails here, before anything is committed)."""
-    results = []
+def planned_reads(reader, plan: ReshardPlan, ranks: Iterable[int]) -> list[tuple[str, int, int]]:
+    """``(file, start, end)`` of the source reads :func:`write_rank` makes for ``ranks``, in
+    order: per rank, its chunks' source chunks (:meth:`MegatronReader.planned_reads`), then its
+    objects. The plan of a read-ahead."""
+    reads: list[tuple[str, int, int]] = []
     for rank in ranks:
-        res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
-        if res.file:
-            published += outdir.publish([res.file])
-        results.append(res)
+        tasks = plan.chunks.get(rank, [])
+        reads += reader.planned_reads([(t.source_key or t.key, t.offsets, t.sizes) for t in tasks])
+        reads += [(o.file, o.byte_offset, o.byte_offset + o.byte_length) for o in plan.object_tasks.get(rank, [])]
+    return reads
+
+
+def _write_ranks(reader, plan: ReshardPlan, ranks: range, outdir: OutputDir, prefix: str,
+                 on_bytes: Callable[[int], None], published: list[str],
+                 transfer: Transfer | None = None) -> list[RankResult]:
+    """Write the target ranks ``ranks`` into ``outdir``; each data file is published as soon as
+    it is written (object stores: uploaded, so local disk holds one or two files at a time) and
+    added to ``published``. Ends with the CRC checks of source chunks read only in parts (a
+    corrupt source fails here, before anything is committed). ``transfer``: from an object
+    store, the source chunks are read ahead; to one, a file uploads while the next is written."""
+    transfer = transfer or Transfer.make()
+    store = reader.store
+    read_budget, _ = transfer.budgets(not store.is_local, not outdir.is_local)
+    results = []
+    with ReadAheadScope() as read_ahead, \
+            BackgroundPublish(outdir.publish, not outdir.is_local and transfer.concurrency > 1, published) as publish:
+        if read_budget and transfer.concurrency > 1 and not store.is_local:
+            read_ahead.start(store, planned_reads(reader, plan, ranks), read_budget, transfer.concurrency)
+        for rank in ranks:
+            res = write_rank(reader, plan, rank, outdir.staging, prefix, on_bytes)
+            if res.file:
+                publish([res.file])
+            results.append(res)
     reader.finish_crc_checks()
     return results
 
@@ -814,7 +841,8 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
                      etp: int | None = None, overwrite: bool = False,
                      drop_optimizer: bool = False, endpoint_url: str | None = None,
                      progress: Callable[[int, int], None] | None = None, component: str = "policy",
-                     distributed: bool | None = None, verify: bool = True) -> ReshardSummary:
+                     distributed: bool | None = None, verify: bool = True, concurrency: int | None = None,
+                     max_memory: int | str | None = None) -> ReshardSummary:
     """Reshard the Megatron ``torch_dist`` checkpoint at ``src`` for TP=``tp`` x PP=``pp`` x
     DP=``dp`` (an MoE one also for EP=``ep`` and ETP=``etp``, see :func:`plan_reshard`) into ``out`` (a new component directory: the checkpoint files, in ``dist_ckpt/``
     when the source is verl-nested, plus the source's ``huggingface/``).
@@ -822,13 +850,17 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
     ``src``: the component directory (or a step / tree: ``component`` of the step chosen like
     export-hf). ``progress(done_bytes, total_bytes)`` after each chunk. ``distributed``: None
     detects torchrun (``WORLD_SIZE`` > 1 or an initialised process group). ``verify``: where the
-    source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit."""
+    source has a ``ckptctl-manifest.json``, its files' hashes must match before the commit.
+    ``concurrency`` / ``max_memory``: on object stores, per process, see
+    :class:`ckptctl.ops.transfer.Transfer` (each process reads ahead the source chunks of its
+    own target ranks; its data files upload while the next is written)."""
+    transfer = Transfer.make(concurrency, max_memory)
     if distributed is None:
         distributed = under_torchrun()
     if distributed:
         return _reshard_distributed(src, out, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, overwrite=overwrite,
                                     drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
-                                    component=component, verify=verify)
+                                    component=component, verify=verify, transfer=transfer)
     started = time.perf_counter()
     comp, prefix, reader, plan, outdir = _prepare(src, out, component=component, endpoint_url=endpoint_url,
                                                   overwrite=overwrite, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
@@ -836,7 +868,7 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
     with outdir:
         _check_source_manifest(outdir, comp, verify)
         results = _write_ranks(reader, plan, range(plan.world), outdir, prefix,
-                               _progress_counter(plan.total_bytes, progress), [])
+                               _progress_counter(plan.total_bytes, progress), [], transfer)
         files = _commit(reader, plan, results, outdir, prefix)
     return _summary(comp.url, outdir, plan, results, files, 1, started)
 
@@ -846,7 +878,8 @@ def reshard_megatron(src: str, out: str, *, tp: int, pp: int, dp: int = 1, ep: i
 # ---------------------------------------------------------------------------------------------
 def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overwrite: bool, drop_optimizer: bool,
                          ep: int | None = None, etp: int | None = None,
-                         endpoint_url: str | None, progress, component: str, verify: bool = True) -> ReshardSummary:
+                         endpoint_url: str | None, progress, component: str, verify: bool = True,
+                         transfer: Transfer | None = None) -> ReshardSummary:
     import tempfile
 
     started = time.perf_counter()
@@ -887,7 +920,8 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                     mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
                 ranks = range(rank, plan.world, world)
                 on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
-                result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published), published)
+                result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published, transfer),
+                          published)
             except BaseException as exc:  # noqa: BLE001
                 result = ("error", _error_payload(exc), published)
             finally:

@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 8 -m ckptctl.ops.reshard_worker SRC --out DST --tp 4 --pp 2 [--dp 1]
              [--overwrite] [--drop-optimizer] [--endpoint-url URL] [--component policy] [--json]
+             [--concurrency N] [--max-memory SIZE]
 
 Every process takes its share of the target ranks (target rank r goes to process
 ``r % WORLD_SIZE``); process 0 writes ``.metadata``, ``common.pt`` and ``metadata.json`` last and
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--drop-optimizer", action="store_true")
     p.add_argument("--endpoint-url", default=None)
+    p.add_argument("--concurrency", type=int, default=None)  # per process, as convert-reshard's
+    p.add_argument("--max-memory", default=None)
     p.add_argument("--component", default="policy")
     p.add_argument("--json", action="store_true")
     return p
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = reshard_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dp=args.dp, overwrite=args.overwrite,
                                    drop_optimizer=args.drop_optimizer, endpoint_url=args.endpoint_url,
-                                   component=args.component)
+                                   component=args.component, concurrency=args.concurrency,
+                                   max_memory=args.max_memory)
     except CkptctlError as exc:
         if rank_zero:
             print_error(str(exc))

@@ -48,6 +48,9 @@ FAIL = "fail"
 
 #: Optimizer formats megatron-core reloads only at the TP/PP/EP they were written at (any DP).
 MODEL_PARALLEL_BOUND = ("dp_reshardable", "dp_zero_gather_scatter")
+#: Formats megatron-core 0.16 (what SkyRL runs) loads at no layout: written by 0.13 and older
+#: with ShardedTensor.flattened_range, which 0.16 refuses. convert-reshard rewrites them.
+LOADED_BY_NO_CURRENT_MEGATRON = ("fully_sharded_model_space",)
 _PARALLEL_DIMS = ("tp", "pp", "ep", "etp")
 
 
@@ -334,6 +337,17 @@ def optimizer_fit(store: Store, comp: Component, config: dict | None, step_url: 
     checkpoint["layout"] = par.get("layout")
     run = run_parallelism(config, comp.name) if config is not None else None
     fit = OptimizerFit(component=comp.name, format=fmt, checkpoint=checkpoint, run=run, loadable=None, reason="")
+    formats = {c.get("format") for c in opt.get("chains") or ()} | {fmt}
+    legacy = sorted(formats & set(LOADED_BY_NO_CURRENT_MEGATRON))
+    if legacy:
+        fit.loadable = False
+        fit.reason = (f"{', '.join(legacy)} optimizer state (megatron-core 0.13 and older) cannot be loaded by "
+                      "megatron-core 0.16 at any layout (ShardedTensor.flattened_range is not supported)")
+        target = run if run is not None and all(run.get(d) for d in ("tp", "pp")) else checkpoint
+        if all(target.get(d) for d in ("tp", "pp")) and (not experts or all(target.get(d) for d in ("ep", "etp"))):
+            _convert_commands(fit, comp, step_url, target, experts)
+            fit.overrides = _resume_overrides(fit, run or {})
+        return fit
     bound = sorted({c["format"] for c in opt.get("chains") or () if c.get("format") in MODEL_PARALLEL_BOUND}
                    or ({fmt} & set(MODEL_PARALLEL_BOUND)))
     if run is not None and run.get("optimizer_format") and run["optimizer_format"] != fmt:
@@ -378,11 +392,16 @@ def optimizer_fit(store: Store, comp: Component, config: dict | None, step_url: 
                   f"{wanted} (trainer_state.pt): megatron-core reloads it only at the same "
                   f"TP/PP{'/EP' if experts else ''}")
     _convert_commands(fit, comp, step_url, run, experts)
-    # convert-reshard writes the moved state as fully_reshardable: the run must load that format
-    override = _format_override(run, "fully_reshardable")
-    fit.overrides = ["trainer.resume_mode=from_path", f"trainer.resume_path={fit.resume_path}"] + (
-        [override] if override and run.get("optimizer_format") != "fully_reshardable" else [])
+    fit.overrides = _resume_overrides(fit, run)
     return fit
+
+
+def _resume_overrides(fit: OptimizerFit, run: dict) -> list[str]:
+    """The overrides that resume from the converted step: convert-reshard writes the state as
+    fully_reshardable, so the run must load that format."""
+    override = _format_override(run, "fully_reshardable")
+    return ["trainer.resume_mode=from_path", f"trainer.resume_path={fit.resume_path}"] + (
+        [override] if override and run.get("optimizer_format") != "fully_reshardable" else [])
 
 
 def _convert_commands(fit: OptimizerFit, comp: Component, step_url: str, run: dict, experts: bool) -> None:

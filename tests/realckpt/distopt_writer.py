@@ -15,8 +15,9 @@ Formats: ``dp_reshardable`` (SkyRL's default) and ``fully_reshardable``.  NOT
 ``fully_sharded_model_space``: megatron-core 0.16.1 cannot write it on any device --
 ``sharded_param_state_fs_model_space`` builds ShardedTensors with ``flattened_range`` and
 ``ShardedTensor.validate_metadata_integrity`` (dist_checkpointing/mapping.py:133) raises
-"ShardedTensor.flattened_range is not supported."  Checkpoints in that format come from older
-megatron-core versions (they need an older megatron-core to write).
+"ShardedTensor.flattened_range is not supported."  That format's fixture is written once by
+megatron-core 0.13.1 (:mod:`distopt_legacy_writer`) and committed under
+``tests/fixtures/distopt_fsms/``.
 
 :func:`write_distopt_fixtures` writes every variant of :data:`DISTOPT_VARIANTS` (or a subset)
 under ``out_dir/<name>/``::
