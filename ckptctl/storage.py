@@ -67,6 +67,9 @@ ATTEMPTS_ENV = "CKPTCTL_STORE_ATTEMPTS"
 BACKOFF_BASE_ENV = "CKPTCTL_STORE_BACKOFF_BASE"
 #: The longest wait between two tries (seconds), botocore's own cap.
 MAX_BACKOFF = 20.0
+#: How often a CompleteMultipartUpload retried into NoSuchUpload looks for the object the first
+#: try may still be assembling (backoff between looks: about 30 s in all by default).
+COMPLETION_LOOKS = 5
 
 
 @dataclass(frozen=True)
@@ -374,20 +377,26 @@ def _bounded_s3_class() -> type:
             except Exception as exc:  # s3fs raises botocore's ClientError translated (FileNotFoundError)
                 if _client_error_code(exc, ClientError) != "NoSuchUpload":
                     raise
-                # A retry after the completion's answer was lost finds the upload gone: done if
-                # the object holds exactly these parts (its multipart ETag says so), else not.
+                # A retry after the completion's answer was lost (or timed out) finds the upload
+                # gone: done if the object holds exactly these parts (its multipart ETag says
+                # so). The first try may still be assembling a large object (a store can take
+                # many seconds), so the object is looked for a few times before giving up.
                 merged = {k: v for d in akwarglist for k, v in d.items()} | kwargs
                 expected = _multipart_etag((merged.get("MultipartUpload") or {}).get("Parts") or [])
-                head = None
-                if expected is not None:
+                if expected is None:
+                    raise
+                for look in range(1, COMPLETION_LOOKS + 1):
                     try:
                         head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"])
                     except Exception:
                         head = None
-                if head is None or head.get("ETag") != expected:
-                    raise
-                return {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
-                        "VersionId": head.get("VersionId"), "ResponseMetadata": head.get("ResponseMetadata", {})}
+                    if head is not None and head.get("ETag") == expected:
+                        return {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
+                                "VersionId": head.get("VersionId"),
+                                "ResponseMetadata": head.get("ResponseMetadata", {})}
+                    if look < COMPLETION_LOOKS:
+                        await asyncio.sleep(self.ckptctl_limits.backoff(look + 1))
+                raise
 
         # s3fs binds its sync call_s3 (used by its file objects) to its own _call_s3
         call_s3 = sync_wrapper(_call_s3)

@@ -186,6 +186,22 @@ def test_completion_whose_answer_was_lost_counts_when_the_object_is_there(make_b
     assert read_tree(backend, out) == big_reference
 
 
+def test_completion_still_assembling_when_the_retry_finds_the_upload_gone(make_backend, big_reference):
+    """The first CompleteMultipartUpload is still assembling a large object when its retry
+    (after a timeout or a 500) finds the upload gone: the object is not there yet at the first
+    look (HEAD 404), and is at the next. Seen on the S3 server with a 1.42 GB shard."""
+    backend = make_backend("s3")
+    out = backend.new_root()
+    rules = [Fault("reset_after", match=complete_multipart, times=1),
+             Fault("status", status=404, code="NoSuchUpload", match=complete_multipart, times=1),
+             Fault("status", status=404, code="NoSuchKey", times=2,
+                   match=lambda method, path, headers=None: method == "HEAD" and ".safetensors" in path)]
+    with FaultProxy(backend.endpoint, faults=rules) as proxy:
+        write_big(out, proxy.endpoint)
+    assert [r.fired for r in rules] == [1, 1, 2], proxy.log
+    assert read_tree(backend, out) == big_reference
+
+
 # ------------------------------------------------------------------------------------------
 # reads: export-hf store -> local, inspect --tensors, list
 # ------------------------------------------------------------------------------------------
