@@ -512,6 +512,13 @@ class FreezingProxy:
     def close(self) -> None:
         self.server.close()
         for s in self.sockets:
+            # shutdown first: a plain close() leaves the connection open while another thread
+            # is blocked in recv() on it, and the single-threaded GCS emulator would wait on
+            # that idle connection for good
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
 
 
