@@ -415,10 +415,17 @@ class _AllowlistUnpickler(pickle.Unpickler):
 
 def load_pickle(data: bytes, allowed: Mapping[str, Any], *, name: str) -> Any:
     """Unpickle ``data`` allowing only the globals in ``allowed`` (qualified name → object)."""
+    return _unpickle(_AllowlistUnpickler(io.BytesIO(data), allowed, name), name)
+
+
+def _unpickle(unpickler: "_AllowlistUnpickler", name: str) -> Any:
+    """``unpickler.load()`` with its failures as one-line ckptctl errors naming ``name``."""
     try:
-        return _AllowlistUnpickler(io.BytesIO(data), allowed, name).load()
+        return unpickler.load()
     except CkptctlError:
         raise
+    except _RefusedGetattr as exc:
+        raise UnsafeCheckpointError(f"refusing to load {name}: {exc}") from exc
     except Exception as exc:
         raise CorruptCheckpointError(f"cannot read {name}: corrupt or truncated ({type(exc).__name__})") from exc
 
@@ -451,14 +458,7 @@ def load_plain_pickle(data: bytes, *, name: str, extra_stand_ins: Iterable[str] 
     allowed = dict(PLAIN_GLOBALS, **{"collections.defaultdict": collections.defaultdict,
                                      "builtins.getattr": stand_in_getattr})
     allowed.update({q: stand_in(q) for q in (*STAND_INS, *extra_stand_ins) if q not in TENSOR_STAND_INS})
-    try:
-        return _PlainUnpickler(io.BytesIO(data), allowed, name).load()
-    except CkptctlError:
-        raise
-    except _RefusedGetattr as exc:
-        raise UnsafeCheckpointError(f"refusing to load {name}: {exc}") from exc
-    except Exception as exc:
-        raise CorruptCheckpointError(f"cannot read {name}: corrupt or truncated ({type(exc).__name__})") from exc
+    return _unpickle(_PlainUnpickler(io.BytesIO(data), allowed, name), name)
 
 
 def to_plain(obj: Any) -> Any:
