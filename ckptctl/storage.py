@@ -29,6 +29,9 @@ jitter; ``base`` is CKPTCTL_STORE_BACKOFF_BASE, 1 s by default):
 * GCS: gcsfs's own conditions (``gcsfs.retry.is_retriable``: 5xx, 408, 429, aiohttp errors,
   a broken body included) with ckptctl's attempts and backoff (:func:`_bounded_gcs_class`).
 
+S3 multipart uploads (the export writer's and s3fs's ``put_file``) are begun with a CRC-32
+checksum and completed with each part's (:data:`MULTIPART_CHECKSUM`), as the aws CLI does.
+
 Only requests that may be repeated are: reads, listings, deletions, whole-object and part
 uploads (the same bytes again), a resumable upload's chunk (the same range again) and
 CompleteMultipartUpload (the same part list again).
@@ -70,6 +73,12 @@ MAX_BACKOFF = 20.0
 #: How often a CompleteMultipartUpload retried into NoSuchUpload looks for the object the first
 #: try may still be assembling (backoff between looks: about 30 s in all by default).
 COMPLETION_LOOKS = 5
+#: Checksum of every multipart upload (what the aws CLI asks for): each part's CRC-32, checked
+#: by the store as the part arrives, and the object's checksum composed of them. Left to the
+#: store's default (a full-object CRC-64), completing a large object re-reads all of it: the S3
+#: test server took 18 s to complete a 1.42 GB upload instead of 6.
+MULTIPART_CHECKSUM = "CRC32"
+PART_CHECKSUM_FIELD = "ChecksumCRC32"
 
 
 @dataclass(frozen=True)
@@ -347,7 +356,8 @@ _S3_CLASS: type | None = None
 
 
 def _bounded_s3_class() -> type:
-    """s3fs's filesystem plus the two retries botocore cannot do (see the module doc)."""
+    """s3fs's filesystem plus the two retries botocore cannot do (see the module doc), its
+    multipart uploads checksummed part by part (:data:`MULTIPART_CHECKSUM`)."""
     global _S3_CLASS
     if _S3_CLASS is not None:
         return _S3_CLASS
@@ -370,10 +380,25 @@ def _bounded_s3_class() -> type:
                 await asyncio.sleep(self.ckptctl_limits.backoff(tries))
 
         async def _call_s3(self, method, *akwarglist, **kwargs):
+            merged = {k: v for d in akwarglist for k, v in d.items()} | kwargs
+            if (method in ("create_multipart_upload", "upload_part") and "ChecksumAlgorithm" not in merged
+                    and await self._checksums_wanted(merged.get("Bucket"))):
+                kwargs["ChecksumAlgorithm"] = MULTIPART_CHECKSUM
+            if method == "upload_part":
+                out = await super()._call_s3(method, *akwarglist, **kwargs)
+                if out.get(PART_CHECKSUM_FIELD):
+                    self._part_checksums[(merged["UploadId"], merged["PartNumber"])] = out[PART_CHECKSUM_FIELD]
+                return out
+            if method == "abort_multipart_upload":
+                self._forget_parts(merged.get("UploadId"))
             if method != "complete_multipart_upload":
                 return await super()._call_s3(method, *akwarglist, **kwargs)
+            if merged.get("MultipartUpload"):
+                kwargs["MultipartUpload"] = {**merged["MultipartUpload"], "Parts": self._with_checksums(merged)}
             try:
-                return await super()._call_s3(method, *akwarglist, **kwargs)
+                out = await super()._call_s3(method, *akwarglist, **kwargs)
+                self._forget_parts(merged.get("UploadId"))
+                return out
             except Exception as exc:  # s3fs raises botocore's ClientError translated (FileNotFoundError)
                 if _client_error_code(exc, ClientError) != "NoSuchUpload":
                     raise
@@ -381,7 +406,6 @@ def _bounded_s3_class() -> type:
                 # gone: done if the object holds exactly these parts (its multipart ETag says
                 # so). The first try may still be assembling a large object (a store can take
                 # many seconds), so the object is looked for a few times before giving up.
-                merged = {k: v for d in akwarglist for k, v in d.items()} | kwargs
                 expected = _multipart_etag((merged.get("MultipartUpload") or {}).get("Parts") or [])
                 if expected is None:
                     raise
@@ -391,12 +415,41 @@ def _bounded_s3_class() -> type:
                     except Exception:
                         head = None
                     if head is not None and head.get("ETag") == expected:
+                        self._forget_parts(merged.get("UploadId"))
                         return {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
                                 "VersionId": head.get("VersionId"),
                                 "ResponseMetadata": head.get("ResponseMetadata", {})}
                     if look < COMPLETION_LOOKS:
                         await asyncio.sleep(self.ckptctl_limits.backoff(look + 1))
                 raise
+
+        async def _checksums_wanted(self, bucket: str | None) -> bool:
+            """False where the user told botocore to send checksums only when required
+            (``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``, for a store without them)."""
+            await self.set_session()
+            client = await self.get_s3(bucket)
+            return getattr(client.meta.config, "request_checksum_calculation", None) != "when_required"
+
+        @property
+        def _part_checksums(self) -> dict:
+            """(UploadId, PartNumber) -> the part's checksum, as its upload_part answered it."""
+            if "_ckptctl_part_checksums" not in self.__dict__:
+                self._ckptctl_part_checksums = {}
+            return self._ckptctl_part_checksums
+
+        def _forget_parts(self, upload_id: str | None) -> None:
+            for key in [k for k in self._part_checksums if k[0] == upload_id]:
+                del self._part_checksums[key]
+
+        def _with_checksums(self, merged: dict) -> list[dict]:
+            """The completion's part list, each part with the checksum its upload answered (an
+            upload begun with a checksum algorithm must name every part's; s3fs's put_file
+            sends only the ETags)."""
+            parts = list((merged.get("MultipartUpload") or {}).get("Parts") or [])
+            upload_id = merged.get("UploadId")
+            return [part if PART_CHECKSUM_FIELD in part or (upload_id, part.get("PartNumber")) not in self._part_checksums
+                    else {**part, PART_CHECKSUM_FIELD: self._part_checksums[(upload_id, part["PartNumber"])]}
+                    for part in parts]
 
         # s3fs binds its sync call_s3 (used by its file objects) to its own _call_s3
         call_s3 = sync_wrapper(_call_s3)

@@ -186,6 +186,64 @@ def test_completion_whose_answer_was_lost_counts_when_the_object_is_there(make_b
     assert read_tree(backend, out) == big_reference
 
 
+def _composite_crc32(data: bytes, part_sizes: list[int]) -> str:
+    """S3's composite checksum: the CRC-32 of the parts' big-endian CRC-32s, base64."""
+    import base64
+    import zlib
+
+    starts = [sum(part_sizes[:i]) for i in range(len(part_sizes))]
+    assert sum(part_sizes) == len(data)
+    crcs = b"".join(zlib.crc32(data[a:a + n]).to_bytes(4, "big") for a, n in zip(starts, part_sizes))
+    return base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode()
+
+
+def test_multipart_uploads_carry_each_parts_checksum(make_backend, big_reference, tmp_path):
+    """Every multipart upload -- the writer's own and s3fs's ``put_file`` (convert-reshard's
+    uploads) -- is begun with CRC-32 and completed with each part's checksum, as the aws CLI
+    does: the store checks each part as it arrives, and the object's checksum is composed of
+    the parts'. (Left to the S3 server's default, a full-object checksum, completing a 1.42 GB
+    shard took 18 s instead of 6.)"""
+    from ckptctl.storage import open_store
+
+    backend = make_backend("s3")
+    out = backend.new_root()
+    write_big(out, backend.endpoint)
+    blob = os.urandom(11 * MIB)
+    (tmp_path / "blob").write_bytes(blob)
+    store = open_store(out, endpoint_url=backend.endpoint)
+    store.fs.put_file(str(tmp_path / "blob"), store.full_path("blob"), chunksize=5 * MIB)
+
+    bucket, prefix = out.split("://", 1)[1].split("/", 1)
+    for rel, data in [("model.safetensors", big_reference["model.safetensors"]), ("blob", blob)]:
+        key = f"{prefix}/{rel}"
+        head = backend.s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert head["ETag"].strip('"').endswith("-3"), (rel, head["ETag"])  # three parts
+        sizes = [backend.s3.head_object(Bucket=bucket, Key=key, PartNumber=n)["ContentLength"] for n in (1, 2, 3)]
+        assert head.get("ChecksumCRC32", "").split("-")[0] == _composite_crc32(data, sizes), (rel, sizes, head)
+    assert not backend.s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+
+
+def test_no_checksums_where_the_user_asked_botocore_for_none(make_backend, tmp_path, monkeypatch):
+    """``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (for an S3-compatible store without
+    checksums): multipart uploads are begun and completed without them."""
+    from ckptctl.storage import open_store
+
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    backend = make_backend("s3")
+    out = backend.new_root()
+    blob = os.urandom(11 * MIB)
+    (tmp_path / "blob").write_bytes(blob)
+    store = open_store(out, endpoint_url=backend.endpoint)
+    type(store.fs).clear_instance_cache()  # a filesystem made before the variable was set
+    store = open_store(out, endpoint_url=backend.endpoint)
+    store.fs.put_file(str(tmp_path / "blob"), store.full_path("blob"), chunksize=5 * MIB)
+    type(store.fs).clear_instance_cache()
+    bucket, prefix = out.split("://", 1)[1].split("/", 1)
+    head = backend.s3.head_object(Bucket=bucket, Key=f"{prefix}/blob", ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"').endswith("-3") and "ChecksumCRC32" not in head, head
+    assert backend.get(f"{out}/blob") == blob
+
+
 def test_completion_still_assembling_when_the_retry_finds_the_upload_gone(make_backend, big_reference):
     """The first CompleteMultipartUpload is still assembling a large object when its retry
     (after a timeout or a 500) finds the upload gone: the object is not there yet at the first
