@@ -931,13 +931,18 @@ def open_store(url: str, *, endpoint_url: str | None = None) -> Store:
 # read-ahead: concurrent ranged reads of byte ranges known in advance
 # ---------------------------------------------------------------------------------------------
 #: Defaults of the transfer machinery (export-hf's ``--concurrency`` / ``--max-memory``).
-#: 8 requests in flight and 16 MiB ranges / parts: what saturates a cloud VM's link to S3/GCS
-#: (the aws CLI uses 10 x 8 MiB), while the memory they hold stays far below the budget.
+#: 8 requests in flight and 16 MiB parts: what saturates a cloud VM's link to S3/GCS (the aws
+#: CLI uses 10 x 8 MiB), while the memory they hold stays far below the budget.
 DEFAULT_CONCURRENCY = 8
 MAX_CONCURRENCY = 64
-#: Ranges read ahead are coalesced up to this size (neighbours at most COALESCE_GAP apart) and
-#: larger ones split into requests of this size, fetched concurrently.
-READ_REQUEST_SIZE = 16 * 2**20
+#: Ranges read ahead are coalesced into requests (neighbours at most COALESCE_GAP apart) and
+#: larger ones split into requests, fetched concurrently: as large as the budget allows twice
+#: ``concurrency`` of them to be held (:func:`read_request_size`), from 1 MiB up to this. Fewer,
+#: larger requests pay less per-request cost (a round trip; on the S3 test server a pass over
+#: the whole object): 64 MiB instead of 16 took a 1.42 GB export from the S3 server to local
+#: disk from 19.7 s to 13.1 s (33 GETs instead of 101).
+READ_REQUEST_SIZE = 64 * 2**20
+MIN_READ_REQUEST_SIZE = 2**20
 COALESCE_GAP = 1 * 2**20
 #: The default memory budget of the transfer buffers: 1 GiB, at most 1/8 of the machine's RAM.
 DEFAULT_MAX_MEMORY = 2**30
@@ -951,6 +956,12 @@ def default_max_memory() -> int:
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return DEFAULT_MAX_MEMORY
     return max(64 * 2**20, min(DEFAULT_MAX_MEMORY, total // 8))
+
+
+def read_request_size(budget: int, concurrency: int) -> int:
+    """The read-ahead's request size for ``budget`` bytes and ``concurrency`` requests in flight
+    (see :data:`READ_REQUEST_SIZE`): 64 MiB with the defaults, 16 MiB with 256 MiB."""
+    return min(READ_REQUEST_SIZE, max(MIN_READ_REQUEST_SIZE, budget // (2 * max(concurrency, 1))))
 
 
 def check_concurrency(value: int, source: str = "--concurrency") -> int:
@@ -987,7 +998,7 @@ class ReadAhead:
     ``plan``: ``(rel, start, end)`` of the reads the caller will make, in the order it makes
     them. Neighbouring ranges of one file (at most ``gap`` apart in the file, and read within
     half the ``budget`` of plan bytes of each other, in any order) are coalesced into buffers
-    of up to ``request_size``; a larger range is one buffer fetched by several
+    of up to ``request_size`` (default :func:`read_request_size`); a larger range is one buffer fetched by several
     ``request_size`` requests in parallel. Buffers are fetched in the order of their first
     planned read by ``concurrency`` threads while the bytes fetched and not yet used stay under
     ``budget`` (one buffer is always allowed, so the budget never stalls the caller: the peak
@@ -1009,10 +1020,10 @@ class ReadAhead:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        request_size = READ_REQUEST_SIZE if request_size is None else request_size
         gap = COALESCE_GAP if gap is None else gap
         self.store = store
         self.budget = max(int(budget), 1)
+        request_size = read_request_size(self.budget, concurrency) if request_size is None else request_size
         self._bisect = bisect
         self._cond = threading.Condition()
         # rel -> sorted planned ranges: starts, [(start, end, [plan indices])]

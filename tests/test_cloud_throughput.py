@@ -8,6 +8,7 @@ with ``--concurrency 1``, today's one-tensor-ahead path), and the budget holds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,30 @@ def test_read_ahead_error_reaches_the_reader(make_backend):
     finally:
         store.read_ahead = None
         ra.close()
+
+
+def test_read_ahead_requests_grow_with_the_budget(make_backend):
+    """Requests as large as the budget allows twice ``concurrency`` of them, from 1 MiB to
+    64 MiB: a 6 MiB record is one request under the defaults, six under a 4 MiB budget."""
+    from ckptctl.storage import DEFAULT_CONCURRENCY, ReadAhead, default_max_memory, open_store, read_request_size
+
+    assert read_request_size(2**30, DEFAULT_CONCURRENCY) == 64 * MIB
+    assert read_request_size(256 * MIB, DEFAULT_CONCURRENCY) == 16 * MIB
+    assert read_request_size(MIB, 4) == MIB
+    backend = make_backend("s3")
+    root = backend.new_root()
+    blob = os.urandom(6 * MIB)
+    backend.put(f"{root}/a", blob)
+    store = open_store(root)
+    for budget, concurrency, requests in [(default_max_memory(), DEFAULT_CONCURRENCY, 1), (4 * MIB, 2, 6)]:
+        ra = ReadAhead(store, [("a", 0, len(blob))], budget=budget, concurrency=concurrency)
+        store.read_ahead = ra
+        try:
+            assert bytes(store.read_range("a", 0, len(blob))) == blob
+            assert (ra.requests, ra.served) == (requests, 1), (budget, ra.requests)
+        finally:
+            store.read_ahead = None
+            ra.close()
 
 
 # ------------------------------------------------------------------------------------------
