@@ -15,7 +15,7 @@ from safetensors import safe_open  # noqa: E402
 
 from ckptctl.errors import NotFoundError  # noqa: E402
 from ckptctl.formats import open_reader  # noqa: E402
-from ckptctl.formats.hf import HfReader, read_safetensors_header  # noqa: E402
+from ckptctl.formats.hf import HEADER_PREFETCH, LOCAL_HEADER_PREFETCH, HfReader, read_safetensors_header  # noqa: E402
 from ckptctl.formats.safe_load import CorruptCheckpointError  # noqa: E402
 from ckptctl.storage import open_store  # noqa: E402
 
@@ -64,7 +64,7 @@ def _header_len(path: Path) -> int:
 @pytest.mark.parametrize("name", EXPORTS)
 def test_metadata_from_headers_only(hf_export, name):
     exp = hf_export[name]
-    # a prefetch window well under these tiny shards (the default, 256 KiB, is larger than them)
+    # a prefetch window well under these tiny shards (the bucket default, 256 KiB, is larger than them)
     prefetch = 8 * 1024
     reader = HfReader(open_store(str(exp.path)), header_prefetch=prefetch)
     counter = ByteCounter(reader.store)
@@ -81,6 +81,18 @@ def test_metadata_from_headers_only(hf_export, name):
     ranges = [r for r in counter.reads if r[1].endswith(".safetensors")]
     assert len(ranges) == len(shards) and all(kind == "range" for kind, *_ in ranges)
     assert read <= len(shards) * (8 + prefetch) and read < total / 5, (read, total)
+
+
+def test_local_headers_use_the_small_prefetch(hf_export):
+    """On disk a second read is cheap: the default prefetch is 16 KiB there, not the bucket's 256."""
+    exp = hf_export["sharded"]
+    reader = HfReader(open_store(str(exp.path)))
+    counter = ByteCounter(reader.store)
+    reader.tensor_infos()
+    ranges = [r for r in counter.reads if r[1].endswith(".safetensors")]
+    assert ranges and all(kind == "range" for kind, *_ in ranges)
+    assert counter.bytes_from(".safetensors") <= len(ranges) * (8 + LOCAL_HEADER_PREFETCH)
+    assert LOCAL_HEADER_PREFETCH < HEADER_PREFETCH
 
 
 def test_exact_header_bytes_without_prefetch(hf_export):

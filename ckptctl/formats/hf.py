@@ -32,11 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-#: Bytes read speculatively for a header, so that one request reads it: a tiny model's header is
-#: ~2 KB, a dense 24-layer model's ~25 KB, an MoE shard of 1,000 expert tensors ~120 KB. A
-#: second request costs a round trip (and on some servers a pass over the whole object); the
-#: extra bytes cost nothing next to it.
+#: Bytes read speculatively for a header in a bucket, so that one request reads it: a tiny
+#: model's header is ~2 KB, a dense 24-layer model's ~25 KB, an MoE shard of 1,000 expert
+#: tensors ~120 KB. A second request costs a round trip (and on some servers a pass over the
+#: whole object); the extra bytes cost nothing next to it.
 HEADER_PREFETCH = 256 * 1024
+#: On a local disk a second read costs no round trip, so the prefetch stays small.
+LOCAL_HEADER_PREFETCH = 16 * 1024
 #: The safetensors library refuses headers above 100 MB; so do we (a corrupt length field).
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -72,10 +74,13 @@ class SafetensorsHeader:
         return max((t["end"] for t in self.tensors.values()), default=self.data_start)
 
 
-def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int = HEADER_PREFETCH) -> SafetensorsHeader:
+def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int | None = None) -> SafetensorsHeader:
     """Read and validate the header of ``rel``: one ranged read, two when the header is larger
-    than ``prefetch``. Raises :class:`CorruptCheckpointError` naming the file."""
+    than ``prefetch`` (default: :data:`HEADER_PREFETCH` in a bucket, :data:`LOCAL_HEADER_PREFETCH`
+    on disk). Raises :class:`CorruptCheckpointError` naming the file."""
     url = store.url_of(rel)
+    if prefetch is None:
+        prefetch = LOCAL_HEADER_PREFETCH if store.is_local else HEADER_PREFETCH
     head = store.read_range(rel, 0, 8 + max(prefetch, 0))
     read = len(head)
     if len(head) < 8:
@@ -143,7 +148,7 @@ class HfReader(CheckpointReader):
 
     backend = "hf"
 
-    def __init__(self, store: "Store", *, header_prefetch: int = HEADER_PREFETCH, max_workers: int = 8):
+    def __init__(self, store: "Store", *, header_prefetch: int | None = None, max_workers: int = 8):
         super().__init__(store)
         self.header_prefetch = header_prefetch
         self.max_workers = max_workers

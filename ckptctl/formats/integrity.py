@@ -126,7 +126,7 @@ def _zip_problem(f: RangedFile, size: int) -> str | None:
 
 def safetensors_problem(store: Store, rel: str, size: int) -> str | None:
     """Why the safetensors file ``rel`` is damaged, or None: its header must parse and its data
-    end exactly at ``size``. One ranged read (two for a header over 16 KiB)."""
+    end exactly at ``size``. One ranged read (two for a header larger than the prefetch)."""
     if size == 0:
         return "zero-byte file"
     try:
