@@ -76,6 +76,11 @@ def digest_dir(path: str) -> dict[str, str]:
 
 # -- children ----------------------------------------------------------------------------------
 def _child_export(src: str, out: str, args: list[str]) -> dict:
+    return _child_cli(["export-hf", src, "--out", out, "--json"] + args)
+
+
+def _child_cli(argv: list[str]) -> dict:
+    """Run ``ckptctl ARGV`` in this process, timing its ranged GETs (and export's writer)."""
     import threading
 
     from ckptctl.cli import app
@@ -114,7 +119,7 @@ def _child_export(src: str, out: str, args: list[str]) -> dict:
 
         setattr(hf_writer.HfModelWriter, meth, wrapped)
     try:
-        app(["export-hf", src, "--out", out, "--json"] + args, standalone_mode=False)
+        app(argv, standalone_mode=False)
     except SystemExit as exc:
         if exc.code:
             raise
@@ -137,6 +142,8 @@ def _child_main(mode: str, result_file: str, *rest: str) -> int:
     t0 = time.perf_counter()
     if mode == "export":
         extra = _child_export(rest[0], rest[1], json.loads(rest[2]))
+    elif mode == "cli":
+        extra = _child_cli(json.loads(rest[0]))
     else:
         extra = _child_gcsfs(rest[0], rest[1], rest[2])
     with open(result_file, "w") as f:

@@ -636,6 +636,56 @@ class DistOptReader:
                 out.setdefault(m["chain"], {})[m["what"]] = obj
         return out
 
+    def _bucket_spans(self, chain: str, key: str, state: str, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+        """Per bucket overlapping block ``[offsets, offsets + sizes)`` of ``key``'s ``state``: the
+        block's corners ``lo``/``hi`` in it, the param's row-major strides, and the flat span
+        (flat key, first element, element count) that holds them: one ranged read each."""
+        for boff, bsize, bucket, start in self._layout.owners[f"{chain}|{key}"]:
+            lo = tuple(max(a, b) for a, b in zip(boff, offsets))
+            hi = tuple(min(a + s, b + t) for a, s, b, t in zip(boff, bsize, offsets, sizes))
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            strides = [1] * len(bsize)
+            for d in range(len(bsize) - 2, -1, -1):
+                strides[d] = strides[d + 1] * bsize[d + 1]
+            first = sum((a - o) * st for a, o, st in zip(lo, boff, strides))
+            last = sum((b - 1 - o) * st for b, o, st in zip(hi, boff, strides))
+            yield boff, lo, hi, tuple(strides), (bucket.flat_key(state), start + first, last - first + 1)
+
+    def _stored_reads(self, name: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple]:
+        """The stored regions ``(name, offsets, sizes)`` that :meth:`read_region` of virtual
+        tensor ``name`` reads, in its order (the model weights last, when they are checked)."""
+        m = _STATE_NAME_RE.match(name)
+        if self._flattened is not None:
+            reads = self._flattened.stored_reads(name, offsets, sizes)
+        else:
+            reads = [(flat, (first,), (count,))
+                     for *_, (flat, first, count) in self._bucket_spans(m["chain"], m["key"], m["state"],
+                                                                        offsets, sizes)]
+        if m["state"] == "param" and self.check_params:
+            reads.append((m["key"], offsets, sizes))
+        return reads
+
+    def planned_reads(self, reads: Iterable[Any]) -> list[tuple[str, int, int]]:
+        """:meth:`MegatronReader.planned_reads`, mapped optimizer state included: a read of a
+        virtual tensor is planned as the reads of the buffers (or pieces) that hold it."""
+        stored: list[Any] = []
+        for asked in reads:
+            name, *how = (asked,) if isinstance(asked, str) else asked
+            info = self._virtual.get(name)
+            if info is None:
+                stored.append(asked)
+                continue
+            shape = tuple(info.shape)
+            if len(how) == 2:
+                offsets, sizes = tuple(int(o) for o in how[0]), tuple(int(s) for s in how[1])
+            elif how and how[0] is not None:
+                offsets, sizes = (int(how[0]), *(0,) * (len(shape) - 1)), (1, *shape[1:])
+            else:
+                offsets, sizes = (0,) * len(shape), shape
+            stored += self._stored_reads(name, offsets, sizes)
+        return self._reader.planned_reads(stored)
+
     def read_region(self, name: str, offsets: Iterable[int], sizes: Iterable[int]) -> "torch.Tensor":
         if name not in self._virtual:
             return self._reader.read_region(name, offsets, sizes)
@@ -649,21 +699,11 @@ class DistOptReader:
             if state == "param" and self.check_params:
                 self._check_against_model(name, key, offsets, sizes, out)
             return out
-        layout = self._layout
-        out = torch.empty(sizes, dtype=getattr(torch, layout.dtype))
+        out = torch.empty(sizes, dtype=getattr(torch, self._layout.dtype))
         covered = 0
-        for boff, bsize, bucket, start in layout.owners[f"{chain}|{key}"]:
-            lo = tuple(max(a, b) for a, b in zip(boff, offsets))
-            hi = tuple(min(a + s, b + t) for a, s, b, t in zip(boff, bsize, offsets, sizes))
-            if any(a >= b for a, b in zip(lo, hi)):
-                continue
-            strides = [1] * len(bsize)
-            for d in range(len(bsize) - 2, -1, -1):
-                strides[d] = strides[d + 1] * bsize[d + 1]
-            first = sum((a - o) * st for a, o, st in zip(lo, boff, strides))
-            last = sum((b - 1 - o) * st for b, o, st in zip(hi, boff, strides))
-            span = self._reader.read_region(bucket.flat_key(state), (start + first,), (last - first + 1,))
-            part = span.as_strided(tuple(b - a for a, b in zip(lo, hi)), tuple(strides), 0)
+        for boff, lo, hi, strides, (flat, first, count) in self._bucket_spans(chain, key, state, offsets, sizes):
+            span = self._reader.read_region(flat, (first,), (count,))
+            part = span.as_strided(tuple(b - a for a, b in zip(lo, hi)), strides, 0)
             out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = part
             covered += part.numel()
         if covered != out.numel():

@@ -93,6 +93,31 @@ class FlattenedState:
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
+    def _spans(self, name: str, offsets: tuple[int, ...], sizes: tuple[int, ...]):
+        """Per saved piece overlapping block ``[offsets, offsets + sizes)`` of ``name``: its chunk's
+        grid position and origin, and the flat span ``[first, last)`` (inside the chunk, cut to
+        the piece) from the block's first to its last element: one ranged read each."""
+        raw, chunk = self._sources[name]
+        strides = [math.prod(chunk[d + 1:]) for d in range(len(chunk))]
+        for p in raw.pieces:
+            grid, start, length = p.offsets[:-1], p.offsets[-1], p.sizes[-1]
+            origin = tuple(g * c for g, c in zip(grid, chunk))
+            lo = tuple(max(o, b) for o, b in zip(origin, offsets))
+            hi = tuple(min(o + c, b + s) for o, c, b, s in zip(origin, chunk, offsets, sizes))
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            first = max(start, sum((a - o) * st for a, o, st in zip(lo, origin, strides)))
+            last = min(start + length, sum((b - 1 - o) * st for b, o, st in zip(hi, origin, strides)) + 1)
+            if first < last:
+                yield tuple(grid), origin, first, last
+
+    def stored_reads(self, name: str, offsets: Iterable[int], sizes: Iterable[int]) -> list[tuple]:
+        """The stored regions ``(name, offsets, sizes)`` :meth:`read_region` reads, in its order."""
+        raw, _ = self._sources[name]
+        offsets, sizes = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
+        return [(raw.name, (*grid, first), (*(1,) * len(grid), last - first))
+                for grid, _, first, last in self._spans(name, offsets, sizes)]
+
     def read_region(self, name: str, offsets: Iterable[int], sizes: Iterable[int]) -> "torch.Tensor":
         """Block ``[offsets, offsets + sizes)`` of per-parameter tensor ``name``: each saved piece
         overlapping it is read over the flat span the block needs (one ranged read), its elements
@@ -104,19 +129,7 @@ class FlattenedState:
         offsets, sizes = tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
         out = torch.empty(sizes, dtype=torch_dtype(raw, self.reader.store.url))
         seen = torch.zeros(sizes, dtype=torch.bool)
-        strides = [math.prod(chunk[d + 1:]) for d in range(len(chunk))]
-        for p in raw.pieces:
-            grid, start, length = p.offsets[:-1], p.offsets[-1], p.sizes[-1]
-            origin = tuple(g * c for g, c in zip(grid, chunk))
-            lo = tuple(max(o, b) for o, b in zip(origin, offsets))
-            hi = tuple(min(o + c, b + s) for o, c, b, s in zip(origin, chunk, offsets, sizes))
-            if any(a >= b for a, b in zip(lo, hi)):
-                continue
-            # the flat span (inside the chunk) from the block's first to its last element, cut to the piece
-            first = max(start, sum((a - o) * st for a, o, st in zip(lo, origin, strides)))
-            last = min(start + length, sum((b - 1 - o) * st for b, o, st in zip(hi, origin, strides)) + 1)
-            if first >= last:
-                continue
+        for grid, origin, first, last in self._spans(name, offsets, sizes):
             values = self.reader.read_region(raw.name, (*grid, first), (*(1,) * len(grid), last - first)).reshape(-1)
             shift = (torch.tensor(origin) - torch.tensor(offsets)).unsqueeze(1)
             for a in range(first, last, self.SLAB):  # element coordinates a slab at a time (bounded memory)
