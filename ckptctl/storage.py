@@ -352,6 +352,16 @@ def _client_error_code(exc: BaseException | None, client_error: type) -> str | N
     return None
 
 
+def _crc32_base64(data: bytes | bytearray | memoryview) -> str:
+    """A part's CRC-32 as S3 wants it, computed with ISA-L (~6x zlib's speed, which botocore
+    would otherwise use on every uploaded byte)."""
+    import base64
+
+    from isal.isal_zlib import crc32
+
+    return base64.b64encode(crc32(data).to_bytes(4, "big")).decode("ascii")
+
+
 _S3_CLASS: type | None = None
 
 
@@ -384,6 +394,9 @@ def _bounded_s3_class() -> type:
             if (method in ("create_multipart_upload", "upload_part") and "ChecksumAlgorithm" not in merged
                     and await self._checksums_wanted(merged.get("Bucket"))):
                 kwargs["ChecksumAlgorithm"] = MULTIPART_CHECKSUM
+                if method == "upload_part" and PART_CHECKSUM_FIELD not in merged \
+                        and isinstance(merged.get("Body"), (bytes, bytearray, memoryview)):
+                    kwargs[PART_CHECKSUM_FIELD] = _crc32_base64(merged["Body"])
             if method == "upload_part":
                 out = await super()._call_s3(method, *akwarglist, **kwargs)
                 if out.get(PART_CHECKSUM_FIELD):

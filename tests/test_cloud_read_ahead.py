@@ -205,6 +205,7 @@ DISTOPT_RESHARDS = {
 }
 
 
+@pytest.mark.parametrize("budget", ["tiny"], indirect=True)  # the default budget: as the model's reads above
 @pytest.mark.parametrize("case", list(DISTOPT_RESHARDS))
 def test_reshard_of_mapped_optimizer_state_is_read_ahead(case, distopt_ckpts, make_backend, tmp_path, read_aheads,
                                                          budget):

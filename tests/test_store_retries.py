@@ -223,6 +223,30 @@ def test_multipart_uploads_carry_each_parts_checksum(make_backend, big_reference
     assert not backend.s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
 
 
+def test_part_checksums_are_computed_once_and_not_by_botocore(make_backend, tmp_path, monkeypatch):
+    """The parts' CRC-32 is computed here (ISA-L), not again by botocore's zlib-based one: one
+    pass over every uploaded byte, not two; the store accepts each part's."""
+    from botocore import httpchecksum
+
+    from ckptctl.storage import open_store
+
+    hashed = []
+    update = httpchecksum.Crc32Checksum.update
+    monkeypatch.setattr(httpchecksum.Crc32Checksum, "update", lambda self, chunk: (hashed.append(len(chunk)),
+                                                                                  update(self, chunk))[1])
+    backend = make_backend("s3")
+    out = backend.new_root()
+    blob = os.urandom(11 * MIB)
+    (tmp_path / "blob").write_bytes(blob)
+    store = open_store(out, endpoint_url=backend.endpoint)
+    store.fs.put_file(str(tmp_path / "blob"), store.full_path("blob"), chunksize=5 * MIB)
+    assert backend.get(f"{out}/blob") == blob
+    bucket, prefix = out.split("://", 1)[1].split("/", 1)
+    head = backend.s3.head_object(Bucket=bucket, Key=f"{prefix}/blob", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"].split("-")[0] == _composite_crc32(blob, [5 * MIB, 5 * MIB, MIB])
+    assert sum(hashed) < MIB, sum(hashed)  # none of the parts' bytes
+
+
 def test_no_checksums_where_the_user_asked_botocore_for_none(make_backend, tmp_path, monkeypatch):
     """``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (for an S3-compatible store without
     checksums): multipart uploads are begun and completed without them."""
