@@ -236,6 +236,35 @@ def test_concurrent_uploads_identical_and_bounded(kind, make_backend, tmp_path):
     assert 0 < summary.peak_buffered_bytes <= 10 * MIB + 5 * MIB
 
 
+def test_gcs_background_upload_chunks_follow_the_budget(make_backend, monkeypatch):
+    """A GCS shard's resumable upload goes up in chunks of a quarter of the upload budget (one
+    request each, one after the other: the fewer the faster), 16 to 128 MiB."""
+    import gcsfs.core
+
+    from ckptctl.formats.hf_writer import GCS_MAX_CHUNK, HfModelWriter, gcs_chunk_size, specs_from_state_dict
+
+    assert gcs_chunk_size(2**30) == GCS_MAX_CHUNK == 128 * MIB
+    assert gcs_chunk_size(80 * MIB) == 20 * MIB and gcs_chunk_size(8 * MIB) == 16 * MIB
+    chunks = []  # bytes in the file's buffer at each chunk request
+    upload_chunk = gcsfs.core.GCSFile._upload_chunk
+
+    def spy(self, final=False):
+        chunks.append(len(self.buffer.getbuffer()))
+        return upload_chunk(self, final=final)
+
+    monkeypatch.setattr(gcsfs.core.GCSFile, "_upload_chunk", spy)
+    state = {f"w.{i}": torch.full((MIB,), float(i)) for i in range(12)}  # 48 MiB: one shard
+    backend = make_backend("gs")
+    url = backend.new_root()
+    with HfModelWriter(url, specs_from_state_dict(state), max_shard_size=10**9, upload_concurrency=4,
+                       upload_memory=80 * MIB) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        writer.finish({"architectures": ["Dummy"], "model_type": "dummy"})
+    assert chunks[:2] == [20 * MIB, 20 * MIB] and 48 * MIB < sum(chunks) < 49 * MIB, chunks
+    assert len(backend.get(f"{url}/model.safetensors")) == sum(chunks)
+
+
 @pytest.mark.parametrize("kind", ["s3", "gs"])
 def test_concurrent_upload_failure_leaves_nothing(kind, make_backend):
     backend = make_backend(kind)
