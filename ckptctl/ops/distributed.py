@@ -186,6 +186,21 @@ def one_commit_mark(owner: bool) -> Iterator[Callable[[], None]]:
 UNREPORTED_EXIT = 75
 
 
+def exit_process(code: int | str | None) -> None:
+    """``sys.exit(code)``, but a torchrun process leaves without running C++ static destructors:
+    torch's gloo teardown at interpreter exit can abort ("terminate called without an active
+    exception") after the work is done and committed, which the launcher would report as a
+    failed run."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(code)
+
+
 def silent_exit(exc: CkptctlError) -> int | None:
     """The exit status with which this process leaves ``exc`` unprinted, or None to print it:
     process 0 prints the run's error; a lost peer is named by the ``--workers`` launcher."""
@@ -282,4 +297,4 @@ def launch_workers(workers: int, argv: list[str], warn: Callable[[str], None] | 
 
 
 __all__ = ["COMMITTED_ENV", "WORKERS_ENV", "mark_committed", "one_commit_mark", "PeerLostError", "ProcessGroup", "check_workers", "error_payload", "launch_workers",
-           "process_group", "raise_payload", "silent_exit", "under_torchrun", "UNREPORTED_EXIT"]
+           "process_group", "raise_payload", "silent_exit", "exit_process", "under_torchrun", "UNREPORTED_EXIT"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,4 +59,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ckptctl.ops.distributed import exit_process
+
+    exit_process(main())
