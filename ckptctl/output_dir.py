@@ -92,7 +92,7 @@ from typing import Iterable, Iterator
 
 from ckptctl import __version__
 from ckptctl.errors import NotACheckpointError, NotFoundError, UsageError
-from ckptctl.storage import Store, open_store, translate_errors
+from ckptctl.storage import Store, open_store, put_file_options, translate_errors
 from ckptctl.tree import (DISTCP_RE, FSDP_RANK_FILE_RE, FSDP_SINGLE_FILES, MANIFEST_FILE, MODEL_COMPONENTS,
                           POINTER_FILE, STEP_FILES, STEP_PREFIX)
 
@@ -583,6 +583,7 @@ class RemoteCommit:
         self.written: list[str] = []
         self.begun = False
         self.replaced: str | None = None
+        self.upload_limits: tuple[int, int] | None = None  # (bytes, parts in flight); None: the library's
         if check:
             self.replaced = self._judge(self.listing())
 
@@ -616,18 +617,22 @@ class RemoteCommit:
         if not self.begun:
             raise UsageError(f"{self.url}: upload before begin()")
 
+        files = min(UPLOAD_WORKERS, len(rels))
+
         def put(rel: str) -> str:
             local = os.path.join(staging, *rel.split("/"))
+            options = {} if self.upload_limits is None else put_file_options(
+                self.store, os.path.getsize(local), self.upload_limits[0] // files, self.upload_limits[1])
             with translate_errors(self.store.url_of(rel)):
-                self.store.fs.put_file(local, self.store.full_path(rel))
+                self.store.fs.put_file(local, self.store.full_path(rel), **options)
             self.written.append(rel)
             if remove_local:
                 os.remove(local)
             return rel
 
-        if len(rels) == 1:
+        if files == 1:
             return [put(rels[0])]
-        with ThreadPoolExecutor(min(UPLOAD_WORKERS, len(rels))) as pool:
+        with ThreadPoolExecutor(files) as pool:
             return list(pool.map(put, rels))
 
     def commit(self, staging: str, rels: list[str], uploaded: Iterable[str] = ()) -> list[str]:
@@ -755,6 +760,13 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.state == "open":
             self.abort()
+
+    def limit_uploads(self, budget: int, concurrency: int) -> None:
+        """Object stores: keep each later upload's buffers near ``budget`` bytes in all, with up
+        to ``concurrency`` requests in flight per file (:func:`ckptctl.storage.put_file_options`;
+        otherwise s3fs holds 10 parts of 50 MiB per file, whatever ``--max-memory`` says)."""
+        if self._remote is not None and budget > 0:
+            self._remote.upload_limits = (budget, concurrency)
 
     def begin(self) -> None:
         """Object stores: delete the old ``commit_last`` files and write the marker now (before

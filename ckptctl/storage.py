@@ -977,6 +977,41 @@ def read_request_size(budget: int, concurrency: int) -> int:
     return min(READ_REQUEST_SIZE, max(MIN_READ_REQUEST_SIZE, budget // (2 * max(concurrency, 1))))
 
 
+#: Largest chunk of a GCS resumable upload: the chunks go up one after the other, one request
+#: each, so fewer round trips is faster (google-cloud-storage's own default chunk is 100 MiB; on
+#: the GCS emulator, 128 MiB chunks made local -> GCS export 0.81-0.88x of gcsfs's put instead
+#: of 1.03-1.13x with 64 MiB).
+GCS_MAX_CHUNK = 128 * 2**20
+MIN_UPLOAD_CHUNK = 16 * 2**20
+#: S3's smallest part (but the last) and most parts (10,000, with a margin).
+MIN_UPLOAD_PART = 5 * 2**20
+MAX_UPLOAD_PARTS = 9000
+#: s3fs's own part size for put_file, kept where the budget allows it.
+PUT_FILE_PART = 50 * 2**20
+
+
+def gcs_chunk_size(budget: int) -> int:
+    """The chunk of a GCS upload under an upload ``budget``: a quarter of it, in whole MiB (GCS
+    wants multiples of 256 KiB), from :data:`MIN_UPLOAD_CHUNK` to :data:`GCS_MAX_CHUNK`."""
+    return min(GCS_MAX_CHUNK, max(MIN_UPLOAD_CHUNK, budget // 4 // 2**20 * 2**20))
+
+
+def put_file_options(store: "Store", size: int, budget: int, concurrency: int) -> dict:
+    """``put_file`` keyword arguments that keep the upload of one ``size``-byte file near
+    ``budget`` bytes: S3 parts ``concurrency`` at a time (s3fs reads that many parts into memory
+    at once; its default, 10 x 50 MiB, knows no budget), as large as the budget allows up to
+    50 MiB (never so small that the file needs more than :data:`MAX_UPLOAD_PARTS`); a GCS
+    resumable upload in chunks of :func:`gcs_chunk_size`. Nothing for local files."""
+    if store.protocol == "s3":
+        parallel = max(1, min(concurrency, budget // MIN_UPLOAD_PART))
+        part = min(PUT_FILE_PART, max(MIN_UPLOAD_PART, budget // parallel // 2**20 * 2**20))
+        part = max(part, -(-size // MAX_UPLOAD_PARTS // 2**20) * 2**20)
+        return {"chunksize": part, "max_concurrency": parallel}
+    if store.protocol == "gs":
+        return {"chunksize": gcs_chunk_size(budget)}
+    return {}
+
+
 def check_concurrency(value: int, source: str = "--concurrency") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
         raise UsageError(f"{source} must be an integer from 1 to {MAX_CONCURRENCY}, not {value!r}")

@@ -241,7 +241,8 @@ def test_gcs_background_upload_chunks_follow_the_budget(make_backend, monkeypatc
     request each, one after the other: the fewer the faster), 16 to 128 MiB."""
     import gcsfs.core
 
-    from ckptctl.formats.hf_writer import GCS_MAX_CHUNK, HfModelWriter, gcs_chunk_size, specs_from_state_dict
+    from ckptctl.formats.hf_writer import HfModelWriter, specs_from_state_dict
+    from ckptctl.storage import GCS_MAX_CHUNK, gcs_chunk_size
 
     assert gcs_chunk_size(2**30) == GCS_MAX_CHUNK == 128 * MIB
     assert gcs_chunk_size(80 * MIB) == 20 * MIB and gcs_chunk_size(8 * MIB) == 16 * MIB

@@ -297,3 +297,63 @@ def test_refuse_overlap(tmp_path):
     os.symlink(tmp_path / "ckpt", tmp_path / "link")
     with pytest.raises(UsageError, match="inside the source"):
         refuse_overlap(src, open_store(str(tmp_path / "link" / "out")))
+
+
+def _in_flight_spy(monkeypatch):
+    """The peak bytes of S3 part/object uploads in flight at once and the GCS chunk sizes sent,
+    spied on at the libraries' own request functions."""
+    import threading
+
+    import gcsfs.core
+
+    from ckptctl import storage
+
+    seen = {"now": 0, "peak": 0, "parts": [], "gcs_chunks": []}
+    lock = threading.Lock()
+    s3_class = storage._bounded_s3_class()
+    call_s3 = s3_class._call_s3
+
+    async def spy_s3(self, method, *args, **kwargs):
+        n = len(kwargs.get("Body") or b"") if method in ("upload_part", "put_object") else 0
+        with lock:
+            seen["now"] += n
+            seen["peak"] = max(seen["peak"], seen["now"])
+            if method == "upload_part":
+                seen["parts"].append(n)
+        try:
+            return await call_s3(self, method, *args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= n
+
+    upload_chunk = gcsfs.core.upload_chunk
+
+    async def spy_gcs(fs, location, data, offset, size, content_type):
+        seen["gcs_chunks"].append(len(data))
+        return await upload_chunk(fs, location, data, offset, size, content_type)
+
+    monkeypatch.setattr(s3_class, "_call_s3", spy_s3)
+    monkeypatch.setattr(gcsfs.core, "upload_chunk", spy_gcs)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["s3", "gs"])
+def test_uploads_stay_within_their_limits(make_backend, monkeypatch, kind):
+    """``limit_uploads(budget, concurrency)``: a published file's upload holds about ``budget``
+    bytes (S3: parts as large as it allows, that many at a time; GCS: chunks of a quarter of it);
+    left to s3fs, a 24 MiB file goes up as one 24 MiB request (its parts are 50 MiB, 10 at a time)."""
+    mib = 2**20
+    backend = make_backend(kind)
+    url = backend.new_root()
+    big = os.urandom(24 * mib)
+    seen = _in_flight_spy(monkeypatch)
+    with OutputDir(url, commit_last=LAST, endpoint_url=endpoint(backend)) as out:
+        out.limit_uploads(12 * mib if kind == "s3" else 64 * mib, 8)
+        write_all(out, {**FILES, "__2_0.distcp": big})
+        out.publish(["__2_0.distcp"])
+        out.commit()
+    assert contents(backend, url) == {**FILES, "__2_0.distcp": big}
+    if kind == "s3":  # 12 MiB: parts of 6 MiB, two at a time
+        assert seen["parts"] == [6 * mib] * 4 and seen["peak"] <= 12 * mib, seen
+    else:
+        assert seen["gcs_chunks"][:1] == [16 * mib] and sum(seen["gcs_chunks"]) >= len(big), seen["gcs_chunks"]

@@ -124,7 +124,7 @@ from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safe
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
                                 TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
-from ckptctl.storage import Store, open_store, translate_errors
+from ckptctl.storage import MAX_UPLOAD_PARTS, Store, gcs_chunk_size, open_store, translate_errors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -135,18 +135,6 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 #: transformers 4.x's save_pretrained default ("5GB"); transformers 5 uses "50GB".
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DEFAULT_UPLOAD_BLOCK_SIZE = 16 * 2**20
-_MAX_UPLOAD_PARTS = 9000  # S3 allows 10,000
-#: Largest chunk of a GCS resumable upload written in the background (``upload_concurrency`` > 1):
-#: the chunks go up one after the other, one request each, so fewer round trips is faster
-#: (google-cloud-storage's own default chunk is 100 MiB; on the GCS emulator, 128 MiB chunks
-#: made local -> GCS export 0.81-0.88x of gcsfs's put instead of 1.03-1.13x with 64 MiB).
-GCS_MAX_CHUNK = 128 * 2**20
-
-
-def gcs_chunk_size(upload_budget: int) -> int:
-    """The chunk of a background GCS upload: a quarter of the upload budget, in whole MiB (GCS
-    wants multiples of 256 KiB), from :data:`DEFAULT_UPLOAD_BLOCK_SIZE` to :data:`GCS_MAX_CHUNK`."""
-    return min(GCS_MAX_CHUNK, max(DEFAULT_UPLOAD_BLOCK_SIZE, upload_budget // 4 // 2**20 * 2**20))
 
 # torch dtype name -> safetensors dtype code (the reader's table, inverted)
 _ST_CODES: dict[str, str] = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -731,7 +719,7 @@ class _ObjectStoreTarget:
             self.store.delete_many(rest)
 
     def open(self, rel: str, size: int):
-        block = max(self.block_size, -(-size // _MAX_UPLOAD_PARTS // 2**20) * 2**20)
+        block = max(self.block_size, -(-size // MAX_UPLOAD_PARTS // 2**20) * 2**20)
         self.written.append(rel)
         if self.concurrency > 1 and self.store.protocol == "s3":
             if self._pool is None:
@@ -740,7 +728,7 @@ class _ObjectStoreTarget:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ckptctl-upload")
             return _S3ConcurrentUpload(self.store, rel, block, self._pool, self._budget)
         if self.concurrency > 1 and self.block_size == DEFAULT_UPLOAD_BLOCK_SIZE:
-            block = max(block, gcs_chunk_size(self._budget.limit))
+            block = max(block, gcs_chunk_size(self._budget.limit))  # its chunks go up one by one
         f = self.store.open(rel, "wb", block_size=block)
         return _BackgroundUpload(f, self._budget) if self.concurrency > 1 else f
 

@@ -872,6 +872,7 @@ def reshard_fsdp(src: str, out: str, *, world_size: int, overwrite: bool = False
 
     with OutputDir(dst_store.url, overwrite=overwrite, commit_last=tuple(commit_last), kind=RESHARD,
                    source=src_store.url, store=dst_store) as outdir:
+        outdir.limit_uploads(transfer.budgets(not src_store.is_local, not outdir.is_local)[1], transfer.concurrency)
         check = ManifestCheck.start_at(src_store) if verify else None
         if check is not None:
             outdir.check_before_commit(check)

@@ -668,7 +668,8 @@ def _write_ranks(reader, plan: ReshardPlan, ranks: range, outdir: OutputDir, pre
     store, the source chunks are read ahead; to one, a file uploads while the next is written."""
     transfer = transfer or Transfer.make()
     store = reader.store
-    read_budget, _ = transfer.budgets(not store.is_local, not outdir.is_local)
+    read_budget, upload_budget = transfer.budgets(not store.is_local, not outdir.is_local)
+    outdir.limit_uploads(upload_budget, transfer.concurrency)
     results = []
     with ReadAheadScope() as read_ahead, \
             BackgroundPublish(outdir.publish, not outdir.is_local and transfer.concurrency > 1, published) as publish:
