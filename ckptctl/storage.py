@@ -990,6 +990,11 @@ MAX_UPLOAD_PARTS = 9000
 PUT_FILE_PART = 50 * 2**20
 
 
+def min_part_size(size: int) -> int:
+    """The smallest part, in whole MiB, that uploads ``size`` bytes in :data:`MAX_UPLOAD_PARTS`."""
+    return -(-size // MAX_UPLOAD_PARTS // 2**20) * 2**20
+
+
 def gcs_chunk_size(budget: int) -> int:
     """The chunk of a GCS upload under an upload ``budget``: a quarter of it, in whole MiB (GCS
     wants multiples of 256 KiB), from :data:`MIN_UPLOAD_CHUNK` to :data:`GCS_MAX_CHUNK`."""
@@ -1005,7 +1010,7 @@ def put_file_options(store: "Store", size: int, budget: int, concurrency: int) -
     if store.protocol == "s3":
         parallel = max(1, min(concurrency, budget // MIN_UPLOAD_PART))
         part = min(PUT_FILE_PART, max(MIN_UPLOAD_PART, budget // parallel // 2**20 * 2**20))
-        part = max(part, -(-size // MAX_UPLOAD_PARTS // 2**20) * 2**20)
+        part = max(part, min_part_size(size))
         return {"chunksize": part, "max_concurrency": parallel}
     if store.protocol == "gs":
         return {"chunksize": gcs_chunk_size(budget)}

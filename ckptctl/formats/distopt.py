@@ -676,13 +676,10 @@ class DistOptReader:
             if info is None:
                 stored.append(asked)
                 continue
-            shape = tuple(info.shape)
             if len(how) == 2:
                 offsets, sizes = tuple(int(o) for o in how[0]), tuple(int(s) for s in how[1])
-            elif how and how[0] is not None:
-                offsets, sizes = (int(how[0]), *(0,) * (len(shape) - 1)), (1, *shape[1:])
             else:
-                offsets, sizes = (0,) * len(shape), shape
+                offsets, sizes = _block(tuple(info.shape), how[0] if how else None)
             stored += self._stored_reads(name, offsets, sizes)
         return self._reader.planned_reads(stored)
 
@@ -727,10 +724,15 @@ class DistOptReader:
     def read_tensor(self, name: str, index: int | None = None) -> "torch.Tensor":
         if name not in self._virtual:
             return self._reader.read_tensor(name, index) if index is not None else self._reader.read_tensor(name)
-        shape = self._virtual[name].shape
-        if index is None:
-            return self.read_region(name, (0,) * len(shape), shape)
-        return self.read_region(name, (index, *(0,) * (len(shape) - 1)), (1, *shape[1:]))[0]
+        out = self.read_region(name, *_block(tuple(self._virtual[name].shape), index))
+        return out if index is None else out[0]
+
+
+def _block(shape: tuple[int, ...], index: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, sizes) of a whole tensor of ``shape`` (``index`` None) or of its row ``index``."""
+    if index is None:
+        return (0,) * len(shape), shape
+    return (int(index), *(0,) * (len(shape) - 1)), (1, *shape[1:])
 
 
 def fully_reshardable_common(reader: "DistOptReader | MegatronReader", *, chained: bool | None = None) -> bytes:

@@ -124,7 +124,7 @@ from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safe
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
                                 TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
-from ckptctl.storage import MAX_UPLOAD_PARTS, Store, gcs_chunk_size, open_store, translate_errors
+from ckptctl.storage import Store, gcs_chunk_size, min_part_size, open_store, translate_errors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -719,7 +719,7 @@ class _ObjectStoreTarget:
             self.store.delete_many(rest)
 
     def open(self, rel: str, size: int):
-        block = max(self.block_size, -(-size // MAX_UPLOAD_PARTS // 2**20) * 2**20)
+        block = max(self.block_size, min_part_size(size))
         self.written.append(rel)
         if self.concurrency > 1 and self.store.protocol == "s3":
             if self._pool is None:
