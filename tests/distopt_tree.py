@@ -24,9 +24,12 @@ def distopt_fixtures(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("megatron.core")
     from realckpt.distopt_writer import write_distopt_fixtures
 
+    from realckpt.megatron_fixtures import building
+
     cache = os.environ.get("CKPTCTL_REALCKPT_CACHE")
     out = Path(cache) / "distopt" if cache else tmp_path_factory.mktemp("distopt")
-    return write_distopt_fixtures(out)
+    with building(out):
+        return write_distopt_fixtures(out)
 
 
 def job_of(fixture: Path) -> dict:

@@ -24,6 +24,7 @@ Set ``CKPTCTL_REALCKPT_CACHE=/some/dir`` to keep the written checkpoints between
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,6 +150,22 @@ def _cache_root(tmp_path_factory, name: str) -> Path:
     return tmp_path_factory.mktemp(name)
 
 
+@contextmanager
+def building(root: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the cache directory ``root`` while a fixture fills it, so test
+    processes sharing the cache (pytest-xdist workers) write each checkpoint once: the others
+    wait, then find it complete."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield root
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _require_megatron() -> None:
     """Skip without megatron-core, WITHOUT importing it here: ``import megatron.core`` registers
     torch safe globals process-wide (argparse.Namespace, PosixPath, BytesIO, ... via
@@ -168,7 +185,8 @@ def megatron_ckpts(tmp_path_factory) -> MegatronCkpts:
 
     root = _cache_root(tmp_path_factory, "megatron_ckpts")
     t0 = time.monotonic()
-    written = write_megatron_components([(root / name / "policy", kw) for name, kw in MEGATRON_VARIANTS.items()])
+    with building(root):
+        written = write_megatron_components([(root / name / "policy", kw) for name, kw in MEGATRON_VARIANTS.items()])
     seconds = time.monotonic() - t0
     return MegatronCkpts({n: MegatronCkpt(n, c) for n, c in zip(MEGATRON_VARIANTS, written)}, seconds)
 
@@ -185,8 +203,9 @@ def megatron_moe_ckpts(tmp_path_factory) -> MegatronCkpts:
 
     root = _cache_root(tmp_path_factory, "megatron_moe_ckpts")
     t0 = time.monotonic()
-    written = write_megatron_components(
-        [(root / name / "policy", kw) for name, kw in MEGATRON_MOE_VARIANTS.items()])
+    with building(root):
+        written = write_megatron_components(
+            [(root / name / "policy", kw) for name, kw in MEGATRON_MOE_VARIANTS.items()])
     seconds = time.monotonic() - t0
     return MegatronCkpts({n: MegatronCkpt(n, c) for n, c in zip(MEGATRON_MOE_VARIANTS, written)}, seconds)
 
@@ -206,7 +225,8 @@ def megatron_moe_tree(tmp_path_factory):
 
     root = _cache_root(tmp_path_factory, "megatron_moe_tree")
     kw = dict(MEGATRON_MOE_TREE)
-    return write_megatron_tree(root / "ckpts", kw.pop("steps"), kw.pop("pointer"), **kw)
+    with building(root):
+        return write_megatron_tree(root / "ckpts", kw.pop("steps"), kw.pop("pointer"), **kw)
 
 
 @dataclass(frozen=True)
@@ -247,6 +267,7 @@ def hf_export(tmp_path_factory) -> dict[str, HfExport]:
     root = _cache_root(tmp_path_factory, "hf_exports")
     out = {}
     for name, (arch, dtype, tie, shard) in HF_EXPORTS.items():
-        _save_export(root / name, arch, dtype, tie, shard)
+        with building(root):
+            _save_export(root / name, arch, dtype, tie, shard)
         out[name] = HfExport(name, root / name, dtype, shard is not None)
     return out

@@ -869,6 +869,16 @@ def _data_state(step: int, seed: int):
         return dl.state_dict()
 
 
+def _save_replacing(obj, path: Path) -> None:
+    """``torch.save`` to a sibling, then rename: a test process reading the tree (a cached one,
+    rewritten by the next session or test process) never sees a half-written file."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def write_megatron_tree(
     root: str | os.PathLike,
     steps: Sequence[int] = (2, 4),
@@ -911,16 +921,18 @@ def write_megatron_tree(
     for n, comp in zip(steps, comps):
         step_dir = root / f"global_step_{n}"
         if data_pt:
-            torch.save(_data_state(n, comp.params["seed"]), step_dir / "data.pt")
+            _save_replacing(_data_state(n, comp.params["seed"]), step_dir / "data.pt")
         cfg = _trainer_config(root, comp.params, steps)
         if trainer_config_format == "omegaconf":
             from omegaconf import OmegaConf
 
             cfg = OmegaConf.create(cfg)
-        torch.save({"global_step": n, "config": cfg}, step_dir / "trainer_state.pt")
+        _save_replacing({"global_step": n, "config": cfg}, step_dir / "trainer_state.pt")
     pointer_file = root / "latest_ckpt_global_step.txt"
     if pointer is not None:
-        pointer_file.write_text(str(int(pointer)))
+        tmp = pointer_file.with_name(pointer_file.name + ".tmp")
+        tmp.write_text(str(int(pointer)))
+        os.replace(tmp, pointer_file)
     elif pointer_file.exists():
         pointer_file.unlink()
     return MegatronTree(root, steps, pointer, dict(zip(steps, comps)))
