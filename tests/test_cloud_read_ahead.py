@@ -145,6 +145,38 @@ def test_megatron_planned_reads_name_the_chunks_read(megatron_moe_ckpts):
     assert reader.planned_reads([(qkv, 1), (fc1, *block)]) == holding(qkv, (1,)) + holding(fc1, (1, 3))
 
 
+def test_tensor_bytes_read_ahead_are_used_in_place(fsdp_ckpts, make_backend):
+    """A tensor read from a read-ahead gets a view of the bytes fetched, never a copy of them
+    (the copy cost a pass over every byte a cloud export or reshard reads); the tensor is right."""
+    from ckptctl.formats.safe_load import load_pt
+    from ckptctl.formats.torchzip import TorchZipFile
+    from ckptctl.storage import ReadAhead, open_store
+
+    source = fsdp_ckpts["w3_tied"].file("model", 1)
+    backend = make_backend("s3")
+    root = backend.new_root()
+    backend.upload_dir(str(source.parent), root)
+    store = open_store(root)
+    zf = TorchZipFile(store, source.name)
+    tensors = {k: v for k, v in zf.metadata().items() if hasattr(v, "_local_tensor") and v._local_tensor.numel()}
+    name, meta = next(iter(tensors.items()))
+    loc = zf.location(meta._local_tensor)
+    record = loc.storage
+    store.read_ahead = ReadAhead(store, [(source.name, *zf.planned_read(meta._local_tensor))], budget=MIB,
+                                 concurrency=2)
+    try:
+        data = zf.read_storage_bytes(record.key, 0, record.record_size, tensor=name)
+        assert store.read_ahead.served == 1
+        assert isinstance(data, memoryview) and any(data.obj is unit.buffer for unit in store.read_ahead._units)
+    finally:
+        store.read_ahead.close()
+        store.read_ahead = None
+    assert zf.crc_checked(record.key)
+    want = load_pt(str(source))[name].to_local()
+    got = torch.frombuffer(bytearray(data), dtype=want.dtype).as_strided(loc.shape, loc.stride, loc.storage_offset)
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------------------
 # convert-reshard
 # ------------------------------------------------------------------------------------------

@@ -723,10 +723,12 @@ class TorchZipFile:
         for check in list(self._crc.values()):
             check.complete()
 
-    def _raw(self, start: int, end: int) -> bytes:
+    def _raw(self, start: int, end: int) -> bytes | memoryview:
+        """File bytes ``[start, end)``; a read-ahead's view is handed on as it is, not copied
+        (only zipfile, reading metadata through :meth:`_read_range`, needs bytes)."""
         if end > self.size:
             raise EOFError(f"bytes {start}..{end} of a {self.size}-byte file")
-        data = self._read_range(start, end)
+        data = self.store.read_range(self.rel, start, end)
         self._extra_requests += 1
         self._extra_bytes += len(data)
         if len(data) != end - start:
