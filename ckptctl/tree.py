@@ -551,9 +551,10 @@ def parse_step_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def scan_tree(store: Store) -> Tree:
-    """Discover the checkpoint (or export) tree rooted at ``store``: one listing, one pointer read."""
-    files = store.walk()
+def scan_tree(store: Store, files: list[FileEntry] | None = None) -> Tree:
+    """Discover the checkpoint (or export) tree rooted at ``store``: one listing, one pointer read.
+    ``files``: the store's listing (``store.walk()``) when the caller already made it."""
+    files = store.walk() if files is None else files
     by_top, top_files = _split_top(files)
 
     pointer = Pointer(present=False)

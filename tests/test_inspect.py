@@ -145,6 +145,22 @@ def test_remote_step(fsdp_tree, store_backend):
     assert doc["components"][0]["format"]["optimizer"]["step"] == 4
 
 
+def test_a_tree_on_s3_is_listed_once(fsdp_tree, make_backend, s3_request_counter, tmp_path):
+    """inspect, export-hf and verify of a whole tree make one listing of it (finding what SRC is
+    and scanning the tree share it): on a bucket of many objects each listing is several requests."""
+    from urllib.parse import quote
+
+    backend = make_backend("s3")
+    url = backend.new_root()
+    backend.upload_dir(str(fsdp_tree), url)
+    whole_listing = f"prefix={quote(url.split('/', 3)[3] + '/', safe='')}&delimiter=&"
+    for args in (["inspect", url], ["export-hf", url, "--out", str(tmp_path / "hf")], ["verify", url]):
+        s3_request_counter.reset()
+        run_json(*args)
+        assert s3_request_counter.count(method="GET", query_contains=whole_listing) == 1, \
+            (args[0], s3_request_counter.summary())
+
+
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     code, out, err = run("inspect", str(tmp_path))

@@ -138,7 +138,7 @@ def resolve_component(store: Store, component: str | None) -> tuple[Store, Compo
     ``component``: policy or critic (None: policy in a step or tree, whichever SRC is when it is
     a component directory; naming another one than SRC is is a usage error).
     Returns (store rooted at the component's parent, component, step, notes)."""
-    kind, found, _ = locate(store)
+    kind, found, files = locate(store)
     notes: list[str] = []
     if kind == COMPONENT:
         if found.backend == UNKNOWN:
@@ -147,7 +147,7 @@ def resolve_component(store: Store, component: str | None) -> tuple[Store, Compo
         return store.parent(), found, parse_step_name(store.parent().name), notes
     component = component or "policy"
     if kind == TREE:
-        tree = scan_tree(store)
+        tree = scan_tree(store, files)
         step = chosen_step(tree)
         if step is None:
             raise NotACheckpointError(f"{store.url}: no complete step to export")

@@ -313,10 +313,10 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
     if store.is_file():
         _inspect_file(store, report, allow_globals)
         return report
-    kind, found, _ = locate(store)
+    kind, found, files = locate(store)
     kw = dict(with_tensors=with_tensors, with_config=with_config, component=component, allow_globals=allow_globals)
     if kind == TREE:
-        tree = scan_tree(store)
+        tree = scan_tree(store, files)
         step = chosen_step(tree) or tree.pointer_target
         report.kind = "tree"
         if step is None:

@@ -105,11 +105,11 @@ def verify(url: str, *, full: bool = False, write_manifest: bool = False,
     """Verify the tree, step, component or HF export at ``url`` (see the module docstring)."""
     start = time.perf_counter()
     store = open_store(url, endpoint_url=endpoint_url)
-    kind, found, _files = locate(store)
+    kind, found, files = locate(store)
     report = VerifyReport(path=store.url, kind=kind, full=full, write_manifest=write_manifest)
     counter = ByteCounter()
     if kind == TREE:
-        tree = scan_tree(store)
+        tree = scan_tree(store, files)
         if tree.pointer.error:
             report.problems.append(f"{POINTER_FILE}: {tree.pointer.error}")
         deep_check_steps(store, tree.steps)
