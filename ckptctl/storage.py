@@ -615,9 +615,14 @@ class Store:
             full = full_path.split("://", 1)[-1]
             return full if self.is_local else f"{self.protocol}://{full}"
 
-    def child(self, rel: str) -> "Store":
-        """A store rooted at ``rel`` below this one, sharing the same filesystem."""
-        return Store(self.url_of(rel), endpoint_url=self.endpoint_url, _fs=self.fs)
+    def child(self, rel: str, files: Iterable[FileEntry] | None = None) -> "Store":
+        """A store rooted at ``rel`` below this one, sharing the same filesystem. ``files``: its
+        listing (paths relative to it) when the caller has just made it, e.g. a tree scan's
+        files of a component: :meth:`walk` answers with it instead of listing again."""
+        child = Store(self.url_of(rel), endpoint_url=self.endpoint_url, _fs=self.fs)
+        if files is not None:
+            child._listing = sorted(files, key=lambda e: natural_key(e.path))
+        return child
 
     def parent(self) -> "Store":
         head = posixpath.dirname(self.root.rstrip("/"))
@@ -653,7 +658,10 @@ class Store:
         One recursive listing: on S3 a single paginated ListObjectsV2 without delimiter (one
         request per 1000 objects), on GCS one paginated objects.list, locally one os.walk.
         Raises NotFoundError when the root does not exist (or is an empty prefix).
+        A store made by :meth:`child` with ``files`` answers with those, without a request.
         """
+        if self._listing is not None:
+            return list(self._listing)
         with translate_errors(self.url):
             if self.is_local:
                 return self._walk_local()
@@ -767,6 +775,8 @@ class Store:
 
     #: A :class:`ReadAhead` serving planned reads of this store's files (set by export-hf).
     read_ahead: "ReadAhead | None" = None
+    #: The listing :meth:`walk` answers with (see :meth:`child`); None: list the store.
+    _listing: "list[FileEntry] | None" = None
 
     def read_range(self, rel: str, start: int, end: int) -> bytes | memoryview:
         """Bytes ``[start, end)`` of a file: one ranged GET on object stores, or, for a read

@@ -146,8 +146,9 @@ def test_remote_step(fsdp_tree, store_backend):
 
 
 def test_a_tree_on_s3_is_listed_once(fsdp_tree, make_backend, s3_request_counter, tmp_path):
-    """inspect, export-hf and verify of a whole tree make one listing of it (finding what SRC is
-    and scanning the tree share it): on a bucket of many objects each listing is several requests."""
+    """inspect, export-hf and verify of a whole tree make one listing of it and no other (finding
+    what SRC is, scanning the tree and the components' readers share it): on a bucket of many
+    objects each listing is several requests."""
     from urllib.parse import quote
 
     backend = make_backend("s3")
@@ -159,6 +160,8 @@ def test_a_tree_on_s3_is_listed_once(fsdp_tree, make_backend, s3_request_counter
         run_json(*args)
         assert s3_request_counter.count(method="GET", query_contains=whole_listing) == 1, \
             (args[0], s3_request_counter.summary())
+        assert s3_request_counter.count(method="GET", query_contains="delimiter=&") == 1, \
+            (args[0], s3_request_counter.summary())  # no listing of a step or component either
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -218,7 +218,7 @@ def read_model_config(store: Store, comp: Component) -> dict[str, Any]:
 def open_component_reader(store: Store, comp: Component):
     """The format reader of ``comp`` (``store``: rooted at its parent)."""
     kwargs = {"nesting": comp.nesting} if comp.backend == MEGATRON else {}
-    return open_reader(store.child(comp.path), comp.backend, **kwargs)
+    return open_reader(store.child(comp.path, comp.files), comp.backend, **kwargs)
 
 
 def _read_hf_files(store: Store, comp: Component) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -149,7 +149,7 @@ def inspect_component(store: Store, comp: Component, *, with_tensors: bool = Fal
     """Reader summary and tensor statistics of one model component (store = its parent tree/step)."""
     report = ComponentReport(name=comp.name, path=comp.path, backend=comp.backend, complete=comp.complete,
                              problems=list(comp.problems), world_size=comp.world_size)
-    comp_store = store.child(comp.path) if comp.path else store
+    comp_store = store.child(comp.path, comp.files) if comp.path else store
     full_config = read_full_config(comp_store, "config.json" if comp.backend == HF else f"{HF_DIR}/config.json")
     report.model_config = None if full_config is None else {k: full_config[k] for k in CONFIG_FIELDS
                                                              if k in full_config}

@@ -149,7 +149,8 @@ def _verify_step(tree_store: Store, step: Step, full: bool, write_manifest: bool
     target.problems += _metadata_problems(where, [f for f in step_level if f.path not in named])
     torch_files = list(step_level)
     for comp in step.components.values():
-        found = _component_structure(tree_store.child(comp.path), comp, named_in=_named_files(comp.problems))
+        found = _component_structure(tree_store.child(comp.path, comp.files), comp,
+                                     named_in=_named_files(comp.problems))
         target.problems += [f"{comp.name}/{p}" for p in found]
         torch_files += [FileEntry(f"{comp.name}/{f.path}", f.size, f.mtime) for f in comp.files
                         if f.path.endswith(".pt") and f.size]
