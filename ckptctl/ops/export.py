@@ -95,16 +95,17 @@ def _strip_wrappers(name: str) -> str:
 TREE, STEP, COMPONENT = "tree", "step", "component"
 
 
-def locate(store: Store) -> tuple[str, Step | Component | None, list[FileEntry]]:
-    """What ``store`` holds, from one listing: (TREE, None, files) for a checkpoint tree (step
-    directories or the pointer file at its top: scan it with :func:`scan_tree`), (STEP, Step,
-    files) for a step directory (a model component or a step file at its top), else
-    (COMPONENT, Component, files); the step and component are classified against the parent."""
+def locate(store: Store) -> tuple[str, Tree | Step | Component, list[FileEntry]]:
+    """What ``store`` holds, from one listing: (TREE, Tree, files) for a checkpoint tree (step
+    directories or the pointer file at its top; scanned with :func:`scan_tree` from the same
+    listing), (STEP, Step, files) for a step directory (a model component or a step file at its
+    top), else (COMPONENT, Component, files); the step and component are classified against the
+    parent."""
     files = store.walk()
     tops = {f.path.split("/", 1)[0] for f in files if "/" in f.path}
     top_files = {f.path for f in files if "/" not in f.path}
     if any(parse_step_name(t) is not None for t in tops) or POINTER_FILE in top_files:
-        return TREE, None, files
+        return TREE, scan_tree(store, files), files
     if tops & set(MODEL_COMPONENTS) or top_files & set(STEP_FILES):
         number = parse_step_name(store.name)
         return STEP, classify_step(store.parent(), store.name, number if number is not None else -1, files), files
@@ -138,7 +139,7 @@ def resolve_component(store: Store, component: str | None) -> tuple[Store, Compo
     ``component``: policy or critic (None: policy in a step or tree, whichever SRC is when it is
     a component directory; naming another one than SRC is is a usage error).
     Returns (store rooted at the component's parent, component, step, notes)."""
-    kind, found, files = locate(store)
+    kind, found, _ = locate(store)
     notes: list[str] = []
     if kind == COMPONENT:
         if found.backend == UNKNOWN:
@@ -147,7 +148,7 @@ def resolve_component(store: Store, component: str | None) -> tuple[Store, Compo
         return store.parent(), found, parse_step_name(store.parent().name), notes
     component = component or "policy"
     if kind == TREE:
-        tree = scan_tree(store, files)
+        tree = found
         step = chosen_step(tree)
         if step is None:
             raise NotACheckpointError(f"{store.url}: no complete step to export")

@@ -262,11 +262,10 @@ def _plan(src: str, out: str, *, steps: str, component: str, dtype: str, overwri
     src_store = open_store(src, endpoint_url=endpoint_url)
     dst_store = open_store(out, endpoint_url=endpoint_url)
     refuse_overlap(src_store, dst_store)
-    kind, _, files = locate(src_store)
+    kind, tree, _ = locate(src_store)
     if kind != TREE:
         raise UsageError(f"{src_store.url}: --steps needs a checkpoint tree (the directory holding global_step_N/); "
                          "to export one step, pass it without --steps")
-    tree = scan_tree(src_store, files)
     summary = ExportRunSummary(source=src_store.url, destination=dst_store.url, component=component,
                                steps_asked=steps)
     chosen, passed, summary.warnings = _requested(tree, spec, src_store.url)

@@ -19,7 +19,7 @@ from ckptctl.formats.integrity import deep_check_component, deep_check_step
 from ckptctl.formats.moe import moe_summary
 from ckptctl.ops.export import HF_DIR, LORA_DIR, STEP, TREE, check_component_choice, chosen_step, locate
 from ckptctl.storage import Store, open_store
-from ckptctl.tree import HF, MEGATRON, UNKNOWN, Component, Step, scan_tree
+from ckptctl.tree import HF, MEGATRON, UNKNOWN, Component, Step
 
 CONFIG_FIELDS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                  "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
@@ -313,10 +313,10 @@ def inspect_path(url: str, *, with_tensors: bool = False, with_config: bool = Fa
     if store.is_file():
         _inspect_file(store, report, allow_globals)
         return report
-    kind, found, files = locate(store)
+    kind, found, _ = locate(store)
     kw = dict(with_tensors=with_tensors, with_config=with_config, component=component, allow_globals=allow_globals)
     if kind == TREE:
-        tree = scan_tree(store, files)
+        tree = found
         step = chosen_step(tree) or tree.pointer_target
         report.kind = "tree"
         if step is None:

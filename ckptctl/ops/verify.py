@@ -40,8 +40,7 @@ from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.formats.torchzip import RangedFile, RecordCrc, check_archive, is_legacy_torch_save, read_zip_directory
 from ckptctl.ops.export import COMPONENT, STEP, TREE, locate
 from ckptctl.storage import FileEntry, Store, natural_key, open_store
-from ckptctl.tree import FSDP, FSDP_SINGLE, HF, MANIFEST_FILE, MEGATRON, POINTER_FILE, UNKNOWN, Component, Step, \
-    scan_tree
+from ckptctl.tree import FSDP, FSDP_SINGLE, HF, MANIFEST_FILE, MEGATRON, POINTER_FILE, UNKNOWN, Component, Step
 
 # manifest states of a target
 ABSENT, CHECKED, WRITTEN, NOT_WRITTEN = "absent", "checked", "written", "not written"
@@ -105,11 +104,11 @@ def verify(url: str, *, full: bool = False, write_manifest: bool = False,
     """Verify the tree, step, component or HF export at ``url`` (see the module docstring)."""
     start = time.perf_counter()
     store = open_store(url, endpoint_url=endpoint_url)
-    kind, found, files = locate(store)
+    kind, found, _ = locate(store)
     report = VerifyReport(path=store.url, kind=kind, full=full, write_manifest=write_manifest)
     counter = ByteCounter()
     if kind == TREE:
-        tree = scan_tree(store, files)
+        tree = found
         if tree.pointer.error:
             report.problems.append(f"{POINTER_FILE}: {tree.pointer.error}")
         deep_check_steps(store, tree.steps)
