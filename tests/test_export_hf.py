@@ -393,6 +393,36 @@ def test_failed_verification_commits_nothing(fsdp_ckpts, tmp_path, monkeypatch):
     assert (tmp_path / "c" / "config.json").is_file()
 
 
+def test_export_runs_with_one_intra_op_thread(fsdp_ckpts, tmp_path, monkeypatch):
+    """The export streams through its own threads; torch's OpenMP workers would spin between
+    its copies and take their cores. One intra-op thread while it runs, the caller's setting
+    back afterwards (after a failure too), and an OMP_NUM_THREADS the user set is kept."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "a"), progress=lambda d, t: seen.add(torch.get_num_threads()))
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+
+        def fail(done, total):
+            raise RuntimeError("stop")
+
+        with pytest.raises(RuntimeError):
+            export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "b"), progress=fail)
+        assert torch.get_num_threads() == 2
+
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        seen.clear()
+        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "c"), progress=lambda d, t: seen.add(torch.get_num_threads()))
+        assert seen == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_progress_callback_and_human_summary(fsdp_ckpts, tmp_path, monkeypatch):
     seen = []
     summary = export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "lib"), progress=lambda d, t: seen.append((d, t)))

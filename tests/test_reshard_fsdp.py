@@ -325,6 +325,24 @@ def test_device_type_of_target_meshes(fsdp_ckpts, resharded, tmp_path):
         reshard_fsdp(str(fsdp_ckpts["w2"].path), str(tmp_path / "c"), world_size=2, device_type="cu da")
 
 
+def test_reshard_runs_with_one_intra_op_thread(fsdp_ckpts, tmp_path, monkeypatch):
+    """As export-hf: one intra-op thread while convert-reshard runs, the caller's setting back
+    afterwards."""
+    from ckptctl.ops.reshard import convert_reshard
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+        convert_reshard(str(fsdp_ckpts["w2"].path), str(tmp_path / "out"), world_size=3,
+                        progress=lambda d, t: seen.add(torch.get_num_threads()))
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_refusals(fsdp_ckpts, fsdp_tree, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UsageError, match="ShardedTensor"):

@@ -45,7 +45,7 @@ from ckptctl.formats.peft import (ADAPTER_CONFIG, LoraPair, delta_shape, is_peft
                                   parse_adapter_config, split_peft_state)
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.output_dir import refuse_overlap
-from ckptctl.ops.transfer import ReadAheadScope, Transfer
+from ckptctl.ops.transfer import ReadAheadScope, Transfer, one_intra_op_thread
 from ckptctl.storage import FileEntry, Store, open_store
 from ckptctl.tree import (FSDP, FSDP_SINGLE, HF, MEGATRON, MODEL_COMPONENTS, POINTER_FILE, STEP_FILES, UNKNOWN,
                           Component, Step, Tree, classify_component, classify_step, parse_step_name, scan_tree)
@@ -570,10 +570,11 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
         from ckptctl.ops.distributed import under_torchrun
 
         distributed = under_torchrun()
-    if not distributed:
-        return _export_process(src, out, progress=progress, share=None, **kwargs)
-    return _shared(lambda share: _export_process(src, out, progress=progress if share.rank == 0 else None,
-                                                 share=share, **kwargs))
+    with one_intra_op_thread():
+        if not distributed:
+            return _export_process(src, out, progress=progress, share=None, **kwargs)
+        return _shared(lambda share: _export_process(src, out, progress=progress if share.rank == 0 else None,
+                                                     share=share, **kwargs))
 
 
 def _export_process(src: str, out: str, *, component: str | None, dtype: str, max_shard_size: str | int,

@@ -16,7 +16,7 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
     a source with a ``ckptctl-manifest.json`` must match its hashes before the output is committed.
     ``concurrency`` / ``max_memory``: transfers from and to object stores
     (:class:`ckptctl.ops.transfer.Transfer`, as export-hf's)."""
-    from ckptctl.ops.transfer import Transfer
+    from ckptctl.ops.transfer import Transfer, one_intra_op_thread
 
     Transfer.make(concurrency, max_memory)  # a bad value: a usage error before anything is read
     megatron = any(v is not None for v in (tp, pp, dp, ep, etp))
@@ -27,13 +27,16 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
     if megatron:
         from ckptctl.ops.reshard_megatron import reshard_megatron
 
-        return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, ep=ep, etp=etp, overwrite=overwrite,
-                                drop_optimizer=drop_optimizer, endpoint_url=endpoint_url, progress=progress,
-                                verify=verify, concurrency=concurrency, max_memory=max_memory)
+        with one_intra_op_thread():
+            return reshard_megatron(src, out, tp=tp or 1, pp=pp or 1, dp=dp or 1, ep=ep, etp=etp,
+                                    overwrite=overwrite, drop_optimizer=drop_optimizer, endpoint_url=endpoint_url,
+                                    progress=progress, verify=verify, concurrency=concurrency,
+                                    max_memory=max_memory)
     if world_size is not None:
         from ckptctl.ops.reshard_fsdp import reshard_fsdp
 
-        return reshard_fsdp(src, out, world_size=world_size, overwrite=overwrite, drop_optimizer=drop_optimizer,
-                            device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
-                            progress=progress, verify=verify, concurrency=concurrency, max_memory=max_memory)
+        with one_intra_op_thread():
+            return reshard_fsdp(src, out, world_size=world_size, overwrite=overwrite, drop_optimizer=drop_optimizer,
+                                device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
+                                progress=progress, verify=verify, concurrency=concurrency, max_memory=max_memory)
     raise UsageError("say the target layout: --tp/--pp[/--dp] for Megatron, --world-size for FSDP")
