@@ -512,7 +512,12 @@ def _is_rank_zero() -> bool:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        from ckptctl.ops.distributed import exit_process
+
+        exit_process(exc.code)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ torch's own elastic launcher (what ``torchrun --standalone`` runs), each running
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -187,18 +189,33 @@ UNREPORTED_EXIT = 75
 
 
 def exit_process(code: int | str | None) -> None:
-    """``sys.exit(code)``, but a torchrun process leaves without running C++ static destructors:
-    torch's gloo teardown at interpreter exit can abort ("terminate called without an active
-    exception") after the work is done and committed, which the launcher would report as a
-    failed run."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
-        if isinstance(code, str):
-            print(code, file=sys.stderr)
-        status = code if isinstance(code, int) else (0 if code is None else 1)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(code)
+    """``sys.exit(code)``, but once torch is loaded the process leaves without the interpreter's
+    teardown, which only destroys modules and C++ statics after the work is done:
+
+    - a torchrun process leaves at once: torch's gloo teardown at interpreter exit can abort
+      ("terminate called without an active exception") after the work is done and committed,
+      which the launcher would report as a failed run;
+    - any other process first does what the interpreter's exit does before its teardown: it
+      waits for the threads that are not daemons and runs the exit handlers (temporary files,
+      logging). The teardown it skips cost about 0.4 s of CPU with torch loaded (``ckptctl
+      inspect`` of an FSDP checkpoint: 1.95 s -> 1.55 s).
+    """
+    torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules
+    wait_for_threads = getattr(threading, "_shutdown", None)  # what the interpreter's exit calls first
+    if "torch" not in sys.modules or (wait_for_threads is None and not torchrun):
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if not torchrun:
+        wait_for_threads()
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(status)
 
 
 def silent_exit(exc: CkptctlError) -> int | None:
