@@ -13,7 +13,8 @@ of ~355 MB + extra-state files + ``huggingface/``, ~1.42 GB.
 
 S3 (moto's server, in this process on loopback): the component is uploaded once, then each
 round times, in this order, each in a fresh child process (wall time around the child: the
-interpreter start and imports included, for the yardsticks as for the exports):
+interpreter start, imports and exit included, for the yardsticks as for the exports; an export
+child leaves as the ``ckptctl`` command does, through ``exit_process``):
 
   a. ``aws s3 cp --recursive`` download of the source component             (yardstick "down")
   b. ``export-hf s3://…/policy --out LOCAL``                                 -> ratio to a
@@ -342,7 +343,12 @@ def report_round(side, res: dict, r: int) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
-        return _child_main(*sys.argv[2:])
+        status = _child_main(*sys.argv[2:])
+        if sys.argv[2] != "gcsfs":  # an export leaves as the ckptctl command does (ckptctl.cli.main)
+            from ckptctl.ops.distributed import exit_process
+
+            exit_process(status)
+        return status
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=DEFAULT_DIR)
     p.add_argument("--size", default="w4_h1024_l24_f3072_v32000", help="cached checkpoint directory name")

@@ -360,7 +360,12 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_generate":
         return _generate_main(sys.argv[2], json.loads(sys.argv[3]))
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
-        return _child_main(*sys.argv[2:7])
+        status = _child_main(*sys.argv[2:7])
+        if sys.argv[2] != "naive":  # export-hf leaves as the ckptctl command does (ckptctl.cli.main)
+            from ckptctl.ops.distributed import exit_process
+
+            exit_process(status)
+        return status
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ckptctl-bench-export"),
