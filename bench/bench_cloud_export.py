@@ -301,7 +301,9 @@ def bench_side(side, src_local: str, work: str, rounds: int, variants: list[tupl
         res["down"] = side.download("src/policy", dl)
         shutil.rmtree(dl, ignore_errors=True)
         want = None
-        for label, repo, export_args in variants:
+        # odd rounds run the variants in reverse, so that neither side always goes first on a
+        # server that has just served the other
+        for label, repo, export_args in (variants if r % 2 == 0 else variants[::-1]):
             args_json = json.dumps(export_args)
             e = res["exports"][label] = {}
             shutil.rmtree(out_l, ignore_errors=True)
