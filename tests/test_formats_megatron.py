@@ -203,6 +203,48 @@ def test_read_one_layer_of_a_stacked_tensor(megatron_ckpts, name):
         reader.read_tensor(next(iter(ref)), 10**6)
 
 
+def _overlapping(info, offsets, sizes):
+    """Every chunk of ``info`` overlapping block ``[offsets, offsets + sizes)``, in stored order (a
+    pass over all of them: what the reader's index must find)."""
+    return [p for p in info.pieces
+            if all(max(po, o) < min(po + ps, o + s) for po, ps, o, s in zip(p.offsets, p.sizes, offsets, sizes))]
+
+
+def _blocks(info):
+    """Blocks of ``info`` that a reader asks for: each chunk, a chunk's middle reaching into its
+    neighbours, each row along dim 0 (a layer, an expert), and the whole tensor."""
+    shape = tuple(info.shape)
+    yield (0,) * len(shape), shape
+    for p in info.pieces:
+        yield p.offsets, p.sizes
+        lo = tuple(o + s // 2 for o, s in zip(p.offsets, p.sizes))
+        yield lo, tuple(min(s, d - a) for s, d, a in zip(p.sizes, shape, lo))
+    for row in range(shape[0] if shape else 0):
+        yield (row, *(0,) * (len(shape) - 1)), (1, *shape[1:])
+
+
+@pytest.mark.parametrize("kind,name", [("dense", n) for n in ("tp2pp2", "perlayer")]
+                         + [("moe", n) for n in ("qwen3moe_tp2ep2", "dsv3_ep2")])
+def test_the_chunks_of_a_block_are_found_without_a_pass_over_all(kind, name, megatron_ckpts, megatron_moe_ckpts):
+    """The reader finds the chunks overlapping a block (read_region, its plan, a layer of a
+    stacked tensor) from an index of where chunks start; it finds exactly those a pass over all
+    of them finds, in the same order, for every tensor of real megatron-core checkpoints (routed
+    experts chunked by layer, expert and TP rank included)."""
+    c = (megatron_moe_ckpts if kind == "moe" else megatron_ckpts)[name]
+    reader = reader_for(c)
+    checked = 0
+    for info in reader.tensor_infos().values():
+        for offsets, sizes in _blocks(info):
+            whole, partial = reader._region_pieces(info, tuple(offsets), tuple(sizes))
+            found = [p for p, _, _ in whole + partial]
+            assert sorted(found, key=info.pieces.index) == _overlapping(info, offsets, sizes), (info.name, offsets)
+            checked += 1
+        for row in range(info.shape[0] if info.shape else 0):
+            want = [p for p in info.pieces if p.offsets[0] <= row < p.offsets[0] + p.sizes[0]]
+            assert reader._pieces_of(info).at_index(row) == want, (info.name, row)
+    assert checked > 100
+
+
 def test_read_tensor_one_ranged_read_per_chunk(megatron_ckpts):
     c = megatron_ckpts["tp2pp2"]
     reader = reader_for(c)

@@ -190,6 +190,52 @@ def _layer_axis(name: str) -> bool:
     return key.startswith(_STACKED_PREFIX) and not _PER_LAYER_RE.match(key)
 
 
+class _PieceIndex:
+    """The chunks of one tensor by where they start, so that the chunks near a block are found
+    without a pass over all of them: a routed-expert tensor has layers x experts x ... chunks and
+    is read expert by expert, so a pass per read made an MoE export quadratic in its experts
+    (128 experts of 64 x 64 per layer: 211 s for 32 layers, 13x the 16.5 s of 8 layers)."""
+
+    def __init__(self, pieces: list[Piece]):
+        self.pieces = pieces
+        self._by_start: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, p in enumerate(pieces):
+            self._by_start[tuple(p.offsets)].append(i)
+        ndim = len(pieces[0].offsets) if pieces else 0
+        uniform = all(len(p.offsets) == ndim and len(p.sizes) == ndim for p in pieces)
+        self._ndim = ndim if uniform else None
+        # per dim: the chunks' distinct starts, sorted, and the largest extent
+        self._starts = [sorted({p.offsets[d] for p in pieces}) for d in range(ndim)] if uniform else []
+        self._reach = [max(p.sizes[d] for p in pieces) for d in range(ndim)] if uniform else []
+
+    def near(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Piece]:
+        """The chunks that may overlap block ``[offsets, offsets + sizes)``, in stored order:
+        every chunk that does, and perhaps some that do not (the caller checks)."""
+        import bisect
+        import itertools
+
+        if self._ndim is None or len(offsets) != self._ndim:
+            return self.pieces
+        candidates = []
+        combos = 1
+        for starts, reach, o, s in zip(self._starts, self._reach, offsets, sizes):
+            # a chunk starting at v overlaps [o, o + s) only if o - reach < v < o + s
+            found = starts[bisect.bisect_right(starts, o - reach):bisect.bisect_left(starts, o + s)]
+            candidates.append(found)
+            combos *= len(found)
+            if combos > len(self.pieces):  # an odd partition: a pass over all is cheaper
+                return self.pieces
+        hits = sorted(i for start in itertools.product(*candidates) for i in self._by_start.get(start, ()))
+        return [self.pieces[i] for i in hits]
+
+    def at_index(self, index: int) -> list[Piece]:
+        """The chunks holding ``tensor[index]`` along dim 0, in stored order."""
+        if self._ndim is None or not self._ndim:
+            return [p for p in self.pieces if p.offsets and p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+        near = self.near((index, *(0,) * (self._ndim - 1)), (1, *(2**62,) * (self._ndim - 1)))
+        return [p for p in near if p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+
+
 class MegatronReader(CheckpointReader):
     """Reader of a Megatron ``torch_dist`` component (store rooted at ``policy/`` or ``critic/``).
 
@@ -208,6 +254,7 @@ class MegatronReader(CheckpointReader):
         self._nesting = nesting
         self._metadata = None
         self._infos: dict[str, TensorInfo] | None = None
+        self._piece_indexes: dict[str, _PieceIndex] = {}  # tensor name -> its chunks by position
         self._objects: dict[str, ObjectInfo] | None = None
         self._transforms: dict[tuple[str, int], tuple[str, ...]] = {}
         self._metadata_json: tuple[dict | None] | None = None
@@ -408,7 +455,7 @@ class MegatronReader(CheckpointReader):
         if index is not None:
             if not shape or not 0 <= index < shape[0]:
                 raise CkptctlError(f"{self.store.url}: {name} has no index {index} along dim 0 (shape {shape})")
-            pieces = [p for p in pieces if p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+            pieces = self._pieces_of(info).at_index(index)
             shape = shape[1:]
         out = torch.empty(shape, dtype=dtype)
         covered = 0
@@ -470,13 +517,18 @@ class MegatronReader(CheckpointReader):
                                          f"elements of block {list(offsets)}+{list(sizes)}")
         return out
 
-    @staticmethod
-    def _region_pieces(info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]
+    def _pieces_of(self, info: TensorInfo) -> "_PieceIndex":
+        index = self._piece_indexes.get(info.name)
+        if index is None or index.pieces is not info.pieces:
+            index = self._piece_indexes[info.name] = _PieceIndex(info.pieces)
+        return index
+
+    def _region_pieces(self, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]
                        ) -> tuple[list[tuple[Piece, tuple, tuple]], list[tuple[Piece, tuple, tuple]]]:
         """The chunks overlapping block ``[offsets, offsets + sizes)``: (those it covers whole,
         those it covers in part), each as (piece, its slice in the chunk, its slice in the block)."""
         whole, partial = [], []
-        for p in info.pieces:
+        for p in self._pieces_of(info).near(offsets, sizes):
             lo = tuple(max(po, o) for po, o in zip(p.offsets, offsets))
             hi = tuple(min(po + ps, o + s) for po, ps, o, s in zip(p.offsets, p.sizes, offsets, sizes))
             if any(a >= b for a, b in zip(lo, hi)):
@@ -520,7 +572,7 @@ class MegatronReader(CheckpointReader):
                 pieces = by_span + [p for p, _, _ in whole] + [p for p, _, _ in partial if p not in by_span]
             elif how and how[0] is not None:
                 index = how[0]
-                pieces = [p for p in info.pieces if p.offsets and p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+                pieces = self._pieces_of(info).at_index(index) if info.shape else []
             else:
                 pieces = info.pieces
             plan.extend((p.file, p.byte_offset, p.byte_offset + p.byte_length) for p in pieces)
