@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ckptctl.errors import CorruptFileError, NotFoundError
@@ -97,8 +98,19 @@ class _Mesh:
     dim_names: tuple[str, ...]
     ranks: tuple[int, ...]  # global ranks, row-major over ``shape``
 
+    @cached_property
+    def _positions(self) -> dict[int, int]:
+        # rank -> its place in ``ranks``: coords() is asked for every rank of every tensor, and a
+        # search of ``ranks`` each time made that W^2 per tensor (W = 512: 262,144 steps)
+        return {rank: i for i, rank in enumerate(self.ranks)}
+
+    def holds(self, rank: int) -> bool:
+        return rank in self._positions
+
     def coords(self, rank: int) -> tuple[int, ...]:
-        index = self.ranks.index(rank)
+        index = self._positions.get(rank)
+        if index is None:
+            raise ValueError(f"rank {rank} is not in the mesh {list(self.ranks)}")
         out = []
         for size in reversed(self.shape):
             out.append(index % size)
@@ -586,7 +598,7 @@ class FsdpReader(CheckpointReader):
             raise CorruptCheckpointError(f"{zf.name}: no {entry.info.name}") from None
         if isinstance(value, DTensor):
             saved = value.device_mesh.__dict__.get("_coordinate_on_dim")
-            if saved is not None and self._mesh is not None and rank in self._mesh.ranks \
+            if saved is not None and self._mesh is not None and self._mesh.holds(rank) \
                     and tuple(saved) != self._mesh.coords(rank):
                 raise CorruptCheckpointError(f"{zf.name}: mesh coordinates {tuple(saved)} differ from rank 0's mesh "
                                              f"layout ({self._mesh.coords(rank)})")
