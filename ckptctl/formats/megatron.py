@@ -254,7 +254,7 @@ class MegatronReader(CheckpointReader):
         self._nesting = nesting
         self._metadata = None
         self._infos: dict[str, TensorInfo] | None = None
-        self._piece_indexes: dict[str, _PieceIndex] = {}  # tensor name -> its chunks by position
+        self._piece_indexes: dict[str, _PieceIndex] = {}  # tensor name -> its chunks by position (recent)
         self._objects: dict[str, ObjectInfo] | None = None
         self._transforms: dict[tuple[str, int], tuple[str, ...]] = {}
         self._metadata_json: tuple[dict | None] | None = None
@@ -517,10 +517,17 @@ class MegatronReader(CheckpointReader):
                                          f"elements of block {list(offsets)}+{list(sizes)}")
         return out
 
+    #: Chunk indexes kept: more than the stacked tensors of one layer, which an export reads in
+    #: turn, layer after layer (an index is rebuilt at most once per layer then).
+    PIECE_INDEXES_KEPT = 32
+
     def _pieces_of(self, info: TensorInfo) -> "_PieceIndex":
-        index = self._piece_indexes.get(info.name)
+        index = self._piece_indexes.pop(info.name, None)
         if index is None or index.pieces is not info.pieces:
-            index = self._piece_indexes[info.name] = _PieceIndex(info.pieces)
+            index = _PieceIndex(info.pieces)
+        self._piece_indexes[info.name] = index  # the most recently used last
+        if len(self._piece_indexes) > self.PIECE_INDEXES_KEPT:  # an index is as large as its tensor's
+            del self._piece_indexes[next(iter(self._piece_indexes))]  # chunk list: keep a few only
         return index
 
     def _region_pieces(self, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]
