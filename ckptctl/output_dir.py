@@ -370,17 +370,35 @@ def _raise_terminated(signum, frame) -> None:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGTERM and SIGINT held back (delivered at the end) in the main thread, so that a step
-    such as "create a temp directory, remember its name" is not cut in half by the exception
-    they raise (the cleanup would not know the directory)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGTERM and SIGINT held back (delivered at the end), so that a step such as "create a
+    temp directory, remember its name" is not cut in half by the exception they raise (the
+    cleanup would not know the directory).
+
+    Blocking the signals in the main thread is not enough: the kernel then hands a signal sent to
+    the process to another thread (a reader, torch's), and Python runs its handler in the main
+    thread all the same, inside the step. So the Python handlers themselves are swapped for one
+    that only records the signal, and the recorded signal goes to the previous handler at the end
+    (a run killed that way left its staging directory behind, unknown to the cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(signum)
+        if callable(handler) or handler is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):  # each at most once, in order
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # the default action (SIGTERM: end the process), now that the step is whole
+                signal.raise_signal(signum)
 
 
 class TerminateAsInterrupt:

@@ -357,3 +357,47 @@ def test_uploads_stay_within_their_limits(make_backend, monkeypatch, kind):
         assert seen["parts"] == [6 * mib] * 4 and seen["peak"] <= 12 * mib, seen
     else:
         assert seen["gcs_chunks"][:1] == [16 * mib] and sum(seen["gcs_chunks"]) >= len(big), seen["gcs_chunks"]
+
+
+_DEFERRED_SCRIPT = textwrap.dedent("""
+    import signal, sys, threading, time
+    from ckptctl.output_dir import TerminateAsInterrupt, Terminated, signals_deferred
+
+    target, guarded = sys.argv[1], sys.argv[2] == "guarded"
+    if guarded:
+        TerminateAsInterrupt().install()
+    main = threading.get_ident()
+    go, sent = threading.Event(), threading.Event()
+
+    def helper():  # created before the step: it does not block anything the step might
+        go.wait()
+        signal.pthread_kill(threading.get_ident() if target == "helper" else main, signal.SIGTERM)
+        sent.set()
+
+    threading.Thread(target=helper).start()
+    try:
+        with signals_deferred():
+            go.set()
+            sent.wait(5)
+            for _ in range(200):  # Python would run the handler here, between two steps
+                time.sleep(0.001)
+            print("whole", flush=True)
+        print("after", flush=True)
+    except Terminated:
+        print("terminated", flush=True)
+""")
+
+
+@pytest.mark.parametrize("target", ["helper", "main"])
+@pytest.mark.parametrize("guarded", ["guarded", "default"])
+def test_a_signal_waits_for_the_end_of_a_deferred_step_whichever_thread_receives_it(target, guarded):
+    """signals_deferred() holds SIGTERM until its step is whole, also when the kernel hands the
+    signal to another thread (it does whenever the main thread blocks it): Python runs handlers in
+    the main thread, inside the step. Under TerminateAsInterrupt the step ends, then Terminated
+    is raised; with the default action the process ends by SIGTERM after the step."""
+    done = subprocess.run([sys.executable, "-c", _DEFERRED_SCRIPT, target, guarded], capture_output=True,
+                          text=True, timeout=60)
+    if guarded == "guarded":
+        assert (done.returncode, done.stdout.split()) == (0, ["whole", "terminated"]), done.stderr
+    else:
+        assert (done.returncode, done.stdout.split()) == (-15, ["whole"]), done.stderr
