@@ -356,11 +356,18 @@ def refuse_special_destination(dest: str, url: str) -> None:
 # SIGTERM: the same cleanup as Ctrl-C
 # ---------------------------------------------------------------------------------------------
 class Terminated(KeyboardInterrupt):
-    """SIGTERM while an output was being written (raised by :class:`TerminateAsInterrupt`)."""
+    """SIGTERM while an output was being written (raised by :class:`TerminateAsInterrupt`);
+    ``committed``: the output it arrived during the commit of, which was then complete."""
 
     exit_code = SIGTERM_EXIT_CODE
 
+    def __init__(self, committed: str | None = None):
+        super().__init__()
+        self.committed = committed
+
     def __str__(self) -> str:
+        if self.committed:
+            return f"terminated (SIGTERM) as {self.committed} was committed: the output is complete"
         return "terminated (SIGTERM): the output in progress was removed"
 
 
@@ -556,6 +563,17 @@ class LocalStaging:
                         fsync_file(os.path.join(dirpath, name))
                 fsync_dir(dirpath)
             replaced = self._judge()  # again: it may have been filled meanwhile
+            try:
+                self._rename_into_place(new, dest, replaced)
+            except Terminated as exc:  # held during the renames, delivered after them
+                if self.run_dir is None:
+                    raise Terminated(committed=self.url) from exc
+                raise
+
+    def _rename_into_place(self, new: str, dest: str, replaced: str | None) -> None:
+        """The commit proper: the renames, then the temp sibling removed; a signal waits for the
+        end (the output is then complete: a SIGTERM says so instead of "removed")."""
+        with translate_errors(self.url):
             with signals_deferred():  # the renames are not cut in half by Ctrl-C / SIGTERM
                 if replaced is None:
                     try:
@@ -574,9 +592,9 @@ class LocalStaging:
                         except BaseException:
                             os.rename(old, dest)
                             raise
-            fsync_dir(self.parent)
-        shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old output
-        self.run_dir = self.new_dir = None
+                fsync_dir(self.parent)
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old output
+                self.run_dir = self.new_dir = None
 
     def abort(self) -> None:
         if self.run_dir:

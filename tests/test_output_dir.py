@@ -401,3 +401,42 @@ def test_a_signal_waits_for_the_end_of_a_deferred_step_whichever_thread_receives
         assert (done.returncode, done.stdout.split()) == (0, ["whole", "terminated"]), done.stderr
     else:
         assert (done.returncode, done.stdout.split()) == (-15, ["whole"]), done.stderr
+
+
+_COMMIT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from ckptctl import output_dir
+    from ckptctl.output_dir import LocalStaging, TerminateAsInterrupt, Terminated
+    from ckptctl.storage import open_store
+
+    dest = sys.argv[1]
+    staging = LocalStaging(open_store(dest), overwrite=False)
+    with open(os.path.join(staging.prepare(), "model.safetensors"), "wb") as f:
+        f.write(b"complete")
+    TerminateAsInterrupt().install()
+    rename = os.rename
+
+    def rename_then_sigterm(a, b):  # SIGTERM lands in the middle of the commit
+        rename(a, b)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    output_dir.os.rename = rename_then_sigterm
+    try:
+        staging.commit()
+        print("committed")
+    except Terminated as exc:
+        print(exc)
+""")
+
+
+def test_a_sigterm_during_the_commit_renames_says_the_output_is_complete(tmp_path):
+    """A SIGTERM that lands during a local commit's renames waits for them (and the temp
+    sibling's removal), then ends the run saying the output is complete, which it is: not
+    "removed", as it said before."""
+    dest = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _COMMIT_SCRIPT, str(dest)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"terminated (SIGTERM) as {dest} was committed: the output is complete"
+    assert (dest / "model.safetensors").read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp sibling left
