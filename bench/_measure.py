@@ -30,3 +30,11 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def exit_as_ckptctl(status: int | None) -> None:
+    """Leave this (export child) process as the ``ckptctl`` command does (``ckptctl.cli.main``:
+    through ``exit_process``, without the interpreter's teardown), so that its wall is the user's."""
+    from ckptctl.ops.distributed import exit_process
+
+    exit_process(status)

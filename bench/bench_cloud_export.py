@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 
-from _measure import peak_rss_mb  # this script's directory is on sys.path
+from _measure import exit_as_ckptctl, peak_rss_mb  # this script's directory is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -346,10 +346,8 @@ def report_round(side, res: dict, r: int) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         status = _child_main(*sys.argv[2:])
-        if sys.argv[2] != "gcsfs":  # an export leaves as the ckptctl command does (ckptctl.cli.main)
-            from ckptctl.ops.distributed import exit_process
-
-            exit_process(status)
+        if sys.argv[2] != "gcsfs":
+            exit_as_ckptctl(status)
         return status
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=DEFAULT_DIR)

@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 
-from _measure import peak_rss_mb  # this script's directory is on sys.path
+from _measure import exit_as_ckptctl, peak_rss_mb  # this script's directory is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -361,10 +361,8 @@ def main() -> int:
         return _generate_main(sys.argv[2], json.loads(sys.argv[3]))
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         status = _child_main(*sys.argv[2:7])
-        if sys.argv[2] != "naive":  # export-hf leaves as the ckptctl command does (ckptctl.cli.main)
-            from ckptctl.ops.distributed import exit_process
-
-            exit_process(status)
+        if sys.argv[2] != "naive":
+            exit_as_ckptctl(status)
         return status
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

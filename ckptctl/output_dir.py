@@ -572,29 +572,29 @@ class LocalStaging:
 
     def _rename_into_place(self, new: str, dest: str, replaced: str | None) -> None:
         """The commit proper: the renames, then the temp sibling removed; a signal waits for the
-        end (the output is then complete: a SIGTERM says so instead of "removed")."""
-        with translate_errors(self.url):
-            with signals_deferred():  # the renames are not cut in half by Ctrl-C / SIGTERM
-                if replaced is None:
+        end (the output is then complete: a SIGTERM says so instead of "removed"). Its errors are
+        translated by :meth:`commit`, its one caller."""
+        with signals_deferred():  # the renames are not cut in half by Ctrl-C / SIGTERM
+            if replaced is None:
+                try:
+                    os.rename(new, dest)  # atomic; replaces an empty directory
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
+                    raise
+            else:
+                self.replaced = replaced
+                if not self._exchange(new, dest):
+                    old = os.path.join(self.run_dir, "old")
+                    os.rename(dest, old)
                     try:
-                        os.rename(new, dest)  # atomic; replaces an empty directory
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                            raise UsageError(f"{dest}: destination was filled by someone else meanwhile") from exc
+                        os.rename(new, dest)
+                    except BaseException:
+                        os.rename(old, dest)
                         raise
-                else:
-                    self.replaced = replaced
-                    if not self._exchange(new, dest):
-                        old = os.path.join(self.run_dir, "old")
-                        os.rename(dest, old)
-                        try:
-                            os.rename(new, dest)
-                        except BaseException:
-                            os.rename(old, dest)
-                            raise
-                fsync_dir(self.parent)
-                shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old output
-                self.run_dir = self.new_dir = None
+            fsync_dir(self.parent)
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # the temp sibling, with the old output
+            self.run_dir = self.new_dir = None
 
     def abort(self) -> None:
         if self.run_dir:

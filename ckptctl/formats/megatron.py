@@ -24,6 +24,8 @@ itself never checks) and decoded with :func:`~ckptctl.formats.safe_load.load_pt`
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import re
 from collections import Counter, defaultdict
@@ -211,9 +213,6 @@ class _PieceIndex:
     def near(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Piece]:
         """The chunks that may overlap block ``[offsets, offsets + sizes)``, in stored order:
         every chunk that does, and perhaps some that do not (the caller checks)."""
-        import bisect
-        import itertools
-
         if self._ndim is None or len(offsets) != self._ndim:
             return self.pieces
         candidates = []
@@ -229,11 +228,10 @@ class _PieceIndex:
         return [self.pieces[i] for i in hits]
 
     def at_index(self, index: int) -> list[Piece]:
-        """The chunks holding ``tensor[index]`` along dim 0, in stored order."""
-        if self._ndim is None or not self._ndim:
-            return [p for p in self.pieces if p.offsets and p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
-        near = self.near((index, *(0,) * (self._ndim - 1)), (1, *(2**62,) * (self._ndim - 1)))
-        return [p for p in near if p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
+        """The chunks holding ``tensor[index]`` along dim 0, in stored order (none of a scalar)."""
+        rest = (self._ndim or 1) - 1
+        near = self.near((index, *(0,) * rest), (1, *(2**62,) * rest)) if self._ndim else self.pieces
+        return [p for p in near if p.offsets and p.offsets[0] <= index < p.offsets[0] + p.sizes[0]]
 
 
 class MegatronReader(CheckpointReader):
@@ -579,7 +577,7 @@ class MegatronReader(CheckpointReader):
                 pieces = by_span + [p for p, _, _ in whole] + [p for p, _, _ in partial if p not in by_span]
             elif how and how[0] is not None:
                 index = how[0]
-                pieces = self._pieces_of(info).at_index(index) if info.shape else []
+                pieces = self._pieces_of(info).at_index(index)
             else:
                 pieces = info.pieces
             plan.extend((p.file, p.byte_offset, p.byte_offset + p.byte_length) for p in pieces)
