@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -803,6 +804,9 @@ class Store:
         with translate_errors(self.url_of(rel)):
             if self.is_local:
                 os.makedirs(os.path.dirname(self.full_path(rel)), exist_ok=True)
+                with open_local_for_writing(self.full_path(rel)) as f:
+                    f.write(data)
+                return
             self.fs.pipe_file(self.full_path(rel), data)
 
     def delete_many(self, rels: Iterable[str]) -> int:
@@ -941,6 +945,32 @@ class Store:
                 except OSError:
                     break  # not empty, or gone already
                 directory = os.path.dirname(directory)
+
+
+#: Local files are written in pieces of at most this many bytes. Large write() calls cost the
+#: kernel far more on a VM that hands free memory back to its host (virtio-balloon free page
+#: reporting, as on Firecracker): the page cache then takes large folios from memory the host
+#: must fault in again. On this project's 2-core VM, 1.4 GB written in 64 MiB (or 4 MiB) calls
+#: took 10-15 s of system time, in 512 KiB calls 0.4-0.6 s; elsewhere the smaller calls cost
+#: nothing measurable.
+LOCAL_WRITE_PIECE = 512 * 2**10
+
+
+class PiecewiseWriter(io.BufferedWriter):
+    """A buffered binary file whose writes reach the file in pieces of at most
+    :data:`LOCAL_WRITE_PIECE` bytes (small writes are buffered as usual)."""
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), LOCAL_WRITE_PIECE):
+            super().write(view[start:start + LOCAL_WRITE_PIECE])
+        return len(view)
+
+
+def open_local_for_writing(path: str) -> PiecewiseWriter:
+    """``open(path, "wb")`` as every ckptctl writer of a local file opens it (see
+    :data:`LOCAL_WRITE_PIECE`); ``torch.save`` may write into it too."""
+    return PiecewiseWriter(io.FileIO(path, "wb"))
 
 
 def open_store(url: str, *, endpoint_url: str | None = None) -> Store:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from ckptctl.errors import CkptctlError
+from ckptctl.storage import open_local_for_writing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -116,7 +117,7 @@ class DcpFileWriter:
         self.path = path
         self.relative_path = relative_path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f: IO[bytes] | None = open(path, "wb")
+        self._f: IO[bytes] | None = open_local_for_writing(path)
         self._pos = 0
         self.entries: list[Entry] = []
 

@@ -124,7 +124,8 @@ from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safe
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
                                 TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
-from ckptctl.storage import Store, gcs_chunk_size, min_part_size, open_store, translate_errors
+from ckptctl.storage import (Store, gcs_chunk_size, min_part_size, open_local_for_writing, open_store,
+                              translate_errors)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -401,7 +402,7 @@ class _LocalFiles:
 
     def open(self, rel: str, size: int) -> IO[bytes]:
         with translate_errors(self.url):
-            return open(self._path(rel), "wb")
+            return open_local_for_writing(self._path(rel))
 
     def write(self, f: IO[bytes], data: memoryview | bytes) -> int:
         with translate_errors(self.url):
@@ -422,7 +423,7 @@ class _LocalFiles:
 
     def put(self, rel: str, data: bytes) -> None:
         with translate_errors(self.url):
-            with open(self._path(rel), "wb") as f:
+            with open_local_for_writing(self._path(rel)) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -99,7 +99,7 @@ from ckptctl.ops.export import STEP, TREE, component_at, locate
 from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import OUTPUT_MARKER, RESHARD, OutputDir, refuse_overlap
-from ckptctl.storage import Store, open_store
+from ckptctl.storage import Store, open_local_for_writing, open_store
 from ckptctl.tree import FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, UNKNOWN, Component, parse_step_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -631,8 +631,9 @@ class _ComponentJob:
     def _save(obj: Any, base: str, name: str) -> str:
         import torch
 
-        path = os.path.join(base, name)
-        torch.save(obj, path)
+        # by path, as FSDP checkpoints are saved: torch names the archive inside after the file
+        # (saved into a file object it would be "archive"), at the cost of writing in large pieces
+        torch.save(obj, os.path.join(base, name))
         return name
 
     def _tensor(self, slot: _Slot, rank: int, mesh, cache: dict, on_bytes: Callable[[int], None]):
@@ -743,7 +744,7 @@ class _ComponentJob:
         check_archive(data, self.store.url_of(rel))  # rewritten below: its CRCs are checked first
         extra = load_pt(data, name=self.store.url_of(rel), extra_stand_ins=self.src.extra_stand_ins)
         if _has_stand_ins(extra) or not isinstance(extra, dict):
-            with open(os.path.join(base, name), "wb") as f:  # cannot be rewritten faithfully: kept as is
+            with open_local_for_writing(os.path.join(base, name)) as f:  # cannot be rewritten faithfully: kept as is
                 f.write(data)
             msg = (f"{self.name}: {rel} holds objects ckptctl keeps as data: copied byte for byte, so its "
                    "world_size/rank fields still name the source")
@@ -774,10 +775,10 @@ def _copy_file(store: Store, rel: str, dest: str, extra_stand_ins: Iterable[str]
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     if is_checked(rel):
         data = read_side_file(store, rel, extra_stand_ins=extra_stand_ins)
-        with open(dest, "wb") as out:
+        with open_local_for_writing(dest) as out:
             out.write(data)
         return
-    with store.open(rel, "rb") as src, open(dest, "wb") as out:
+    with store.open(rel, "rb") as src, open_local_for_writing(dest) as out:
         shutil.copyfileobj(src, out, 8 * 1024 * 1024)
 
 
