@@ -949,10 +949,11 @@ class Store:
 
 #: Local files are written in pieces of at most this many bytes. Large write() calls cost the
 #: kernel far more on a VM that hands free memory back to its host (virtio-balloon free page
-#: reporting, as on Firecracker): the page cache then takes large folios from memory the host
-#: must fault in again. On this project's 2-core VM, 1.4 GB written in 64 MiB (or 4 MiB) calls
-#: took 10-15 s of system time, in 512 KiB calls 0.4-0.6 s; elsewhere the smaller calls cost
-#: nothing measurable.
+#: reporting, as on Firecracker): the copy into the page cache then crawls, most likely through
+#: memory the host must fault in again (perf: 63% of a GCS -> local export's CPU was that copy,
+#: copy_folio_from_iter_atomic). On this project's 2-core VM, 1.4 GB written in 4-64 MiB calls took
+#: 7-15 s of system time, in 512 KiB calls 0.4-0.6 s; into memory the host still backed, both
+#: sizes took about 0.4 s.
 LOCAL_WRITE_PIECE = 512 * 2**10
 
 
