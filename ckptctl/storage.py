@@ -962,7 +962,10 @@ class PiecewiseWriter(io.BufferedWriter):
     :data:`LOCAL_WRITE_PIECE` bytes (small writes are buffered as usual)."""
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.nbytes <= LOCAL_WRITE_PIECE:  # as it is (an empty 2-d view cannot be cast to bytes)
+            return super().write(view)
+        view = view.cast("B")
         for start in range(0, len(view), LOCAL_WRITE_PIECE):
             super().write(view[start:start + LOCAL_WRITE_PIECE])
         return len(view)

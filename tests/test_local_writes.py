@@ -39,6 +39,7 @@ def test_large_writes_reach_the_file_in_pieces_and_the_bytes_are_kept(tmp_path):
         assert f.write(big) == len(big)
         assert f.write(floats) == floats.nbytes
         assert f.write(b"") == 0
+        assert f.write(memoryview(torch.zeros(0, 3).numpy())) == 0  # an empty 2-d view
     assert path.read_bytes() == b"header" + big + floats.tobytes()
     assert max(raw.sizes) <= LOCAL_WRITE_PIECE
     assert len(raw.sizes) >= 4 + floats.nbytes // LOCAL_WRITE_PIECE  # split, not written whole
