@@ -24,8 +24,9 @@ jitter; ``base`` is CKPTCTL_STORE_BACKOFF_BASE, 1 s by default):
   On top (:func:`_bounded_s3_class`): a download whose body breaks off (connection reset in
   the middle of a GET: :meth:`Store.read_bytes`, :meth:`Store.read_range`) is retried -- botocore has already returned then, and s3fs's own retry
   loop is off (it would multiply the attempts of a frozen store) -- and a CompleteMultipartUpload
-  whose retry is answered ``NoSuchUpload`` counts as done when the object is there with the
-  ETag of exactly these parts (the first try completed it, its answer was lost).
+  whose retry is answered ``NoSuchUpload`` or a server error counts as done when the object is
+  there with the ETag of exactly these parts (the first try completed it, its answer was lost
+  or came after the read timeout).
 * GCS: gcsfs's own conditions (``gcsfs.retry.is_retriable``: 5xx, 408, 429, aiohttp errors,
   a broken body included) with ckptctl's attempts and backoff (:func:`_bounded_gcs_class`).
 
@@ -344,13 +345,25 @@ def _multipart_etag(parts: list[dict]) -> str | None:
     return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
 
 
-def _client_error_code(exc: BaseException | None, client_error: type) -> str | None:
-    """The S3 error code of ``exc`` or of the botocore ClientError it was translated from."""
+def _client_error_answer(exc: BaseException | None, client_error: type) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status of ``exc`` or of the botocore ClientError it was
+    translated from; ``(None, None)`` where the store gave no answer (a timeout, a reset)."""
     while exc is not None:
         if isinstance(exc, client_error):
-            return exc.response.get("Error", {}).get("Code")
+            return (exc.response.get("Error", {}).get("Code"),
+                    exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
         exc = exc.__cause__ or exc.__context__
-    return None
+    return None, None
+
+
+def _completion_may_be_done(exc: BaseException, client_error: type) -> bool:
+    """Whether a CompleteMultipartUpload that failed with ``exc`` (after its retries) may still
+    have completed: its retry found the upload gone (NoSuchUpload), or the store answered a
+    server error -- a retry racing the first try, still assembling a large object, gets one
+    from some stores (the S3 test server answers 500 there). Not a client error (the part list
+    is wrong) and not a store that stopped answering (looking would outlast the bounded tries)."""
+    code, status = _client_error_answer(exc, client_error)
+    return code == "NoSuchUpload" or (status is not None and status >= 500)
 
 
 def _crc32_base64(data: bytes | bytearray | memoryview) -> str:
@@ -414,12 +427,13 @@ def _bounded_s3_class() -> type:
                 self._forget_parts(merged.get("UploadId"))
                 return out
             except Exception as exc:  # s3fs raises botocore's ClientError translated (FileNotFoundError)
-                if _client_error_code(exc, ClientError) != "NoSuchUpload":
+                if not _completion_may_be_done(exc, ClientError):
                     raise
                 # A retry after the completion's answer was lost (or timed out) finds the upload
-                # gone: done if the object holds exactly these parts (its multipart ETag says
-                # so). The first try may still be assembling a large object (a store can take
-                # many seconds), so the object is looked for a few times before giving up.
+                # gone, or races the first try: done if the object holds exactly these parts
+                # (its multipart ETag says so). The first try may still be assembling a large
+                # object (a store can take many seconds), so the object is looked for a few
+                # times before giving up.
                 expected = _multipart_etag((merged.get("MultipartUpload") or {}).get("Parts") or [])
                 if expected is None:
                     raise

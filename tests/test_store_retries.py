@@ -186,6 +186,40 @@ def test_completion_whose_answer_was_lost_counts_when_the_object_is_there(make_b
     assert read_tree(backend, out) == big_reference
 
 
+@pytest.mark.parametrize("retry_answer", ["status", "error200"])
+def test_completion_whose_retries_get_server_errors_counts_when_the_object_is_there(
+        retry_answer, make_backend, big_reference):
+    """The first CompleteMultipartUpload completes upstream, but its answer never arrives (here a
+    reset; on the S3 test server, a 1.42 GB completion outlasting the read timeout), and every
+    retry gets a server error (the S3 test server answers 500 to a retry racing the first try,
+    then to one finding the upload gone). The object holds exactly the parts sent: done."""
+    backend = make_backend("s3")
+    out = backend.new_root()
+    rules = [Fault("reset_after", match=complete_multipart, times=1),
+             Fault(retry_answer, status=500, match=complete_multipart, times=ATTEMPTS - 1)]
+    with FaultProxy(backend.endpoint, faults=rules) as proxy:
+        write_big(out, proxy.endpoint)
+    assert [r.fired for r in rules] == [1, ATTEMPTS - 1], proxy.log
+    assert read_tree(backend, out) == big_reference
+
+
+def test_completion_refused_as_a_client_error_is_not_looked_for(make_backend):
+    """A completion the store refuses as wrong (4xx, e.g. InvalidPart) failed for good: no
+    looking for the object, the upload is aborted and nothing is left."""
+    from ckptctl.errors import StorageError
+
+    backend = make_backend("s3")
+    out = backend.new_root()
+    rules = [Fault("status", status=400, code="InvalidPart", match=complete_multipart, times=None),
+             Fault("status", status=404, code="NoSuchKey", times=None,
+                   match=lambda method, path, headers=None: method == "HEAD" and ".safetensors" in path)]
+    with FaultProxy(backend.endpoint, faults=rules) as proxy:
+        with pytest.raises(StorageError):
+            write_big(out, proxy.endpoint)
+    assert rules[0].fired == 1 and rules[1].fired == 0, proxy.log  # not retried, not looked for
+    assert backend.list_files(out) == []
+
+
 def _composite_crc32(data: bytes, part_sizes: list[int]) -> str:
     """S3's composite checksum: the CRC-32 of the parts' big-endian CRC-32s, base64."""
     import base64
