@@ -307,10 +307,9 @@ def test_mcore_logits_match_hf(load_results, name):
 def test_idempotent_and_refuses_foreign_dir(comps, tmp_path):
     c = comps["tp2"]
     before = {p: p.stat().st_mtime_ns for p in c.ckpt_dir.iterdir() if p.is_file()}
-    t0 = time.monotonic()
     again = write_megatron_component(c.out_dir, **VARIANTS["tp2"])
-    assert time.monotonic() - t0 < 5.0  # no megatron launch: nothing is rewritten
     assert again.ckpt_dir == c.ckpt_dir and again.params == c.params
+    # no megatron launch: nothing is rewritten (not a timed bound: CI machines are loaded)
     assert {p: p.stat().st_mtime_ns for p in c.ckpt_dir.iterdir() if p.is_file()} == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
