@@ -817,9 +817,7 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         with translate_errors(self.url_of(rel)):
             if self.is_local:
-                os.makedirs(os.path.dirname(self.full_path(rel)), exist_ok=True)
-                with open_local_for_writing(self.full_path(rel)) as f:
-                    f.write(data)
+                write_local_file(self.full_path(rel), data)
                 return
             self.fs.pipe_file(self.full_path(rel), data)
 
@@ -989,6 +987,17 @@ def open_local_for_writing(path: str) -> PiecewiseWriter:
     """``open(path, "wb")`` as every ckptctl writer of a local file opens it (see
     :data:`LOCAL_WRITE_PIECE`); ``torch.save`` may write into it too."""
     return PiecewiseWriter(io.FileIO(path, "wb"))
+
+
+def write_local_file(path: str, data, *, durable: bool = False) -> None:
+    """Write ``data`` as the local file ``path`` (its directory made if missing), through
+    :func:`open_local_for_writing`; ``durable``: flushed to disk before returning."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open_local_for_writing(path) as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def open_store(url: str, *, endpoint_url: str | None = None) -> Store:

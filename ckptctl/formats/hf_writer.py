@@ -125,7 +125,7 @@ from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safe
 from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
                                 TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
 from ckptctl.storage import (Store, gcs_chunk_size, min_part_size, open_local_for_writing, open_store,
-                              translate_errors)
+                              translate_errors, write_local_file)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -423,10 +423,7 @@ class _LocalFiles:
 
     def put(self, rel: str, data: bytes) -> None:
         with translate_errors(self.url):
-            with open_local_for_writing(self._path(rel)) as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_local_file(self._path(rel), data, durable=True)
 
 
 class _LocalTarget(_LocalFiles, LocalStaging):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ckptctl.errors import CorruptFileError, NotFoundError
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.output_dir import TMP_INFIX, fsync_dir
-from ckptctl.storage import FileEntry, Store, natural_key, open_local_for_writing
+from ckptctl.storage import FileEntry, Store, natural_key, write_local_file
 from ckptctl.tree import MANIFEST_FILE, Component
 
 #: Bytes read at a time by hashing and CRC checks (per file being read): big enough that an
@@ -101,10 +101,7 @@ def write_manifest_file(store: Store, doc: dict) -> None:
         return
     temp = os.path.join(os.path.dirname(local), f".{MANIFEST_FILE}{TMP_INFIX}{os.getpid()}")
     try:
-        with open_local_for_writing(temp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_local_file(temp, data, durable=True)
         os.replace(temp, local)
     finally:
         if os.path.exists(temp):

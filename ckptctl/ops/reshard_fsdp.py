@@ -99,7 +99,7 @@ from ckptctl.ops.export import STEP, TREE, component_at, locate
 from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import OUTPUT_MARKER, RESHARD, OutputDir, refuse_overlap
-from ckptctl.storage import Store, open_local_for_writing, open_store
+from ckptctl.storage import Store, open_local_for_writing, open_store, write_local_file
 from ckptctl.tree import FSDP, FSDP_RANK_FILE_RE, FSDP_SINGLE, UNKNOWN, Component, parse_step_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -744,8 +744,7 @@ class _ComponentJob:
         check_archive(data, self.store.url_of(rel))  # rewritten below: its CRCs are checked first
         extra = load_pt(data, name=self.store.url_of(rel), extra_stand_ins=self.src.extra_stand_ins)
         if _has_stand_ins(extra) or not isinstance(extra, dict):
-            with open_local_for_writing(os.path.join(base, name)) as f:  # cannot be rewritten faithfully: kept as is
-                f.write(data)
+            write_local_file(os.path.join(base, name), data)  # cannot be rewritten faithfully: kept as is
             msg = (f"{self.name}: {rel} holds objects ckptctl keeps as data: copied byte for byte, so its "
                    "world_size/rank fields still name the source")
             if msg not in self.warnings:
@@ -775,8 +774,7 @@ def _copy_file(store: Store, rel: str, dest: str, extra_stand_ins: Iterable[str]
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     if is_checked(rel):
         data = read_side_file(store, rel, extra_stand_ins=extra_stand_ins)
-        with open_local_for_writing(dest) as out:
-            out.write(data)
+        write_local_file(dest, data)
         return
     with store.open(rel, "rb") as src, open_local_for_writing(dest) as out:
         shutil.copyfileobj(src, out, 8 * 1024 * 1024)

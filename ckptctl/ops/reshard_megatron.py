@@ -98,7 +98,7 @@ from ckptctl.ops.export import HF_DIR, resolve_component
 from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
 from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
-from ckptctl.storage import Store, open_local_for_writing, open_store
+from ckptctl.storage import Store, open_store, write_local_file
 from ckptctl.tree import MEGATRON
 
 _OBJECT_KEY_RE = re.compile(r"^(.*)/shard_([\d.]+)_([\d.]+)$")
@@ -695,10 +695,7 @@ def _commit(reader, plan: ReshardPlan, results: list[RankResult], outdir: Output
         return read_side_file(store, rel, extra_stand_ins=reader.extra_stand_ins)
 
     def put(rel: str, data: bytes) -> None:
-        path = os.path.join(outdir.staging, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open_local_for_writing(path) as f:
-            f.write(data)
+        write_local_file(os.path.join(outdir.staging, *rel.split("/")), data)
 
     entries = [e for r in results for e in r.entries]
     md = build_metadata(plan.tensors, plan.objects, entries,
