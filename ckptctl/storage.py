@@ -31,7 +31,10 @@ jitter; ``base`` is CKPTCTL_STORE_BACKOFF_BASE, 1 s by default):
   a broken body included) with ckptctl's attempts and backoff (:func:`_bounded_gcs_class`).
 
 S3 multipart uploads (the export writer's and s3fs's ``put_file``) are begun with a CRC-32
-checksum and completed with each part's (:data:`MULTIPART_CHECKSUM`), as the aws CLI does.
+checksum and completed with each part's (:data:`MULTIPART_CHECKSUM`), as the aws CLI does. The
+store checks each part's bytes against its checksum and answers the completion with the
+checksum of the parts' checksums: :func:`multipart_checksum_matches` tells whether the object
+it assembled is exactly the parts sent.
 
 Only requests that may be repeated are: reads, listings, deletions, whole-object and part
 uploads (the same bytes again), a resumable upload's chunk (the same range again) and
@@ -374,6 +377,26 @@ def _crc32_base64(data: bytes | bytearray | memoryview) -> str:
     from isal.isal_zlib import crc32
 
     return base64.b64encode(crc32(data).to_bytes(4, "big")).decode("ascii")
+
+
+def multipart_checksum_matches(answered: str | None, part_checksums: list[str | None]) -> bool:
+    """Whether ``answered`` (a CompleteMultipartUpload's ``ChecksumCRC32``) is the composite
+    checksum of ``part_checksums`` (each part's, base64, in part order): the CRC-32 of their
+    concatenated raw values, with or without S3's ``-<part count>`` suffix. False when any is
+    missing (a store without checksums confirms nothing)."""
+    import base64
+    import binascii
+
+    if not answered or not part_checksums or not all(part_checksums):
+        return False
+    value, _, count = answered.partition("-")
+    if count and count != str(len(part_checksums)):
+        return False
+    try:
+        raw = b"".join(base64.b64decode(c, validate=True) for c in part_checksums)
+    except (binascii.Error, ValueError):
+        return False
+    return value == _crc32_base64(raw)
 
 
 _S3_CLASS: type | None = None

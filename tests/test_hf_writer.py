@@ -384,6 +384,33 @@ def test_cloud_upload_buffer_bounded(make_backend, kind):
     assert shard[8 + n:8 + n + 4] == torch.tensor([12.0]).numpy().tobytes()  # data lands intact
 
 
+def test_s3_shard_checked_from_its_upload_still_catches_a_short_shard(make_backend, monkeypatch):
+    """A confirmed S3 shard's header comes from the upload, not a re-read; the rest of the check
+    stands: a shard that came out short (here every write loses its last 4 bytes) is caught by
+    its listed size, and nothing is committed or left."""
+    from ckptctl.errors import CkptctlError
+
+    backend = make_backend("s3")
+    tensors = {f"w.{i}": torch.full((MIB // 4,), float(i)) for i in range(12)}
+    real_write = hf_writer._S3ConcurrentUpload.write
+
+    def lossy_write(self, data):
+        data = memoryview(data)
+        return real_write(self, data[:-4] if data.nbytes > 64 else data)
+
+    url = backend.new_root()
+    monkeypatch.setattr(hf_writer._S3ConcurrentUpload, "write", lossy_write)
+    with pytest.raises(CkptctlError, match=r"failed \(nothing committed\): model.safetensors: file is \d+ bytes, "
+                                           r"the header describes \d+"):
+        with HfModelWriter(url, specs_from_state_dict(tensors), max_shard_size=12 * MIB,
+                           upload_block_size=5 * MIB, upload_concurrency=2) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+            writer.finish({"model_type": "x"}, {})
+    assert "model.safetensors" in writer._confirmed_headers  # checked from the upload, not re-read
+    assert backend.list_files(url) == []
+
+
 # -- verification and misuse ----------------------------------------------------------------------
 def test_verify_export_catches_problems(store_backend, refs, s3_request_counter):
     ref, size = refs["fp32-sharded"]

@@ -124,12 +124,12 @@ def _big_state() -> dict:
             "small.bias": torch.randn(16, generator=g)}
 
 
-def write_big(url: str, endpoint: str) -> None:
+def write_big(url: str, endpoint: str, concurrency: int = 1) -> None:
     from ckptctl.formats.hf_writer import HfModelWriter, specs_from_state_dict
 
     state = _big_state()
     with HfModelWriter(url, specs_from_state_dict(state), max_shard_size="1GB", endpoint_url=endpoint,
-                       upload_block_size=5 * MIB) as writer:
+                       upload_block_size=5 * MIB, upload_concurrency=concurrency) as writer:
         for name, tensor in state.items():
             writer.add(name, tensor)
         writer.finish({"architectures": ["Dummy"], "model_type": "dummy"})
@@ -218,6 +218,77 @@ def test_completion_refused_as_a_client_error_is_not_looked_for(make_backend):
             write_big(out, proxy.endpoint)
     assert rules[0].fired == 1 and rules[1].fired == 0, proxy.log  # not retried, not looked for
     assert backend.list_files(out) == []
+
+
+def _shard_reads(proxy: FaultProxy) -> list:
+    return [entry for entry in proxy.log if entry[0] == "GET" and ".safetensors" in entry[1]]
+
+
+def test_a_shard_the_store_confirmed_is_checked_without_reading_it_back(make_backend, big_reference):
+    """Parts uploaded concurrently, the completion answered with the checksum of exactly the
+    parts' checksums: the object holds the bytes sent, so the check before the commit takes the
+    shard's header from what was uploaded (a ranged GET costs a request per shard, and on the S3
+    test server a pass over the whole object)."""
+    backend = make_backend("s3")
+    out = backend.new_root()
+    with FaultProxy(backend.endpoint) as proxy:
+        write_big(out, proxy.endpoint, concurrency=2)
+    assert _shard_reads(proxy) == [], proxy.log
+    assert [e[0] for e in proxy.log if "uploadId" in e[1]].count("PUT") == 3  # parts of 5 + 5 + 2 MiB
+    assert read_tree(backend, out) == big_reference
+
+
+def test_a_shard_whose_completion_answer_was_lost_is_still_confirmed(make_backend, big_reference):
+    """The completion's answer lost (found by its ETag): the object's checksum, asked for with
+    one HEAD, is still the composite of the parts': no read back."""
+    backend = make_backend("s3")
+    out = backend.new_root()
+    rules = [Fault("reset_after", match=complete_multipart, times=1),
+             Fault("status", status=404, code="NoSuchUpload", match=complete_multipart, times=1)]
+    with FaultProxy(backend.endpoint, faults=rules) as proxy:
+        write_big(out, proxy.endpoint, concurrency=2)
+    assert [r.fired for r in rules] == [1, 1], proxy.log
+    assert _shard_reads(proxy) == [], proxy.log
+    assert read_tree(backend, out) == big_reference
+
+
+def test_a_shard_without_checksums_is_read_back(make_backend, big_reference, monkeypatch):
+    """A store without checksums (``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``) confirms
+    nothing: the check before the commit reads the shard's header back."""
+    from ckptctl.storage import open_store
+
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    backend = make_backend("s3")
+    out = backend.new_root()
+    with FaultProxy(backend.endpoint) as proxy:
+        type(open_store(out, endpoint_url=proxy.endpoint).fs).clear_instance_cache()
+        try:
+            write_big(out, proxy.endpoint, concurrency=2)
+        finally:
+            type(open_store(out, endpoint_url=proxy.endpoint).fs).clear_instance_cache()
+    assert len(_shard_reads(proxy)) == 1, proxy.log
+    assert read_tree(backend, out) == big_reference
+
+
+def test_multipart_checksum_matches_only_the_parts_composite():
+    import base64
+    import zlib
+
+    from ckptctl.storage import multipart_checksum_matches
+
+    data = os.urandom(3000)
+    sizes = [1000, 1500, 500]
+    starts = [0, 1000, 2500]
+    parts = [base64.b64encode(zlib.crc32(data[a:a + n]).to_bytes(4, "big")).decode() for a, n in zip(starts, sizes)]
+    composite = _composite_crc32(data, sizes)
+    assert multipart_checksum_matches(composite, parts)
+    assert multipart_checksum_matches(f"{composite}-3", parts)  # S3's form
+    assert not multipart_checksum_matches(f"{composite}-2", parts)
+    assert not multipart_checksum_matches(composite, parts[::-1])  # another order: other bytes
+    assert not multipart_checksum_matches(_composite_crc32(data, [1500, 1000, 500]), parts)
+    assert not multipart_checksum_matches(None, parts)
+    assert not multipart_checksum_matches(composite, parts[:2] + [None])  # a store without checksums
+    assert not multipart_checksum_matches("not base64!", parts)
 
 
 def _composite_crc32(data: bytes, part_sizes: list[int]) -> str:

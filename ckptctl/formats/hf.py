@@ -74,22 +74,26 @@ class SafetensorsHeader:
         return max((t["end"] for t in self.tensors.values()), default=self.data_start)
 
 
-def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int | None = None) -> SafetensorsHeader:
+def parse_safetensors_header(store: "Store", rel: str, *, prefetch: int | None = None,
+                             head: bytes | None = None) -> SafetensorsHeader:
     """Read and validate the header of ``rel``: one ranged read, two when the header is larger
     than ``prefetch`` (default: :data:`HEADER_PREFETCH` in a bucket, :data:`LOCAL_HEADER_PREFETCH`
-    on disk). Raises :class:`CorruptCheckpointError` naming the file."""
+    on disk). ``head``: the file's first bytes (length field and header), when the caller holds
+    them -- nothing is read. Raises :class:`CorruptCheckpointError` naming the file."""
     url = store.url_of(rel)
     if prefetch is None:
         prefetch = LOCAL_HEADER_PREFETCH if store.is_local else HEADER_PREFETCH
-    head = store.read_range(rel, 0, 8 + max(prefetch, 0))
-    read = len(head)
+    given = head is not None
+    if not given:
+        head = store.read_range(rel, 0, 8 + max(prefetch, 0))
+    read = 0 if given else len(head)
     if len(head) < 8:
         raise CorruptCheckpointError(f"cannot read {url}: not a safetensors file (only {len(head)} bytes)")
     (n,) = struct.unpack("<Q", head[:8])
     if n < 2 or n > MAX_HEADER:
         raise CorruptCheckpointError(f"cannot read {url}: not a safetensors file (header length field {n})")
     raw = head[8:8 + n]
-    if len(raw) < n and len(head) == 8 + max(prefetch, 0):
+    if len(raw) < n and not given and len(head) == 8 + max(prefetch, 0):
         rest = store.read_range(rel, len(head), 8 + n)
         read += len(rest)
         raw += rest
