@@ -431,9 +431,13 @@ def _bounded_s3_class() -> type:
             if (method in ("create_multipart_upload", "upload_part") and "ChecksumAlgorithm" not in merged
                     and await self._checksums_wanted(merged.get("Bucket"))):
                 kwargs["ChecksumAlgorithm"] = MULTIPART_CHECKSUM
-                if method == "upload_part" and PART_CHECKSUM_FIELD not in merged \
-                        and isinstance(merged.get("Body"), (bytes, bytearray, memoryview)):
-                    kwargs[PART_CHECKSUM_FIELD] = _crc32_base64(merged["Body"])
+                body = merged.get("Body")
+                if method == "upload_part" and PART_CHECKSUM_FIELD not in merged:
+                    if isinstance(body, (bytes, bytearray, memoryview)):
+                        kwargs[PART_CHECKSUM_FIELD] = _crc32_base64(body)
+                    elif isinstance(body, io.BytesIO):  # from where it will be read
+                        with body.getbuffer() as view:
+                            kwargs[PART_CHECKSUM_FIELD] = _crc32_base64(view[body.tell():])
             if method == "upload_part":
                 out = await super()._call_s3(method, *akwarglist, **kwargs)
                 if out.get(PART_CHECKSUM_FIELD):
