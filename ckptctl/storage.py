@@ -33,8 +33,9 @@ jitter; ``base`` is CKPTCTL_STORE_BACKOFF_BASE, 1 s by default):
 S3 multipart uploads (the export writer's and s3fs's ``put_file``) are begun with a CRC-32
 checksum and completed with each part's (:data:`MULTIPART_CHECKSUM`), as the aws CLI does. The
 store checks each part's bytes against its checksum and answers the completion with the
-checksum of the parts' checksums: :func:`multipart_checksum_matches` tells whether the object
-it assembled is exactly the parts sent.
+checksum of the parts' checksums: every completion's answer says in
+:data:`UPLOAD_CONFIRMED_FIELD` whether the object it assembled is exactly the parts sent
+(:func:`multipart_checksum_matches`).
 
 Only requests that may be repeated are: reads, listings, deletions, whole-object and part
 uploads (the same bytes again), a resumable upload's chunk (the same range again) and
@@ -84,6 +85,9 @@ COMPLETION_LOOKS = 5
 #: test server took 18 s to complete a 1.42 GB upload instead of 6.
 MULTIPART_CHECKSUM = "CRC32"
 PART_CHECKSUM_FIELD = "ChecksumCRC32"
+#: Added to every CompleteMultipartUpload answer: True when the store confirmed that the object
+#: is exactly the parts sent (see :meth:`_BoundedS3._confirmed`).
+UPLOAD_CONFIRMED_FIELD = "CkptctlConfirmed"
 
 
 @dataclass(frozen=True)
@@ -447,12 +451,13 @@ def _bounded_s3_class() -> type:
                 self._forget_parts(merged.get("UploadId"))
             if method != "complete_multipart_upload":
                 return await super()._call_s3(method, *akwarglist, **kwargs)
+            parts = self._with_checksums(merged)
             if merged.get("MultipartUpload"):
-                kwargs["MultipartUpload"] = {**merged["MultipartUpload"], "Parts": self._with_checksums(merged)}
+                kwargs["MultipartUpload"] = {**merged["MultipartUpload"], "Parts": parts}
             try:
                 out = await super()._call_s3(method, *akwarglist, **kwargs)
                 self._forget_parts(merged.get("UploadId"))
-                return out
+                return await self._confirmed(out, merged, parts)
             except Exception as exc:  # s3fs raises botocore's ClientError translated (FileNotFoundError)
                 if not _completion_may_be_done(exc, ClientError):
                     raise
@@ -461,22 +466,43 @@ def _bounded_s3_class() -> type:
                 # (its multipart ETag says so). The first try may still be assembling a large
                 # object (a store can take many seconds), so the object is looked for a few
                 # times before giving up.
-                expected = _multipart_etag((merged.get("MultipartUpload") or {}).get("Parts") or [])
+                expected = _multipart_etag(parts)
                 if expected is None:
                     raise
                 for look in range(1, COMPLETION_LOOKS + 1):
                     try:
-                        head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"])
+                        head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"],
+                                                      ChecksumMode="ENABLED")
                     except Exception:
                         head = None
                     if head is not None and head.get("ETag") == expected:
                         self._forget_parts(merged.get("UploadId"))
-                        return {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
-                                "VersionId": head.get("VersionId"),
-                                "ResponseMetadata": head.get("ResponseMetadata", {})}
+                        found = {"Bucket": merged["Bucket"], "Key": merged["Key"], "ETag": head["ETag"],
+                                 "VersionId": head.get("VersionId"),
+                                 "ResponseMetadata": head.get("ResponseMetadata", {})}
+                        if head.get(PART_CHECKSUM_FIELD):
+                            found[PART_CHECKSUM_FIELD] = head[PART_CHECKSUM_FIELD]
+                        return await self._confirmed(found, merged, parts)
                     if look < COMPLETION_LOOKS:
                         await asyncio.sleep(self.ckptctl_limits.backoff(look + 1))
                 raise
+
+        async def _confirmed(self, out: dict, merged: dict, parts: list[dict]) -> dict:
+            """A completion's answer with :data:`UPLOAD_CONFIRMED_FIELD`: whether the object's
+            checksum is the composite of the parts' (:func:`multipart_checksum_matches`). S3
+            answers the completion with it; some stores (the S3 test server) do not: one HEAD
+            asks for it."""
+            checksums = [p.get(PART_CHECKSUM_FIELD) for p in parts]
+            answered = out.get(PART_CHECKSUM_FIELD)
+            if not answered and checksums and all(checksums):
+                try:
+                    head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"],
+                                                  ChecksumMode="ENABLED")
+                except Exception:
+                    head = {}
+                if out.get("ETag") and head.get("ETag") == out["ETag"]:
+                    answered = head.get(PART_CHECKSUM_FIELD)
+            return {**out, UPLOAD_CONFIRMED_FIELD: multipart_checksum_matches(answered, checksums)}
 
         async def _checksums_wanted(self, bucket: str | None) -> bool:
             """False where the user told botocore to send checksums only when required

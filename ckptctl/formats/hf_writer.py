@@ -129,8 +129,8 @@ from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safe
 # local temp sibling) are those of the shared output protocol.
 from ckptctl.output_dir import (HF_EXPORT, INCOMPLETE_MARKER, RUN_INFO, TMP_INFIX, LocalStaging,  # noqa: F401
                                 TerminateAsInterrupt, judge_destination, pid_alive, rename_exchange)
-from ckptctl.storage import (PART_CHECKSUM_FIELD, Store, gcs_chunk_size, min_part_size, multipart_checksum_matches,
-                              open_local_for_writing, open_store, translate_errors, write_local_file)
+from ckptctl.storage import (UPLOAD_CONFIRMED_FIELD, Store, gcs_chunk_size, min_part_size, open_local_for_writing,
+                              open_store, translate_errors, write_local_file)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -516,9 +516,8 @@ class _S3ConcurrentUpload:
     nothing partial ever appears. Requests go through the store's filesystem (its retries,
     timeouts and the lost-completion check of :mod:`ckptctl.storage`).
 
-    ``confirmed`` after ``close()``: the store answered the completion with the checksum of
-    exactly the parts' checksums (:func:`~ckptctl.storage.multipart_checksum_matches`), so the
-    object holds the bytes written and nothing needs reading back."""
+    ``confirmed`` after ``close()``: the store confirmed the object is exactly the parts sent
+    (:data:`~ckptctl.storage.UPLOAD_CONFIRMED_FIELD`), so nothing needs reading back."""
 
     def __init__(self, store: Store, rel: str, part_size: int, pool, budget: _UploadBudget):
         self.store = store
@@ -584,10 +583,7 @@ class _S3ConcurrentUpload:
             # connection's send buffer (asyncio before Python 3.12), fresh memory for every part
             out = self.store.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, PartNumber=number,
                                         UploadId=self._upload_id, Body=body)
-            part = {"PartNumber": number, "ETag": out["ETag"]}
-            if out.get(PART_CHECKSUM_FIELD):
-                part[PART_CHECKSUM_FIELD] = out[PART_CHECKSUM_FIELD]
-            return part
+            return {"PartNumber": number, "ETag": out["ETag"]}
         finally:
             self._budget.release(size)
             if size == self.blocksize:
@@ -613,18 +609,7 @@ class _S3ConcurrentUpload:
         out = self.store.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
                                     UploadId=self._upload_id, MultipartUpload={"Parts": parts})
         self.closed = True
-        checksums = [p.get(PART_CHECKSUM_FIELD) for p in parts]
-        answered = out.get(PART_CHECKSUM_FIELD)
-        if not answered and all(checksums):
-            # S3 answers the completion with the object's checksum; some stores (the S3 test
-            # server, an answer lost and found by its ETag) do not: one HEAD asks for it
-            try:
-                head = self.store.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
-            except Exception:
-                head = {}
-            if out.get("ETag") and head.get("ETag") == out["ETag"]:
-                answered = head.get(PART_CHECKSUM_FIELD)
-        self.confirmed = multipart_checksum_matches(answered, checksums)
+        self.confirmed = bool(out.get(UPLOAD_CONFIRMED_FIELD))
 
     def discard(self) -> None:
         self.closed = True
@@ -950,9 +935,8 @@ class HfModelWriter:
         self._elsewhere: list[str] = []
         self._others_settled = True
         self._open: dict[int, Any] = {}
-        self._open_headers: dict[int, bytes] = {}
-        #: file -> the header bytes of a shard whose upload the store confirmed (nothing to re-read)
-        self._confirmed_headers: dict[str, bytes] = {}
+        #: shards whose upload the store confirmed: checked from their header, not re-read
+        self._confirmed: list[int] = []
         self._next = 0
         self._state = "new"  # new -> writing -> finished | aborted; "broken" after a failure
         self._abort_settled = False
@@ -1044,7 +1028,6 @@ class HfModelWriter:
             header = safetensors_header(self.plan.shards[shard])
             f = self._target.open(self._files[shard], len(header) + sum(s.nbytes for s in self.plan.shards[shard]))
             self._open[shard] = f
-            self._open_headers[shard] = header
             self._target.write(f, header)
             self._bytes_written += len(header)
         held = self._target.write(f, data)
@@ -1054,10 +1037,9 @@ class HfModelWriter:
         self._remaining[shard] -= 1
         if self._remaining[shard] == 0:
             f = self._open.pop(shard)
-            header = self._open_headers.pop(shard)
             self._target.close(f)
             if getattr(f, "confirmed", False):
-                self._confirmed_headers[self._files[shard]] = header
+                self._confirmed.append(shard)
             self._completed.append(self._files[shard])
         self._next += 1
         self._state = "writing"
@@ -1137,7 +1119,8 @@ class HfModelWriter:
         if verify:
             want = {spec.name: (spec.shape, spec.dtype) for spec in all_specs}
             problems = verify_export(self.dest, want, store=self._target.staged_store(), staged=True,
-                                     known_headers=self._confirmed_headers)
+                                     known_headers={self._files[i]: safetensors_header(self.plan.shards[i])
+                                                    for i in self._confirmed})
             if problems:
                 self.abort()
                 raise CkptctlError(f"verification of {self.dest} failed (nothing committed): "
