@@ -32,8 +32,10 @@ Object-store prefix ``P`` (S3, GCS: no rename)
   1. A non-empty ``P`` is refused unless ``overwrite`` and it holds an earlier output of the
      same kind -- or unless it holds the marker :data:`INCOMPLETE_MARKER` and none of the
      ``commit_last`` files: an output of ckptctl that was interrupted, replaced without asking.
-  2. ``staging`` is a local temp directory (``TMPDIR``). Nothing touches ``P`` before the first
-     upload (:meth:`OutputDir.publish` or :meth:`OutputDir.commit`).
+  2. ``staging`` is ``{TMPDIR}/ckptctl-out-{random}/new/``, beside a ``run.json`` (this host
+     and pid); such directories of this user's dead runs are removed first (a killed run cannot
+     remove its own). Nothing touches ``P`` before the first upload (:meth:`OutputDir.publish`
+     or :meth:`OutputDir.commit`).
   3. Before the first upload: the old ``commit_last`` files are deleted FIRST (alone, so the
      old output stops looking complete before anything else changes), the marker is written.
   4. Commit: every staged file except ``commit_last`` (:data:`OUTPUT_MARKER` included) is
@@ -81,6 +83,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -103,6 +106,8 @@ RUN_INFO = "run.json"
 INCOMPLETE_MARKER = ".ckptctl-export-incomplete"
 #: A temp sibling without run.json is only removed once it is this old (seconds).
 STALE_WITHOUT_INFO_S = 3600
+#: Object-store outputs are staged in ``{TMPDIR}/ckptctl-out-{random}/new/``, beside run.json.
+SCRATCH_PREFIX = "ckptctl-out-"
 #: Parallel uploads at commit.
 UPLOAD_WORKERS = 8
 #: Written into every committed OutputDir: what wrote it (tool, kind, source) and its files.
@@ -216,6 +221,58 @@ def staged_files(staging: str) -> list[str]:
 def _run_info(dest: str) -> dict:
     return {"tool": "ckptctl", "host": socket.gethostname(), "pid": os.getpid(), "dest": dest,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_is_dead(run_dir: str, *, without_info_after: float | None) -> bool:
+    """Whether the run that made ``run_dir`` is dead: its ``run.json`` names this host and a dead
+    pid. Without ``run.json``: once the directory is ``without_info_after`` seconds old (None:
+    never; it may be a run that is still creating it)."""
+    try:
+        with open(os.path.join(run_dir, RUN_INFO), "rb") as f:
+            info = json.loads(f.read())
+        host, pid = info["host"], int(info["pid"])
+    except FileNotFoundError:
+        if without_info_after is None:
+            return False
+        try:
+            return time.time() - os.stat(run_dir).st_mtime > without_info_after
+        except OSError:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return host == socket.gethostname() and not pid_alive(pid)
+
+
+def clean_dead_scratch() -> list[str]:
+    """Remove the scratch directories (:func:`make_scratch`) of this user's dead runs on this
+    host: a killed run cannot remove its own, and it may hold gigabytes of staged shards."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = sorted(n for n in os.listdir(tmp) if n.startswith(SCRATCH_PREFIX))
+    except OSError:
+        return []
+    cleaned = []
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and run_is_dead(path, without_info_after=None):
+            shutil.rmtree(path, ignore_errors=True)
+            cleaned.append(path)
+    return cleaned
+
+
+def make_scratch(dest: str) -> str:
+    """A new local scratch directory for files bound for the object store ``dest``:
+    ``{TMPDIR}/ckptctl-out-{random}/`` holding ``run.json``, so that a later run can tell it
+    is dead (:func:`clean_dead_scratch`). Call with signals deferred, so that the directory
+    and the caller's record of it exist together."""
+    path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    with open(os.path.join(path, RUN_INFO), "w", encoding="utf-8") as f:
+        json.dump(_run_info(dest), f)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,25 +559,10 @@ class LocalStaging:
             return []
         return [os.path.join(self.parent, n) for n in sorted(names) if n.startswith(prefix)]
 
-    @staticmethod
-    def _is_stale(run_dir: str) -> bool:
-        try:
-            with open(os.path.join(run_dir, RUN_INFO), "rb") as f:
-                info = json.loads(f.read())
-            host, pid = info["host"], int(info["pid"])
-        except FileNotFoundError:
-            try:
-                return time.time() - os.stat(run_dir).st_mtime > STALE_WITHOUT_INFO_S
-            except OSError:
-                return False
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return host == socket.gethostname() and not pid_alive(pid)
-
     def _clean_stale(self) -> list[str]:
         cleaned = []
         for run_dir in self._siblings():
-            if not os.path.isdir(run_dir) or not self._is_stale(run_dir):
+            if not os.path.isdir(run_dir) or not run_is_dead(run_dir, without_info_after=STALE_WITHOUT_INFO_S):
                 continue
             old = os.path.join(run_dir, "old")
             if os.path.isdir(old) and not os.path.lexists(self.dest):
@@ -721,6 +763,7 @@ class OutputDir:
         self._local: LocalStaging | None = None
         self._remote: RemoteCommit | None = None
         self._tmp: str | None = None
+        self._scratch_cleaned: list[str] = []
         self._attached = _attach is not None
         self._sigterm = TerminateAsInterrupt()
         self._checks: list = []  # source checks that must pass before the commit
@@ -758,8 +801,9 @@ class OutputDir:
 
     @property
     def cleaned(self) -> list[str]:
-        """Stale temp siblings of dead runs removed (local destinations)."""
-        return list(self._local.cleaned) if self._local else []
+        """What dead runs left behind, removed: temp siblings (local destinations) or local
+        scratch directories (object stores)."""
+        return list(self._local.cleaned) if self._local else list(self._scratch_cleaned)
 
     @property
     def published(self) -> list[str]:
@@ -774,8 +818,9 @@ class OutputDir:
                 if self._local is not None:
                     self.staging = self._local.prepare()
                 else:
+                    self._scratch_cleaned = clean_dead_scratch()
                     with signals_deferred():  # the temp dir and self._tmp exist together
-                        self._tmp = tempfile.mkdtemp(prefix="ckptctl-out-")
+                        self._tmp = make_scratch(self.dest)
                     self.staging = os.path.join(self._tmp, "new")
                     os.mkdir(self.staging)
             except BaseException:
@@ -906,7 +951,8 @@ class OutputDir:
             pass
 
 
-__all__ = ["GENERIC", "HF_EXPORT", "INCOMPLETE_MARKER", "OUTPUT_MARKER", "RESHARD", "RUN_INFO", "TMP_INFIX",
-           "LocalStaging", "OutputDir", "RemoteCommit", "TerminateAsInterrupt", "Terminated", "describe_checkpoint",
-           "dir_is_empty", "fsync_dir", "is_inside", "judge_destination", "pid_alive", "read_output_marker",
-           "refuse_overlap", "refuse_special_destination", "rename_exchange", "staged_files"]
+__all__ = ["GENERIC", "HF_EXPORT", "INCOMPLETE_MARKER", "OUTPUT_MARKER", "RESHARD", "RUN_INFO", "SCRATCH_PREFIX",
+           "TMP_INFIX", "LocalStaging", "OutputDir", "RemoteCommit", "TerminateAsInterrupt", "Terminated",
+           "clean_dead_scratch", "describe_checkpoint", "dir_is_empty", "fsync_dir", "is_inside", "judge_destination",
+           "make_scratch", "pid_alive", "read_output_marker", "refuse_overlap", "refuse_special_destination",
+           "rename_exchange", "run_is_dead", "signals_deferred", "staged_files"]

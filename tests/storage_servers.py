@@ -590,6 +590,12 @@ def start_denied_s3_server() -> DeniedS3:
         raise
     config_dir = _empty_aws_config_dir()
     base = s3_env(endpoint, config_dir)
+    stop_server = stop
+
+    def stop() -> None:
+        stop_server()
+        shutil.rmtree(config_dir, ignore_errors=True)
+
     denied_env = dict(base, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
     unknown_env = dict(base, AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000", AWS_SECRET_ACCESS_KEY="nope")
     return DeniedS3(endpoint, DENIED_BUCKET, f"s3://{DENIED_BUCKET}/ckpt",

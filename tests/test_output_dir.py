@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
 from ckptctl import output_dir
 from ckptctl.errors import UsageError
-from ckptctl.output_dir import INCOMPLETE_MARKER, OUTPUT_MARKER, TMP_INFIX, OutputDir, refuse_overlap
+from ckptctl.output_dir import (INCOMPLETE_MARKER, OUTPUT_MARKER, SCRATCH_PREFIX, TMP_INFIX, OutputDir,
+                                refuse_overlap)
 from ckptctl.storage import open_store
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,21 +208,29 @@ KILLED = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
-def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(store_backend, overwrite):
+def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(store_backend, overwrite, tmp_path, monkeypatch):
     url = store_backend.new_root()
     if overwrite:
         produce(store_backend, url)  # a complete old output
+    scratch = tmp_path / "tmpdir"  # TMPDIR of both runs: where object-store outputs are staged
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-c", KILLED, url, endpoint(store_backend) or "", "1" if overwrite else "0"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, TMPDIR=str(scratch)))
     assert proc.returncode == -9, proc.stderr
     left = store_backend.list_files(url)
     if store_backend.kind == "local":
         # the destination is untouched: the old output (overwrite) or nothing
         assert left == (sorted([*FILES, OUTPUT_MARKER]) if overwrite else [])
         assert len(siblings(url)) == 1  # the dead run's temp sibling
+        assert os.listdir(scratch) == []
     else:
         assert not set(LAST) & set(left)  # nothing complete-looking (the old output's went first)
         assert INCOMPLETE_MARKER in left and "__1_0.distcp" in left
+        dead = [str(scratch / n) for n in os.listdir(scratch)]  # the dead run's staging, with its files
+        assert len(dead) == 1 and os.path.basename(dead[0]).startswith(SCRATCH_PREFIX)
+        assert os.path.isfile(os.path.join(dead[0], "new", "metadata.json"))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out, written = produce(store_backend, url, overwrite=overwrite)  # the same command again
     assert written == sorted(FILES)
     assert contents(store_backend, url) == FILES
@@ -228,6 +239,28 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(store_backend, ov
         assert len(out.cleaned) == 1 and siblings(url) == []
     else:
         assert out.replaced == "interrupted"  # (the fresh run's rerun needed no --overwrite)
+        assert out.cleaned == dead  # the rerun removed the dead run's staging; its own went at commit
+    assert os.listdir(scratch) == []
+
+
+def test_scratch_of_live_or_unknown_runs_is_left_alone(make_backend, tmp_path, monkeypatch):
+    """Only a scratch directory whose run.json names a dead process on this host is removed:
+    one without run.json may be a run creating it; one of a live process is in use."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend = make_backend("s3")
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, check=True).stdout)
+    runs = {"dead": dead_pid, "live": os.getpid(), "elsewhere": dead_pid, "unknown": None}
+    for name, pid in runs.items():
+        d = tmp_path / f"{SCRATCH_PREFIX}{name}"
+        (d / "new").mkdir(parents=True)
+        (d / "new" / "shard.distcp").write_bytes(b"staged")
+        if pid is not None:
+            host = "another-host" if name == "elsewhere" else socket.gethostname()
+            (d / "run.json").write_text(json.dumps({"host": host, "pid": pid}))
+    out, _ = produce(backend, backend.new_root())
+    assert out.cleaned == [str(tmp_path / f"{SCRATCH_PREFIX}dead")]
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{SCRATCH_PREFIX}{n}" for n in ("live", "elsewhere", "unknown"))
 
 
 def test_local_interrupted_replace_restores_previous_output(tmp_path):

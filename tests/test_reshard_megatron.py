@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -313,12 +314,15 @@ KILLED = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("kind", ["local", "gs"])
-def test_killed_process_leaves_nothing_complete_then_rerun(megatron_ckpts, make_backend, kind):
+def test_killed_process_leaves_nothing_complete_then_rerun(megatron_ckpts, make_backend, kind, tmp_path,
+                                                          monkeypatch):
     c = megatron_ckpts["tp2pp2"]
     backend = make_backend(kind)
     dest = backend.new_root()
+    scratch = tmp_path / "tmpdir"  # TMPDIR of both runs
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-c", KILLED, str(c.out_dir), dest, ""], cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, TMPDIR=str(scratch)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     left = backend.list_files(dest)
     if kind == "local":
@@ -328,7 +332,10 @@ def test_killed_process_leaves_nothing_complete_then_rerun(megatron_ckpts, make_
     else:
         assert "metadata.json" not in left and ".metadata" not in left and INCOMPLETE_MARKER in left
         assert "__0_0.distcp" in left  # rank files published before the kill
+        assert len(os.listdir(scratch)) == 1  # the dead run's local staging
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     s = reshard_megatron(str(c.out_dir), dest, tp=1, pp=4)  # no --overwrite needed
+    assert os.listdir(scratch) == []  # the rerun removed the dead run's staging, and its own
     assert s.replaced == (None if kind == "local" else "interrupted")
     files = backend.list_files(dest)
     assert INCOMPLETE_MARKER not in files and "metadata.json" in files

@@ -97,7 +97,7 @@ from ckptctl.ops.distributed import process_group, raise_payload as _raise_paylo
 from ckptctl.ops.export import HF_DIR, resolve_component
 from ckptctl.ops.transfer import BackgroundPublish, ReadAheadScope, Transfer
 from ckptctl.formats.manifest import ManifestCheck
-from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
+from ckptctl.output_dir import RESHARD, OutputDir, clean_dead_scratch, make_scratch, refuse_overlap, signals_deferred
 from ckptctl.storage import Store, open_store, write_local_file
 from ckptctl.tree import MEGATRON
 
@@ -878,8 +878,6 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                          ep: int | None = None, etp: int | None = None,
                          endpoint_url: str | None, progress, component: str, verify: bool = True,
                          transfer: Transfer | None = None) -> ReshardSummary:
-    import tempfile
-
     started = time.perf_counter()
     plan_args = dict(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, drop_optimizer=drop_optimizer)
     outdir: OutputDir | None = None
@@ -914,8 +912,11 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                 if shared_staging is not None:
                     mine = outdir if rank == 0 else OutputDir.attach(out, shared_staging, endpoint_url=endpoint_url)
                 else:
-                    tmp = tempfile.mkdtemp(prefix="ckptctl-reshard-")
-                    mine = OutputDir.attach(out, tmp, endpoint_url=endpoint_url)
+                    clean_dead_scratch()
+                    with signals_deferred():  # the scratch dir and tmp exist together
+                        tmp = make_scratch(out)
+                    os.mkdir(os.path.join(tmp, "new"))
+                    mine = OutputDir.attach(out, os.path.join(tmp, "new"), endpoint_url=endpoint_url)
                 ranks = range(rank, plan.world, world)
                 on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
                 result = ("ok", _write_ranks(reader, plan, ranks, mine, prefix, on_bytes, published, transfer),
