@@ -236,6 +236,26 @@ def test_concurrent_uploads_identical_and_bounded(kind, make_backend, tmp_path):
     assert 0 < summary.peak_buffered_bytes <= 10 * MIB + 5 * MIB
 
 
+def test_s3_parts_held_are_those_worth_holding(make_backend):
+    """However much memory is allowed, an S3 upload holds the parts uploading plus as many ready
+    for the next free slot: more would not make it faster, only hold memory."""
+    from ckptctl.formats.hf_writer import HfModelWriter, s3_upload_limit, specs_from_state_dict
+
+    assert s3_upload_limit(2**30, 2, 5 * MIB) == 20 * MIB and s3_upload_limit(8 * MIB, 2, 5 * MIB) == 8 * MIB
+    assert s3_upload_limit(None, 8, 16 * MIB) == 256 * MIB
+    state = {f"w.{i}": torch.full((MIB,), float(i)) for i in range(16)}  # 64 MiB: one shard, 13 parts
+    backend = make_backend("s3")
+    url = backend.new_root()
+    with HfModelWriter(url, specs_from_state_dict(state), max_shard_size=10**9, upload_block_size=5 * MIB,
+                       upload_concurrency=2, upload_memory=2**30) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        summary = writer.finish({"architectures": ["Dummy"], "model_type": "dummy"})
+    # two parts uploading, two ready, plus the part being filled
+    assert 0 < summary.peak_buffered_bytes <= 4 * 5 * MIB + 5 * MIB
+    assert backend.get(backend.join(url, "model.safetensors"))[8:].startswith(b"{")
+
+
 def test_gcs_background_upload_chunks_follow_the_budget(make_backend, monkeypatch):
     """A GCS shard's resumable upload goes up in chunks of a quarter of the upload budget (one
     request each, one after the other: the fewer the faster), 16 to 128 MiB."""
