@@ -509,9 +509,9 @@ def s3_upload_limit(memory: int | None, concurrency: int, part_size: int) -> int
     """Bytes of S3 parts worth holding for upload: ``concurrency`` parts uploading and as many
     ready for the next free slot, at most ``memory``. More queued parts do not make the upload
     faster, they only hold memory: with 1 GiB allowed, the 1.42 GB bench export to S3 held 1.46 GB
-    for the whole of its run (0.85 GB with this limit). That memory is not free for anything else
-    on the machine: the bench's S3 server completed the aws CLI's upload of the same file in
-    2.5 s beside an idle process, in 7-8 s beside one holding 1.5 GB."""
+    for the whole of its run (0.83 GB with this limit). That memory is not free for anything else
+    on the machine: the bench's S3 server assembled the parts of the aws CLI's upload of the same
+    file in 2.5-2.7 s beside an idle machine, in 7.0-7.8 s beside a process holding 1.5 GB."""
     useful = 2 * concurrency * part_size
     return min(memory, useful) if memory else useful
 
