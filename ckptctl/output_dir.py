@@ -270,8 +270,12 @@ def make_scratch(dest: str) -> str:
     is dead (:func:`clean_dead_scratch`). Call with signals deferred, so that the directory
     and the caller's record of it exist together."""
     path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
-    with open(os.path.join(path, RUN_INFO), "w", encoding="utf-8") as f:
-        json.dump(_run_info(dest), f)
+    try:
+        with open(os.path.join(path, RUN_INFO), "w", encoding="utf-8") as f:
+            json.dump(_run_info(dest), f)
+    except BaseException:  # without run.json no later run would remove it
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
 
 
