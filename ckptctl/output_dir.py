@@ -670,10 +670,7 @@ class RemoteCommit:
             self.replaced = self._judge(self.listing())
 
     def listing(self) -> list[str]:
-        try:
-            return [e.path for e in self.store.walk()]
-        except NotFoundError:
-            return []
+        return [e.path for e in self.store.walk_destination()]
 
     def _judge(self, existing: list[str]) -> str | None:
         return judge_destination(self.store, existing, kind=self.kind, overwrite=self.overwrite,

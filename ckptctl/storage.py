@@ -754,6 +754,16 @@ class Store:
                 raise NotFoundError(f"{self.url}: not found (no objects under this prefix)")
             return sorted(entries, key=lambda e: natural_key(e.path))
 
+    def walk_destination(self) -> list[FileEntry]:
+        """:meth:`walk` of a destination about to be written: nothing where nothing is there yet,
+        but a missing bucket is an error (nothing can be written there)."""
+        try:
+            return self.walk()
+        except BucketNotFoundError:
+            raise
+        except NotFoundError:
+            return []
+
     def _check_bucket(self) -> None:
         bucket = self.bucket
         try:

@@ -291,6 +291,18 @@ def test_missing_bucket_is_exit_3(command, s3_server, tmp_path):
     assert_contract(STORE_COMMANDS[command]("s3://no-such-bucket-ckptctl/run", tmp_path), 3, r"not found")
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+@pytest.mark.parametrize("command", ["export-hf", "convert-reshard"])
+def test_missing_destination_bucket_is_named(command, scheme, fsdp_corpus, s3_server, gcs_server):
+    """A destination in a bucket that does not exist: the bucket is named, not the first object
+    the command would have written there."""
+    src = fsdp_corpus / "fsdp" if command == "export-hf" else fsdp_corpus / "fsdp/global_step_4"
+    args = [command, src, "--out", f"{scheme}://no-such-bucket-ckptctl/out"]
+    message = assert_contract(args + (["--world-size", "1"] if command == "convert-reshard" else []), 3,
+                              r"bucket not found")
+    assert message == f"{scheme}://no-such-bucket-ckptctl: bucket not found"
+
+
 @pytest.fixture
 def closed_port_endpoint() -> str:
     """An endpoint nothing listens on (bound, then closed: connections are refused)."""

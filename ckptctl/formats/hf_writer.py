@@ -751,10 +751,7 @@ class _ObjectStoreTarget:
                                  commit_last=(CONFIG_NAME,))
 
     def _listing(self) -> list[str]:
-        try:
-            return [e.path for e in self.store.walk()]
-        except NotFoundError:
-            return []
+        return [e.path for e in self.store.walk_destination()]
 
     def prepare(self) -> None:
         if self.attached:
