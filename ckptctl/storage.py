@@ -608,6 +608,13 @@ def translate_error(url: str, exc: BaseException) -> CkptctlError:
     # botocore/aiohttp/google errors have no common base
     name = type(exc).__name__
     text = _describe(exc)
+    if name == "ParamValidationError":  # botocore refused the request before sending it
+        detail = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()] or [text]
+        bad_bucket = re.match(r'Invalid bucket name "([^"]*)"', detail[0])
+        if bad_bucket:  # the URL's fault, not the store's
+            return UsageError(f"{url}: invalid bucket name {bad_bucket.group(1)!r} "
+                              "(only letters, digits, '.', '-' and '_')")
+        return StorageError(f"{url}: {detail[0][:300]}")
     lowered = f"{name} {text}".lower()
     if "credential" in lowered:  # also botocore's NoCredentialsError
         return AccessDeniedError(f"{url}: no credentials found ({text})")

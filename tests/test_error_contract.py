@@ -303,6 +303,15 @@ def test_missing_destination_bucket_is_named(command, scheme, fsdp_corpus, s3_se
     assert message == f"{scheme}://no-such-bucket-ckptctl: bucket not found"
 
 
+@pytest.mark.parametrize("command", ["list", "export-hf"])
+def test_invalid_bucket_name_is_a_usage_error(command, fsdp_corpus, s3_server):
+    """botocore refuses the name before any request: the URL's fault (exit 2), said in one line."""
+    url = "s3://Bad_Bucket!/run"
+    args = ["list", url] if command == "list" else ["export-hf", fsdp_corpus / "fsdp", "--out", url]
+    message = assert_contract(args, 2, r"invalid bucket name")
+    assert message == f"{url}: invalid bucket name 'Bad_Bucket!' (only letters, digits, '.', '-' and '_')"
+
+
 @pytest.fixture
 def closed_port_endpoint() -> str:
     """An endpoint nothing listens on (bound, then closed: connections are refused)."""
