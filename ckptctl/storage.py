@@ -482,19 +482,19 @@ def _bounded_s3_class() -> type:
                                  "ResponseMetadata": head.get("ResponseMetadata", {})}
                         if head.get(PART_CHECKSUM_FIELD):
                             found[PART_CHECKSUM_FIELD] = head[PART_CHECKSUM_FIELD]
-                        return await self._confirmed(found, merged, parts)
+                        return await self._confirmed(found, merged, parts, looked=True)
                     if look < COMPLETION_LOOKS:
                         await asyncio.sleep(self.ckptctl_limits.backoff(look + 1))
                 raise
 
-        async def _confirmed(self, out: dict, merged: dict, parts: list[dict]) -> dict:
+        async def _confirmed(self, out: dict, merged: dict, parts: list[dict], looked: bool = False) -> dict:
             """A completion's answer with :data:`UPLOAD_CONFIRMED_FIELD`: whether the object's
             checksum is the composite of the parts' (:func:`multipart_checksum_matches`). S3
             answers the completion with it; some stores (the S3 test server) do not: one HEAD
-            asks for it."""
+            asks for it, unless ``out`` already is such a HEAD's answer (``looked``)."""
             checksums = [p.get(PART_CHECKSUM_FIELD) for p in parts]
             answered = out.get(PART_CHECKSUM_FIELD)
-            if not answered and checksums and all(checksums):
+            if not answered and not looked and checksums and all(checksums):
                 try:
                     head = await super()._call_s3("head_object", Bucket=merged["Bucket"], Key=merged["Key"],
                                                   ChecksumMode="ENABLED")
