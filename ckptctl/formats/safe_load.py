@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from ckptctl.errors import CkptctlError
+from ckptctl.heavy import import_torch
 
 #: Real globals that are safe to call while unpickling (they build plain data).
 SAFE_GLOBAL_NAMES = (
@@ -265,16 +266,14 @@ def _is_torch_own(entry: Any) -> bool:
 def unpickling(extra_stand_ins: Iterable[str] = ()) -> Iterator[set[str]]:
     """The context every ckptctl torch unpickling runs in; yields the allowed global names.
 
-    Imports ``torch.distributed.tensor`` (registers DTensor, DeviceMesh and placements as
-    safe), holds the unpickling lock, and makes ckptctl's allowlist (:func:`_safe_globals`)
+    Imports ``torch.distributed.tensor`` (:func:`ckptctl.heavy.import_torch`: registers DTensor,
+    DeviceMesh and placements as safe), holds the unpickling lock, and makes ckptctl's allowlist (:func:`_safe_globals`)
     plus torch's own registrations torch's ONLY user allowlist for the duration: globals other
     code registered process-wide (``import megatron.core`` adds ``argparse.Namespace``,
     ``io.BytesIO``, ``pathlib.PosixPath``, numpy, ...) do not widen what a ckptctl load
     accepts. Every registration is restored afterwards.
     """
-    import torch
-    import torch.distributed.tensor  # noqa: F401  (registers DTensor, DeviceMesh, placements as safe)
-
+    torch = import_torch()
     _quiet_device_mesh_log()
     allowed = _safe_globals(extra_stand_ins)
     serialization = torch.serialization

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ckptctl.errors import CkptctlError
 from ckptctl.formats import safe_load
 from ckptctl.formats.safe_load import CorruptCheckpointError
+from ckptctl.heavy import import_torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -586,7 +587,7 @@ class TorchZipFile:
         return self._obj
 
     def _unpickle(self, data: bytes) -> Any:
-        import torch
+        torch = import_torch()
         from torch._weights_only_unpickler import Unpickler
 
         def persistent_load(saved_id):

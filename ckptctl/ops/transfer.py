@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from ckptctl.errors import UsageError
+from ckptctl.heavy import import_torch
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def one_intra_op_thread() -> Iterator[None]:
     if os.environ.get("OMP_NUM_THREADS"):
         yield
         return
-    import torch
-
+    torch = import_torch()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
