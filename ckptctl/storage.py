@@ -735,11 +735,19 @@ class Store:
         Raises NotFoundError when the root does not exist (or is an empty prefix).
         A store made by :meth:`child` with ``files`` answers with those, without a request.
         """
+        entries, root_is_object = self._walk()
+        if root_is_object and not entries:
+            raise self._no_objects()
+        return entries
+
+    def _walk(self) -> tuple[list[FileEntry], bool]:
+        """:meth:`walk`'s entries, and whether the root itself is an object (a file) on a store
+        where a key can be both an object and a prefix."""
         if self._listing is not None:
-            return list(self._listing)
+            return list(self._listing), False
         with translate_errors(self.url):
             if self.is_local:
-                return self._walk_local()
+                return self._walk_local(), False
             if not self.root.strip("/").count("/"):
                 # Bucket root: an empty bucket is valid, a missing one is not.
                 self._check_bucket()
@@ -749,27 +757,39 @@ class Store:
                 self._check_bucket()
                 raise
             entries = []
+            root_is_object = False
             for full, info in found.items():
                 if info.get("type") == "directory" or full.endswith("/"):
                     continue
                 rel = self.relative(full)
                 if not rel:  # the root itself is an object, not a prefix
+                    root_is_object = True
                     continue
                 entries.append(FileEntry(rel, int(info.get("size") or 0), _to_datetime(info)))
             if not entries and self.root.strip("/").count("/"):
                 self._check_bucket()
-                raise NotFoundError(f"{self.url}: not found (no objects under this prefix)")
-            return sorted(entries, key=lambda e: natural_key(e.path))
+                if root_is_object:
+                    return [], True
+                raise self._no_objects()
+            return sorted(entries, key=lambda e: natural_key(e.path)), root_is_object
+
+    def _no_objects(self) -> NotFoundError:
+        return NotFoundError(f"{self.url}: not found (no objects under this prefix)")
 
     def walk_destination(self) -> list[FileEntry]:
         """:meth:`walk` of a destination about to be written: nothing where nothing is there yet,
-        but a missing bucket is an error (nothing can be written there)."""
+        but a missing bucket is an error (nothing can be written there), and so is an object at
+        the destination itself, as a file is locally: writing below it would leave an object
+        and a "directory" of one name, which no local copy of the bucket can hold."""
         try:
-            return self.walk()
+            entries, root_is_object = self._walk()
         except BucketNotFoundError:
             raise
         except NotFoundError:
             return []
+        if root_is_object:
+            raise NotACheckpointError(f"{self.url}: exists and is a file, not a directory")
+        return entries
 
     def _check_bucket(self) -> None:
         bucket = self.bucket

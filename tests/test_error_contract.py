@@ -395,3 +395,19 @@ def test_a_process_with_torch_loaded_leaves_without_teardown(tmp_path, code, sta
     assert "torn down" not in done.stderr
     if status == 1:
         assert done.stderr.strip() == code
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+@pytest.mark.parametrize("command", ["export-hf", "convert-reshard"])
+def test_destination_that_is_an_object_is_refused(command, scheme, fsdp_corpus, make_backend):
+    """As a local file in the way is: writing below an object would leave an object and a
+    "directory" of one name, which no local copy of the bucket can hold. The object is kept."""
+    backend = make_backend(scheme)
+    root = backend.new_root()
+    backend.put(f"{root}/out", b"a file in the way")
+    src = fsdp_corpus / "fsdp" if command == "export-hf" else fsdp_corpus / "fsdp/global_step_4"
+    args = [command, src, "--out", f"{root}/out"] + (["--world-size", "1"] if command == "convert-reshard" else [])
+    message = assert_contract(args, 5, r"exists and is a file")
+    assert message == f"{root}/out: exists and is a file, not a directory"
+    assert backend.list_files(root) == ["out"]
+    assert backend.get(f"{root}/out") == b"a file in the way"
