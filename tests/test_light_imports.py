@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,29 @@ def test_commands_that_read_tensors_import_torch_and_restore_the_collector(colle
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {
         "is_torch": True, "gc_enabled": collector == "enabled", "passes": 0, "dtensor_loaded": True}
+
+
+@pytest.mark.parametrize("where", ["local-dir", "local-file", "s3"])
+def test_export_refuses_its_destination_before_importing_torch(where, fsdp_tree, make_backend, tmp_path):
+    """A destination export-hf will refuse is refused in a second, before torch is imported and
+    the source read (it took 4-5 s, the import and the source's metadata first)."""
+    if where == "s3":
+        backend = make_backend("s3")
+        out = backend.new_root()
+        backend.put(f"{out}/notes.txt", b"mine")
+    else:
+        out = str(tmp_path / "out")
+        if where == "local-dir":
+            os.mkdir(out)
+            out_file = os.path.join(out, "notes.txt")
+        else:
+            out_file = out
+        with open(out_file, "w") as f:
+            f.write("mine")
+    args = ["export-hf", str(fsdp_tree), "--out", out]
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    line = [ln for ln in done.stderr.splitlines() if ln.startswith("HEAVY=")]
+    assert line and json.loads(line[-1][len("HEAVY="):]) == [], done.stderr
+    message = "exists and is a file" if where == "local-file" else "destination is not empty"
+    assert message in done.stderr

@@ -570,11 +570,10 @@ def export_hf(src: str, out: str, *, component: str | None = None, dtype: str = 
         from ckptctl.ops.distributed import under_torchrun
 
         distributed = under_torchrun()
-    with one_intra_op_thread():
-        if not distributed:
-            return _export_process(src, out, progress=progress, share=None, **kwargs)
-        return _shared(lambda share: _export_process(src, out, progress=progress if share.rank == 0 else None,
-                                                     share=share, **kwargs))
+    if not distributed:
+        return _export_process(src, out, progress=progress, share=None, **kwargs)
+    return _shared(lambda share: _export_process(src, out, progress=progress if share.rank == 0 else None,
+                                                 share=share, **kwargs))
 
 
 def _export_process(src: str, out: str, *, component: str | None, dtype: str, max_shard_size: str | int,
@@ -602,6 +601,10 @@ def _export_process(src: str, out: str, *, component: str | None, dtype: str, ma
         raise CkptctlError(f"{summary.source} is incomplete: " + "; ".join(comp.problems))
     if merge_lora and comp.backend == MEGATRON:
         raise UsageError("--merge-lora is supported for FSDP checkpoints (PEFT LoRA); not for Megatron ones")
+    if share is None or share.rank == 0:
+        from ckptctl.formats.hf_writer import judge_export_destination
+
+        judge_export_destination(dst_store, overwrite)  # a refusal in a second, not after torch's import
     config, extra_files = _read_hf_files(parent, comp)
     comp_store = parent.child(comp.path)
     # With a manifest (verify --write-manifest), the source files are hashed while the export runs
@@ -609,9 +612,11 @@ def _export_process(src: str, out: str, *, component: str | None, dtype: str, ma
     manifest = ManifestCheck.start(parent, comp) if verify and (share is None or share.rank == 0) else None
     try:
         summary.manifest_checked = manifest is not None
-        return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
-                       max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora, verify=verify,
-                       manifest=manifest, progress=progress, started=started, transfer=transfer, share=share)
+        with one_intra_op_thread():
+            return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
+                           max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora,
+                           verify=verify, manifest=manifest, progress=progress, started=started,
+                           transfer=transfer, share=share)
     finally:
         if manifest is not None:
             manifest.cancel()
