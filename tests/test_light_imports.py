@@ -80,10 +80,12 @@ def test_commands_that_read_tensors_import_torch_and_restore_the_collector(colle
         "is_torch": True, "gc_enabled": collector == "enabled", "passes": 0, "dtensor_loaded": True}
 
 
+@pytest.mark.parametrize("command", ["export-hf", "convert-reshard"])
 @pytest.mark.parametrize("where", ["local-dir", "local-file", "s3"])
-def test_export_refuses_its_destination_before_importing_torch(where, fsdp_tree, make_backend, tmp_path):
-    """A destination export-hf will refuse is refused in a second, before torch is imported and
-    the source read (it took 4-5 s, the import and the source's metadata first)."""
+def test_a_refused_destination_is_refused_before_importing_torch(where, command, fsdp_tree, make_backend, tmp_path):
+    """A destination export-hf or convert-reshard will refuse is refused in a second, before
+    torch is imported and the source read (it took 4-5 s, the import and the source's metadata
+    first)."""
     if where == "s3":
         backend = make_backend("s3")
         out = backend.new_root()
@@ -97,7 +99,8 @@ def test_export_refuses_its_destination_before_importing_torch(where, fsdp_tree,
             out_file = out
         with open(out_file, "w") as f:
             f.write("mine")
-    args = ["export-hf", str(fsdp_tree), "--out", out]
+    args = (["export-hf", str(fsdp_tree), "--out", out] if command == "export-hf" else
+            ["convert-reshard", os.path.join(fsdp_tree, "global_step_4"), "--out", out, "--world-size", "1"])
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     line = [ln for ln in done.stderr.splitlines() if ln.startswith("HEAVY=")]

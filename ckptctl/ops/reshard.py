@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from ckptctl.errors import UsageError
@@ -24,6 +25,8 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
         raise UsageError("--device-type is for FSDP checkpoints (the mesh device their DTensors record)")
     if megatron and world_size is not None:
         raise UsageError("--world-size is for FSDP checkpoints, --tp/--pp/--dp/--ep/--etp for Megatron ones: not both")
+    if megatron or world_size is not None:
+        _judge_destination_first(src, out, overwrite=overwrite, endpoint_url=endpoint_url)
     if megatron:
         from ckptctl.ops.reshard_megatron import reshard_megatron
 
@@ -40,3 +43,19 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
                                 device_type=device_type, extra_stand_ins=allow_globals, endpoint_url=endpoint_url,
                                 progress=progress, verify=verify, concurrency=concurrency, max_memory=max_memory)
     raise UsageError("say the target layout: --tp/--pp[/--dp] for Megatron, --world-size for FSDP")
+
+
+def _judge_destination_first(src: str, out: str, *, overwrite: bool, endpoint_url: str | None) -> None:
+    """A destination the command will refuse, refused before torch is imported and the source
+    read (0.7 s instead of 4.4 s): :class:`~ckptctl.output_dir.OutputDir`'s own judgment, which
+    the command makes again when it opens the output (by process 0 alone under torchrun)."""
+    from ckptctl.ops.distributed import under_torchrun
+    from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
+    from ckptctl.storage import open_store
+
+    if under_torchrun() and os.environ.get("RANK", "0") != "0":
+        return
+    src_store = open_store(src, endpoint_url=endpoint_url)
+    dst_store = open_store(out, endpoint_url=endpoint_url)
+    refuse_overlap(src_store, dst_store)
+    OutputDir(dst_store.url, overwrite=overwrite, kind=RESHARD, store=dst_store)
