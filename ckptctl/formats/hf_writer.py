@@ -906,8 +906,9 @@ def _config_bytes(config: Mapping[str, Any] | bytes | str) -> bytes:
 
 def judge_export_destination(store: Store, overwrite: bool) -> str | None:
     """What writing an export to ``store`` would replace (None: nothing), judged by the rule the
-    writer applies when it opens (so a refusal reads the same), without writing anything: lets
-    an export refuse its destination before it imports torch and reads the source."""
+    writer applies when it opens (so a refusal reads the same), writing nothing (locally a dead
+    run's temp sibling is removed, as the writer would): lets an export refuse its destination
+    before it imports torch and reads the source."""
     target = _LocalTarget(store, overwrite) if store.is_local else _ObjectStoreTarget(
         store, overwrite, DEFAULT_UPLOAD_BLOCK_SIZE)
     return target.replaced

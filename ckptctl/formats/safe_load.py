@@ -266,9 +266,10 @@ def _is_torch_own(entry: Any) -> bool:
 def unpickling(extra_stand_ins: Iterable[str] = ()) -> Iterator[set[str]]:
     """The context every ckptctl torch unpickling runs in; yields the allowed global names.
 
-    Imports ``torch.distributed.tensor`` (:func:`ckptctl.heavy.import_torch`: registers DTensor,
-    DeviceMesh and placements as safe), holds the unpickling lock, and makes ckptctl's allowlist (:func:`_safe_globals`)
-    plus torch's own registrations torch's ONLY user allowlist for the duration: globals other
+    Imports ``torch.distributed.tensor`` (:func:`ckptctl.heavy.import_torch`: registers
+    DTensor, DeviceMesh and placements as safe), holds the unpickling lock, and makes ckptctl's
+    allowlist (:func:`_safe_globals`) plus torch's own registrations torch's ONLY user
+    allowlist for the duration: globals other
     code registered process-wide (``import megatron.core`` adds ``argparse.Namespace``,
     ``io.BytesIO``, ``pathlib.PosixPath``, numpy, ...) do not widen what a ckptctl load
     accepts. Every registration is restored afterwards.

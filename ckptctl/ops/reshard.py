@@ -48,7 +48,8 @@ def convert_reshard(src: str, out: str, *, tp: int | None = None, pp: int | None
 def _judge_destination_first(src: str, out: str, *, overwrite: bool, endpoint_url: str | None) -> None:
     """A destination the command will refuse, refused before torch is imported and the source
     read (0.7 s instead of 4.4 s): :class:`~ckptctl.output_dir.OutputDir`'s own judgment, which
-    the command makes again when it opens the output (by process 0 alone under torchrun)."""
+    the command makes again when it opens the output (by process 0 alone under torchrun; locally
+    a dead run's temp sibling is removed, as the output would)."""
     from ckptctl.ops.distributed import under_torchrun
     from ckptctl.output_dir import RESHARD, OutputDir, refuse_overlap
     from ckptctl.storage import open_store
