@@ -267,12 +267,13 @@ def clean_dead_scratch() -> list[str]:
 def make_scratch(dest: str) -> str:
     """A new local scratch directory for files bound for the object store ``dest``:
     ``{TMPDIR}/ckptctl-out-{random}/`` holding ``run.json``, so that a later run can tell it
-    is dead (:func:`clean_dead_scratch`). Call with signals deferred, so that the directory
-    and the caller's record of it exist together."""
+    is dead (:func:`clean_dead_scratch`), and the empty staging directory ``new/``. Call with
+    signals deferred, so that the directory and the caller's record of it exist together."""
     path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
     try:
         with open(os.path.join(path, RUN_INFO), "w", encoding="utf-8") as f:
             json.dump(_run_info(dest), f)
+        os.mkdir(os.path.join(path, "new"))
     except BaseException:  # without run.json no later run would remove it
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -823,7 +824,6 @@ class OutputDir:
                     with signals_deferred():  # the temp dir and self._tmp exist together
                         self._tmp = make_scratch(self.dest)
                     self.staging = os.path.join(self._tmp, "new")
-                    os.mkdir(self.staging)
             except BaseException:
                 self.state = "aborted"
                 if self._local is not None:

@@ -27,11 +27,16 @@ sys.stderr.write("HEAVY=" + json.dumps(heavy) + "\\n")
 
 
 def heavy_modules_after(args: list[str]) -> list[str]:
+    return run_probe(args)[0]
+
+
+def run_probe(args: list[str]) -> tuple[list[str], str]:
+    """(the heavy libraries the command imported, its stderr)."""
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=120)
     line = [ln for ln in done.stderr.splitlines() if ln.startswith("HEAVY=")]
     assert line, done.stderr
-    return json.loads(line[-1][len("HEAVY="):])
+    return json.loads(line[-1][len("HEAVY="):]), done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +106,7 @@ def test_a_refused_destination_is_refused_before_importing_torch(where, command,
             f.write("mine")
     args = (["export-hf", str(fsdp_tree), "--out", out] if command == "export-hf" else
             ["convert-reshard", os.path.join(fsdp_tree, "global_step_4"), "--out", out, "--world-size", "1"])
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    line = [ln for ln in done.stderr.splitlines() if ln.startswith("HEAVY=")]
-    assert line and json.loads(line[-1][len("HEAVY="):]) == [], done.stderr
+    heavy, stderr = run_probe(args)
+    assert heavy == [], stderr
     message = "exists and is a file" if where == "local-file" else "destination is not empty"
-    assert message in done.stderr
+    assert message in stderr

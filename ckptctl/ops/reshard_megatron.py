@@ -915,7 +915,6 @@ def _reshard_distributed(src: str, out: str, *, tp: int, pp: int, dp: int, overw
                     clean_dead_scratch()
                     with signals_deferred():  # the scratch dir and tmp exist together
                         tmp = make_scratch(out)
-                    os.mkdir(os.path.join(tmp, "new"))
                     mine = OutputDir.attach(out, os.path.join(tmp, "new"), endpoint_url=endpoint_url)
                 ranks = range(rank, plan.world, world)
                 on_bytes = _progress_counter(sum(plan.rank_bytes(r) for r in ranks), progress if rank == 0 else None)
