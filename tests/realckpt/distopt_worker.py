@@ -606,11 +606,14 @@ def _rank_entry(job, rank: int) -> None:
 def _run_job(job, timeout: float) -> None:
     import multiprocessing as mp
 
+    from fsdp_writer import freeze_before_fork
+
     if os.path.exists(job["store_file"]):
         os.remove(job["store_file"])
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_entry, args=(job, r), name=f"distopt-rank{r}")
              for r in range(job["world_size"])]
+    freeze_before_fork(ctx)
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
