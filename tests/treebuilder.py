@@ -153,10 +153,14 @@ def place_runs(backend, workdir: str, builders) -> str:
     oldest first, so that modification times tell the runs apart as they would after real
     training: locally each earlier run is aged by an hour more; on S3/GCS, where a file's time
     is its upload time (whole seconds on S3), each later run is uploaded over 3 s later (more
-    than ckptctl.tree.MTIME_TOLERANCE).
+    than ckptctl.tree.MTIME_TOLERANCE), and within a run one step after another and the pointer
+    file last, as training writes them (uploaded all at once, a loaded machine once finished
+    step 4 over 2 s after step 5, and the run then read as two).
     Returns the root's URL."""
     import time
     import uuid
+
+    from ckptctl.storage import natural_key
 
     url = backend.new_root()
     for i, build in enumerate(builders):
@@ -165,7 +169,15 @@ def place_runs(backend, workdir: str, builders) -> str:
         build(local)
         if backend.kind == "local":
             age(local, 3600 * (len(builders) - i))
-        elif i:
+            backend.upload_dir(local, url)
+            continue
+        if i:
             time.sleep(3.1)
-        backend.upload_dir(local, url)
+        # steps in order, then the top-level files (the pointer); each step's files at once
+        for entry in sorted(os.listdir(local), key=lambda n: (os.path.isfile(os.path.join(local, n)), natural_key(n))):
+            if os.path.isdir(os.path.join(local, entry)):
+                backend.upload_dir(os.path.join(local, entry), backend.join(url, entry))
+            else:
+                with open(os.path.join(local, entry), "rb") as f:
+                    backend.put(backend.join(url, entry), f.read())
     return url
