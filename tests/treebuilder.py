@@ -174,10 +174,12 @@ def place_runs(backend, workdir: str, builders) -> str:
         if i:
             time.sleep(3.1)
         # steps in order, then the top-level files (the pointer); each step's files at once
-        for entry in sorted(os.listdir(local), key=lambda n: (os.path.isfile(os.path.join(local, n)), natural_key(n))):
-            if os.path.isdir(os.path.join(local, entry)):
-                backend.upload_dir(os.path.join(local, entry), backend.join(url, entry))
+        paths = [os.path.join(local, name) for name in os.listdir(local)]
+        for path in sorted(paths, key=lambda p: (os.path.isfile(p), natural_key(p))):
+            dest = backend.join(url, os.path.basename(path))
+            if os.path.isdir(path):
+                backend.upload_dir(path, dest)
             else:
-                with open(os.path.join(local, entry), "rb") as f:
-                    backend.put(backend.join(url, entry), f.read())
+                with open(path, "rb") as f:
+                    backend.put(dest, f.read())
     return url
