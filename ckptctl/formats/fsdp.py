@@ -151,13 +151,12 @@ def _shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
                coords: tuple[int, ...], name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of the local shard at mesh ``coords``: ``torch.chunk`` semantics along
     each Shard placement's dim, mesh dims left to right (what DTensor does)."""
-    from torch.distributed.tensor import Replicate, Shard
-
     offsets, sizes = [0] * len(shape), list(shape)
     for mesh_dim, p in enumerate(placements):
-        if type(p) is Replicate:
+        kind = safe_load.placement_kind(p)
+        if kind == "Replicate":
             continue
-        if type(p) is not Shard:
+        if kind != "Shard":
             raise CorruptCheckpointError(f"{name}: placement {p} is not supported (only Shard and Replicate)")
         dim = p.dim if p.dim >= 0 else p.dim + len(shape)
         n, c = mesh_shape[mesh_dim], coords[mesh_dim]
@@ -289,7 +288,6 @@ class FsdpReader(CheckpointReader):
         if self._entries is not None:
             return self._entries
         import torch
-        from torch.distributed.tensor import DTensor
 
         zf = self._need_file(MODEL_FILE, 0)
         sd = zf.metadata()
@@ -297,11 +295,11 @@ class FsdpReader(CheckpointReader):
             raise CorruptCheckpointError(f"{zf.name}: holds a {type(sd).__name__}, not a state dict")
         entries: dict[str, _Entry] = {}
         seen_storage: dict[tuple, str] = {}
-        sharded = any(isinstance(v, (DTensor, safe_load.TensorStandIn)) for v in sd.values())
+        sharded = any(safe_load.is_dtensor(v) or isinstance(v, safe_load.TensorStandIn) for v in sd.values())
         for name, value in sd.items():
             if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                 continue
-            if isinstance(value, DTensor):
+            if safe_load.is_dtensor(value):
                 entry = self._dtensor_entry(name, (name,), value, MODEL_FILE, MODEL)
                 local = value._local_tensor
             elif isinstance(value, safe_load.TensorStandIn):
@@ -321,7 +319,8 @@ class FsdpReader(CheckpointReader):
                     entry.tied_to = seen_storage[ident]
                 else:
                     seen_storage[ident] = name
-            entry.is_param = isinstance(value, (DTensor, safe_load.TensorStandIn)) and entry.tied_to is None
+            entry.is_param = (safe_load.is_dtensor(value) or isinstance(value, safe_load.TensorStandIn)) \
+                and entry.tied_to is None
             entries[name] = entry
         if not sharded:  # plain tensors only: a first guess, refined with the optimizer's shapes
             for entry in entries.values():
@@ -340,7 +339,7 @@ class FsdpReader(CheckpointReader):
                           placements=tuple(repr(p) for p in placements), mesh_shape=mesh.shape,
                           mesh_dim_names=mesh.dim_names)
         self._placements.update(info.placements)
-        replicate_dims = [i for i, p in enumerate(placements) if type(p).__name__ == "Replicate"]
+        replicate_dims = [i for i, p in enumerate(placements) if safe_load.placement_kind(p) == "Replicate"]
         covered = 0
         for rank in mesh.ranks:
             coords = mesh.coords(rank)
@@ -411,7 +410,6 @@ class FsdpReader(CheckpointReader):
         if self._optim_loaded:
             return
         import torch
-        from torch.distributed.tensor import DTensor
 
         entries = self._load_model()
         self._optim_loaded = True
@@ -434,7 +432,7 @@ class FsdpReader(CheckpointReader):
                     continue
                 name = f"{OPTIMIZER_PREFIX}{label}.{key}"
                 path = ("state", index, key)
-                if isinstance(value, DTensor):
+                if safe_load.is_dtensor(value):
                     entry = self._dtensor_entry(name, path, value, OPTIM_FILE, OPTIMIZER)
                 elif value.dim() == 0 or self.world_size == 1 or self.single_file:
                     layout = "plain" if (self.world_size == 1 or self.single_file) else "replicated"
@@ -590,13 +588,12 @@ class FsdpReader(CheckpointReader):
     def _local_tensor(self, entry: _Entry, zf: TorchZipFile, rank: int):
         """The piece of ``entry`` that rank ``rank``'s file holds (a meta tensor), or None."""
         import torch
-        from torch.distributed.tensor import DTensor
 
         try:
             value = _lookup(zf.metadata(), entry.path)
         except (KeyError, IndexError, TypeError):
             raise CorruptCheckpointError(f"{zf.name}: no {entry.info.name}") from None
-        if isinstance(value, DTensor):
+        if safe_load.is_dtensor(value):
             saved = value.device_mesh.__dict__.get("_coordinate_on_dim")
             if saved is not None and self._mesh is not None and self._mesh.holds(rank) \
                     and tuple(saved) != self._mesh.coords(rank):

@@ -4,8 +4,7 @@ SkyRL loads its ``.pt`` files with ``torch.load(weights_only=False)``: a crafted
 runs arbitrary code. ckptctl never does. Two entry points:
 
 - :func:`load_pt` — ``torch.load(weights_only=True)`` (torch's restricted unpickler). What
-  that unpickler allows (tensors, DTensor and its mesh/placements once
-  ``torch.distributed.tensor`` is imported) is extended by an explicit allowlist:
+  that unpickler allows (tensors, storages, dtypes) is extended by an explicit allowlist:
   * :data:`SAFE_GLOBALS` — real, side-effect-free globals: numpy's array reconstruction (the
     numpy RNG state in ``extra_state``), plain builtin containers;
   * :data:`STAND_INS` — names whose objects are kept AS DATA: the unpickler builds a
@@ -19,6 +18,11 @@ runs arbitrary code. ckptctl never does. Two entry points:
   * ``builtins.getattr`` — only as :func:`stand_in_getattr`, which resolves attributes of
     stand-in classes to more stand-ins (``ShardedTensor.ProcessGroupState``) and refuses
     everything else.
+  * DTensor and the spec and placements its pickle names (:data:`DTENSOR_STAND_INS`) — kept
+    as data too (:class:`DTensorData`, with the few attributes ckptctl reads: ``_local_tensor``,
+    ``_spec``, ``device_mesh``, ``placements``): the real classes would cost importing
+    ``torch.distributed.tensor`` (~0.8 s, sympy with it) at the start of every command that
+    reads an FSDP checkpoint. The mesh stays torch's ``DeviceMesh`` (it comes with ``torch``).
   A caller may add stand-ins by name (``extra_stand_ins``, the CLI's ``--allow-global``):
   since a stand-in never calls anything, even a wrong name cannot run code.
   :func:`unpickling` is the one context in which ckptctl unpickles torch data (``load_pt``
@@ -36,6 +40,7 @@ import logging
 import pickle
 import re
 import struct
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
@@ -85,6 +90,16 @@ STAND_INS = (
     "torch.distributed.remote_device._remote_device",
     "torch.distributed._shard.sharded_tensor.api.ShardedTensor.ProcessGroupState",  # via getattr
 )
+
+#: DTensor (:func:`dtensor_stand_in`) and the classes its pickle names, kept as data.
+DTENSOR = "torch.distributed.tensor.DTensor"
+_SPEC = "torch.distributed.tensor._dtensor_spec."
+_PLACEMENT = "torch.distributed.tensor.placement_types."
+DTENSOR_STAND_INS = (DTENSOR, _SPEC + "DTensorSpec", _SPEC + "TensorMeta", _SPEC + "ShardOrderEntry",
+                     _PLACEMENT + "Shard", _PLACEMENT + "_StridedShard", _PLACEMENT + "Replicate",
+                     _PLACEMENT + "Partial")
+#: Real classes a DTensor's pickle names that ``import torch`` already brings (the mesh).
+MESH_GLOBAL_NAMES = ("torch.distributed.device_mesh.DeviceMesh",)
 
 #: Tensor subclasses kept as data (see :class:`TensorStandIn`).
 TENSOR_STAND_INS = (
@@ -190,6 +205,115 @@ class TensorStandIn:
     state: Any = None
 
 
+class _PickledSpec(PickledObject):
+    """A DTensorSpec kept as data: the mesh, placements and tensor meta its pickle set."""
+
+    mesh = property(lambda self: self.fields.get("mesh"))
+    placements = property(lambda self: tuple(self.fields.get("placements") or ()))
+    tensor_meta = property(lambda self: self.fields.get("tensor_meta"))
+
+
+class _PickledPlacement(PickledObject):
+    """A DTensor placement kept as data, named and printed as torch prints the real one
+    (``Shard(dim=0)`` / ``S(0)``, ``Replicate()`` / ``R``, ...)."""
+
+    kind = "?"
+    dim = property(lambda self: self.fields.get("dim"))
+    split_factor = property(lambda self: self.fields.get("split_factor"))
+
+    def __repr__(self) -> str:
+        f = self.fields
+        return {"Shard": f"Shard(dim={f.get('dim')})", "Replicate": "Replicate()",
+                "Partial": f"Partial({f.get('reduce_op', 'sum')})",
+                "_StridedShard": f"_StridedShard(dim={f.get('dim')}, sf={f.get('split_factor')})"}[self.kind]
+
+    def __str__(self) -> str:
+        f = self.fields
+        return {"Shard": f"S({f.get('dim')})", "Replicate": "R", "Partial": f"P({f.get('reduce_op', 'sum')})",
+                "_StridedShard": f"_S({f.get('dim')}, {f.get('split_factor')})"}[self.kind]
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.fields == other.fields
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+for _qualname in DTENSOR_STAND_INS[1:]:
+    _name = _qualname.rpartition(".")[2]
+    _base = _PickledSpec if _name == "DTensorSpec" else _PickledPlacement if _qualname.startswith(_PLACEMENT) \
+        else PickledObject
+    _STAND_IN_CLASSES[_qualname] = type(f"StandIn[{_qualname}]", (_base,), {"qualname": _qualname, "kind": _name})
+
+
+class DTensorData:
+    """Marker base of the DTensor stand-in (:func:`dtensor_stand_in`): a wrapper tensor of the
+    global shape and dtype, no data, the pickled state recorded; the attributes ckptctl reads of a
+    DTensor come from that state."""
+
+    qualname = DTENSOR
+    state: Any = None
+
+    @property
+    def _local_tensor(self):
+        return state_fields(self.state).get("_local_tensor")
+
+    @property
+    def _spec(self):
+        return state_fields(self.state).get("_spec")
+
+    @property
+    def device_mesh(self):
+        spec = self._spec
+        return spec.mesh if isinstance(spec, _PickledSpec) else None
+
+    @property
+    def placements(self) -> tuple:
+        spec = self._spec
+        return spec.placements if isinstance(spec, _PickledSpec) else ()
+
+    def to_local(self):
+        """This rank's shard, as ``DTensor.to_local()`` gives it."""
+        return self._local_tensor
+
+
+_DTENSOR_CLASS: list[type] = []
+
+
+def dtensor_stand_in() -> type:
+    """The (cached) tensor class standing in for DTensor (see :class:`DTensorData`)."""
+    if not _DTENSOR_CLASS:
+        import torch
+
+        def __setstate__(self, state):
+            self.state = state
+
+        def __repr__(self):
+            return f"<pickled DTensor {tuple(self.shape)} {self.dtype} {self.placements}>"
+
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise TypeError(f"a DTensor was kept as data (no tensor data): cannot run {func}")
+
+        _DTENSOR_CLASS.append(type("DTensorStandIn", (torch.Tensor, DTensorData),
+                                   {"state": None, "__setstate__": __setstate__, "__repr__": __repr__,
+                                    "__torch_dispatch__": classmethod(__torch_dispatch__)}))
+    return _DTENSOR_CLASS[0]
+
+
+def is_dtensor(obj: Any) -> bool:
+    """Whether ``obj`` is a DTensor: unpickled by ckptctl (kept as data) or a real one."""
+    if isinstance(obj, DTensorData):
+        return True
+    real = sys.modules.get("torch.distributed.tensor")
+    return real is not None and isinstance(obj, real.DTensor)
+
+
+def placement_kind(placement: Any) -> str:
+    """``"Shard"``, ``"Replicate"``, ``"Partial"``, ``"_StridedShard"``, ...: of a placement kept
+    as data or a real one (its class name: ``_StridedShard`` is not a ``Shard`` here)."""
+    return placement.kind if isinstance(placement, _PickledPlacement) else type(placement).__name__
+
+
 class _RefusedGetattr(pickle.UnpicklingError):
     pass
 
@@ -229,10 +353,18 @@ def _safe_globals(extra_stand_ins: Iterable[str]) -> list:
         out += [(getattr(numpy.dtypes, n), f"numpy.dtypes.{n}") for n in dir(numpy.dtypes) if n.endswith("DType")]
     except ImportError:
         pass
+    for qualname in MESH_GLOBAL_NAMES:
+        try:
+            out.append((_import_global(qualname), qualname))
+        except (ImportError, AttributeError):
+            continue  # a torch built without torch.distributed: no DTensor checkpoint loads anyway
+    out.append((dtensor_stand_in(), DTENSOR))
+    for qualname in DTENSOR_STAND_INS[1:]:
+        out.append((_STAND_IN_CLASSES[qualname], qualname))
     for qualname in TENSOR_STAND_INS:
         out.append((tensor_stand_in(qualname), qualname))
     for qualname in (*STAND_INS, *extra_stand_ins):
-        if qualname not in TENSOR_STAND_INS:
+        if qualname not in TENSOR_STAND_INS and qualname not in DTENSOR_STAND_INS:
             out.append((stand_in(qualname), qualname))
     out.append((stand_in_getattr, "builtins.getattr"))
     return out
@@ -259,16 +391,17 @@ def _is_torch_own(entry: Any) -> bool:
         qualname = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else ""
     else:
         qualname = f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', '')}"
-    return qualname.startswith(("torch.distributed.", "torch.nested.")) and not _looks_dangerous(qualname)
+    return (qualname.startswith(("torch.distributed.", "torch.nested.")) and not _looks_dangerous(qualname)
+            and qualname not in DTENSOR_STAND_INS)  # once torch.distributed.tensor is imported: ours win
 
 
 @contextmanager
 def unpickling(extra_stand_ins: Iterable[str] = ()) -> Iterator[set[str]]:
     """The context every ckptctl torch unpickling runs in; yields the allowed global names.
 
-    Imports ``torch.distributed.tensor`` (:func:`ckptctl.heavy.import_torch`: registers
-    DTensor, DeviceMesh and placements as safe), holds the unpickling lock, and makes ckptctl's
-    allowlist (:func:`_safe_globals`) plus torch's own registrations torch's ONLY user
+    Imports torch (:func:`ckptctl.heavy.import_torch`), holds the unpickling lock, and makes
+    ckptctl's allowlist (:func:`_safe_globals`, DTensor and its placements as stand-ins) plus
+    torch's own registrations torch's ONLY user
     allowlist for the duration: globals other
     code registered process-wide (``import megatron.core`` adds ``argparse.Namespace``,
     ``io.BytesIO``, ``pathlib.PosixPath``, numpy, ...) do not widen what a ckptctl load

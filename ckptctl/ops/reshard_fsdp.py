@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ckptctl.errors import CkptctlError, NotACheckpointError, UsageError
 from ckptctl.formats.base import MODEL, OPTIMIZER, TensorInfo
+from ckptctl.formats import safe_load
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.formats.side_files import is_checked, read_side_file
 from ckptctl.ops.export import STEP, TREE, component_at, locate
@@ -252,7 +253,6 @@ class _SourceFiles:
         """For each piece overlapping ``box``: (its file, the meta tensor of its part inside the
         box, where that part goes in the box)."""
         import torch
-        from torch.distributed.tensor import DTensor
 
         dtype = getattr(torch, info.dtype)
         for piece in info.pieces:
@@ -262,7 +262,7 @@ class _SourceFiles:
                 continue
             zf = self.zip(piece.file)
             value = _lookup(zf.metadata(), path, zf.name, info.name)
-            local = value._local_tensor if isinstance(value, DTensor) else value
+            local = value._local_tensor if safe_load.is_dtensor(value) else value
             if not isinstance(local, torch.Tensor) or tuple(local.shape) != tuple(piece.sizes) \
                     or local.dtype != dtype:
                 got = ((tuple(local.shape), str(local.dtype)) if isinstance(local, torch.Tensor)
@@ -346,10 +346,8 @@ def _plain_data(obj: Any, zf: "TorchZipFile", what: str) -> Any:
 
 def _mesh_device_type(tree: Any) -> str | None:
     """The device type of the first DTensor's mesh in a state dict tree (None: no DTensor)."""
-    from torch.distributed.tensor import DTensor
-
     for value in tree.values() if isinstance(tree, dict) else ():
-        if isinstance(value, DTensor):
+        if safe_load.is_dtensor(value):
             return str(value.device_mesh.__dict__.get("_device_type") or "") or None
     return None
 
@@ -534,7 +532,6 @@ class _ComponentJob:
     def _plan_optimizer(self, otree: Any, optim_infos: dict[str, TensorInfo], infos: dict[str, TensorInfo],
                         param_set: set[str]) -> None:
         import torch
-        from torch.distributed.tensor import DTensor
 
         url = self.store.url
         if any(t.layout == "flat_shards" for t in optim_infos.values()) or self.strategy == "fsdp":
@@ -549,7 +546,7 @@ class _ComponentJob:
                 continue
             label = self.params[index] if isinstance(index, int) and 0 <= index < len(self.params) else None
             for key, value in per_param.items():
-                if not isinstance(value, (torch.Tensor, DTensor)):
+                if not isinstance(value, torch.Tensor):  # a DTensor is one
                     self.optim_slots[(index, key)] = None
                     continue
                 candidates = ([f"{OPTIMIZER_PREFIX}{label}.{key}"] if label else []) + \
