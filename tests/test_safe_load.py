@@ -291,3 +291,21 @@ def test_concurrent_loads(fsdp_ckpts):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_allow_global_does_not_replace_the_dtensor_stand_ins(fsdp_ckpts):
+    """--allow-global naming a DTensor-family class keeps ckptctl's stand-ins (a generic
+    kept-as-data class in their place would lose the DTensor's shape and placements). torch keeps
+    its allowlist in a set: of two entries for one name, either could win, so there must be one."""
+    names = [q for _, q in safe_load._safe_globals(safe_load.DTENSOR_STAND_INS)]
+    assert [names.count(q) for q in safe_load.DTENSOR_STAND_INS] == [1] * len(safe_load.DTENSOR_STAND_INS)
+    path = fsdp_ckpts["w3_tied"].file("model", 0)
+    sd = safe_load.load_pt(str(path), extra_stand_ins=safe_load.DTENSOR_STAND_INS)
+    plain = safe_load.load_pt(str(path))
+    assert list(sd) == list(plain)
+    for name, value in plain.items():
+        if safe_load.is_dtensor(value):
+            got = sd[name]
+            assert safe_load.is_dtensor(got) and got.shape == value.shape and got.placements == value.placements
+            assert [safe_load.placement_kind(p) for p in got.placements] == ["Shard"]
+            assert torch.equal(got.to_local(), value.to_local())
