@@ -28,8 +28,11 @@ gcsfs's own bulk transfers (``fs.get(recursive=True)`` / ``fs.put(recursive=True
 Goals (issue #11): b <= 1.0x a, d <= 1.0x c, e <= 1.0x (a + c). Printed per export: wall, ratio,
 peak RSS (the child's VmHWM) and a profile: seconds inside ranged GETs (summed over threads, so
 it may exceed the wall with concurrent reads), inside CRC-32, and the main thread's seconds
-inside the writer (``add`` + ``finish``: writing / uploading / waiting for upload slots). Output
-of every export is checked byte-identical to the first export of the round (sha256 per file;
+inside the writer (``add`` + ``finish``: writing / uploading / waiting for upload slots). On S3,
+from the server's own request log, for every upload (the aws CLI's and the exports'): when its
+first part arrived after the child was started ("1st part s") and how long the server took to
+complete the multipart uploads ("commit s": moto assembles the object then, 1.42 GB in one
+piece). Output of every export is checked byte-identical to the first export of the round (sha256 per file;
 remote outputs read with one GET per object). Export children run with
 CKPTCTL_STORE_READ_TIMEOUT=60 (the aws CLI's default): see :func:`run_child`.
 """
@@ -229,8 +232,18 @@ class S3Side:
     def url(self, rel: str) -> str:
         return f"s3://{BUCKET}/{rel}"
 
+    def uploads_since(self, started: float) -> dict:
+        """From the server's request log: the first part's arrival after ``started``
+        (``time.monotonic()``) and the seconds spent completing multipart uploads since."""
+        timings = [(t, secs, r) for t, secs, r in self.server.counter.timings if t >= started]
+        parts = [t for t, _, r in timings if r.method == "PUT" and "partNumber=" in r.query]
+        commits = [secs for _, secs, r in timings if r.method == "POST" and "uploadId=" in r.query]
+        return {"first_part_s": min(parts) - started if parts else None,
+                "commit_s": sum(commits) if commits else None}
+
     def upload(self, local: str, rel: str) -> dict:
-        return run_cmd(self.aws + ["cp", "--recursive", local, self.url(rel)])
+        started = time.monotonic()
+        return {**run_cmd(self.aws + ["cp", "--recursive", local, self.url(rel)]), **self.uploads_since(started)}
 
     def download(self, rel: str, local: str) -> dict:
         return run_cmd(self.aws + ["cp", "--recursive", self.url(rel), local])
@@ -262,6 +275,9 @@ class GcsSide:
 
     def url(self, rel: str) -> str:
         return f"gs://{BUCKET}/{rel}"
+
+    def uploads_since(self, started: float) -> dict:
+        return {}  # the emulator keeps no request log
 
     def upload(self, local: str, rel: str) -> dict:
         return run_child("gcsfs", "put", local, f"{BUCKET}/{rel}")
@@ -315,10 +331,14 @@ def bench_side(side, src_local: str, work: str, rounds: int, variants: list[tupl
                 res["up"] = side.upload(out_l, "up")
                 side.delete("up")
             shutil.rmtree(out_l, ignore_errors=True)
+            started = time.monotonic()
             e[f"local->{n}"] = run_child("export", src_local, side.url("out_l2c"), args_json, repo=repo)
+            e[f"local->{n}"].update(side.uploads_since(started))
             same["l2c"] = side.digest("out_l2c") == want
             side.delete("out_l2c")
+            started = time.monotonic()
             e[f"{n}->{n}"] = run_child("export", side.url("src/policy"), side.url("out_c2c"), args_json, repo=repo)
+            e[f"{n}->{n}"].update(side.uploads_since(started))
             same["c2c"] = side.digest("out_c2c") == want
             side.delete("out_c2c")
             e["identical"] = same
@@ -327,19 +347,25 @@ def bench_side(side, src_local: str, work: str, rounds: int, variants: list[tupl
     return results
 
 
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def report_round(side, res: dict, r: int) -> None:
     down, up = res["down"]["wall_s"], res["up"]["wall_s"]
     n = side.name
-    print(f"\n[{n}] round {r + 1}: {side.yard_down} {down:.2f} s, {side.yard_up} {up:.2f} s")
+    print(f"\n[{n}] round {r + 1}: {side.yard_down} {down:.2f} s, {side.yard_up} {up:.2f} s"
+          + (f" (1st part {_secs(res['up'].get('first_part_s'))} s, commit {_secs(res['up'].get('commit_s'))} s)"
+             if "commit_s" in res["up"] else ""))
     print(f"  {'variant':<10} {'export':<12} {'wall s':>7} {'ratio':>6} {'goal':>5} {'RSS MB':>7} {'GET s':>6} "
-          f"{'GETs':>5} {'CRC s':>6} {'writer s':>8}")
+          f"{'GETs':>5} {'CRC s':>6} {'writer s':>8} {'1st part s':>10} {'commit s':>8}")
     for label, e in res["exports"].items():
         for key, base in ((f"{n}->local", down), (f"local->{n}", up), (f"{n}->{n}", down + up)):
             x = e[key]
             ratio = x["wall_s"] / base
             print(f"  {label:<10} {key:<12} {x['wall_s']:>7.2f} {ratio:>6.2f} {'ok' if ratio <= 1.0 else 'MISS':>5} "
                   f"{x['peak_rss_mb']:>7.0f} {x['get_s']:>6.1f} {x['gets']:>5} {x['crc_s']:>6.2f} "
-                  f"{x['writer_s']:>8.2f}")
+                  f"{x['writer_s']:>8.2f} {_secs(x.get('first_part_s')):>10} {_secs(x.get('commit_s')):>8}")
         print(f"  {label:<10} outputs byte-identical to the first export: {e['identical']}", flush=True)
 
 

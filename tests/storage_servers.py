@@ -202,14 +202,27 @@ class RequestCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[S3Request] = []
+        self._timings: list[tuple[float, float, S3Request]] = []
 
     def record(self, req: S3Request) -> None:
         with self._lock:
             self._requests.append(req)
 
+    def record_timing(self, started: float, seconds: float, req: S3Request) -> None:
+        with self._lock:
+            self._timings.append((started, seconds, req))
+
     def reset(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._timings.clear()
+
+    @property
+    def timings(self) -> list[tuple[float, float, S3Request]]:
+        """``(time.monotonic() at arrival, seconds the server took, request)`` for each request
+        answered: when the benches' requests came and how long the server worked on each."""
+        with self._lock:
+            return list(self._timings)
 
     @property
     def requests(self) -> list[S3Request]:
@@ -262,16 +275,24 @@ class _CountingMiddleware:
         path = environ.get("PATH_INFO", "")
         query = environ.get("QUERY_STRING", "")
 
+        started = time.monotonic()
+        answered: list[S3Request] = []
+
         def counting_start_response(status, headers, exc_info=None):
             if not path.startswith("/moto-api"):
                 try:
                     code = int(str(status).split()[0])
                 except ValueError:
                     code = 0
-                self.counter.record(S3Request(method, path, query, code))
+                answered.append(S3Request(method, path, query, code))
+                self.counter.record(answered[-1])
             return start_response(status, headers, exc_info)
 
-        return self.app(environ, counting_start_response)
+        try:
+            return self.app(environ, counting_start_response)
+        finally:  # moto builds its whole answer in the call: this is the server's time on it
+            if answered:
+                self.counter.record_timing(started, time.monotonic() - started, answered[-1])
 
 
 class S3Server(NamedTuple):
