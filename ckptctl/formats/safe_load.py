@@ -91,13 +91,13 @@ STAND_INS = (
     "torch.distributed._shard.sharded_tensor.api.ShardedTensor.ProcessGroupState",  # via getattr
 )
 
-#: DTensor (:func:`dtensor_stand_in`) and the classes its pickle names, kept as data.
+#: DTensor (a tensor stand-in, :class:`DTensorData`) and the classes its pickle names, kept as data.
 DTENSOR = "torch.distributed.tensor.DTensor"
 _SPEC = "torch.distributed.tensor._dtensor_spec."
 _PLACEMENT = "torch.distributed.tensor.placement_types."
-DTENSOR_STAND_INS = (DTENSOR, _SPEC + "DTensorSpec", _SPEC + "TensorMeta", _SPEC + "ShardOrderEntry",
-                     _PLACEMENT + "Shard", _PLACEMENT + "_StridedShard", _PLACEMENT + "Replicate",
-                     _PLACEMENT + "Partial")
+DTENSOR_PARTS = (_SPEC + "DTensorSpec", _SPEC + "TensorMeta", _SPEC + "ShardOrderEntry", _PLACEMENT + "Shard",
+                 _PLACEMENT + "_StridedShard", _PLACEMENT + "Replicate", _PLACEMENT + "Partial")
+DTENSOR_STAND_INS = (DTENSOR, *DTENSOR_PARTS)
 #: Real classes a DTensor's pickle names that ``import torch`` already brings (the mesh).
 MESH_GLOBAL_NAMES = ("torch.distributed.device_mesh.DeviceMesh",)
 
@@ -172,7 +172,8 @@ _TENSOR_STAND_IN_CLASSES: dict[str, type] = {}
 
 
 def tensor_stand_in(qualname: str) -> type:
-    """The (cached) :class:`TensorStandIn` subclass standing in for the tensor class ``qualname``.
+    """The (cached) :class:`TensorStandIn` subclass standing in for the tensor class ``qualname``
+    (for DTensor a :class:`DTensorData` one).
 
     torch rebuilds a pickled tensor subclass with ``_rebuild_wrapper_subclass(cls, dtype, size,
     ...)`` then ``obj.__setstate__(state)``: with this class as ``cls`` that gives an empty
@@ -191,7 +192,8 @@ def tensor_stand_in(qualname: str) -> type:
         def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # a wrapper without data
             raise TypeError(f"{qualname} was kept as data (a stand-in without tensor data): cannot run {func}")
 
-        cls = type(f"TensorStandIn[{qualname}]", (torch.Tensor, TensorStandIn),
+        marker = DTensorData if qualname == DTENSOR else TensorStandIn
+        cls = type(f"TensorStandIn[{qualname}]", (torch.Tensor, marker),
                    {"qualname": qualname, "state": None, "__setstate__": __setstate__, "__repr__": __repr__,
                     "__torch_dispatch__": classmethod(__torch_dispatch__)})
         _TENSOR_STAND_IN_CLASSES[qualname] = cls
@@ -239,7 +241,7 @@ class _PickledPlacement(PickledObject):
         return hash(repr(self))
 
 
-for _qualname in DTENSOR_STAND_INS[1:]:
+for _qualname in DTENSOR_PARTS:
     _name = _qualname.rpartition(".")[2]
     _base = _PickledSpec if _name == "DTensorSpec" else _PickledPlacement if _qualname.startswith(_PLACEMENT) \
         else PickledObject
@@ -247,7 +249,7 @@ for _qualname in DTENSOR_STAND_INS[1:]:
 
 
 class DTensorData:
-    """Marker base of the DTensor stand-in (:func:`dtensor_stand_in`): a wrapper tensor of the
+    """Marker base of the DTensor stand-in (:func:`tensor_stand_in`): a wrapper tensor of the
     global shape and dtype, no data, the pickled state recorded; the attributes ckptctl reads of a
     DTensor come from that state."""
 
@@ -275,29 +277,6 @@ class DTensorData:
     def to_local(self):
         """This rank's shard, as ``DTensor.to_local()`` gives it."""
         return self._local_tensor
-
-
-_DTENSOR_CLASS: list[type] = []
-
-
-def dtensor_stand_in() -> type:
-    """The (cached) tensor class standing in for DTensor (see :class:`DTensorData`)."""
-    if not _DTENSOR_CLASS:
-        import torch
-
-        def __setstate__(self, state):
-            self.state = state
-
-        def __repr__(self):
-            return f"<pickled DTensor {tuple(self.shape)} {self.dtype} {self.placements}>"
-
-        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-            raise TypeError(f"a DTensor was kept as data (no tensor data): cannot run {func}")
-
-        _DTENSOR_CLASS.append(type("DTensorStandIn", (torch.Tensor, DTensorData),
-                                   {"state": None, "__setstate__": __setstate__, "__repr__": __repr__,
-                                    "__torch_dispatch__": classmethod(__torch_dispatch__)}))
-    return _DTENSOR_CLASS[0]
 
 
 def is_dtensor(obj: Any) -> bool:
@@ -358,8 +337,8 @@ def _safe_globals(extra_stand_ins: Iterable[str]) -> list:
             out.append((_import_global(qualname), qualname))
         except (ImportError, AttributeError):
             continue  # a torch built without torch.distributed: no DTensor checkpoint loads anyway
-    out.append((dtensor_stand_in(), DTENSOR))
-    for qualname in DTENSOR_STAND_INS[1:]:
+    out.append((tensor_stand_in(DTENSOR), DTENSOR))
+    for qualname in DTENSOR_PARTS:
         out.append((_STAND_IN_CLASSES[qualname], qualname))
     for qualname in TENSOR_STAND_INS:
         out.append((tensor_stand_in(qualname), qualname))
