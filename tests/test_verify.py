@@ -20,7 +20,7 @@ from ckptctl.ops import verify as verify_module  # noqa: E402
 from ckptctl.formats.hf import parse_safetensors_header  # noqa: E402
 from ckptctl.formats.megatron import MegatronReader  # noqa: E402
 from ckptctl.formats.torchzip import TorchZipFile  # noqa: E402
-from ckptctl.output_dir import HF_EXPORT, judge_destination  # noqa: E402
+from ckptctl.output_dir import HF_EXPORT, INCOMPLETE_MARKER, judge_destination  # noqa: E402
 from ckptctl.storage import open_store  # noqa: E402
 from ckptctl.tree import MANIFEST_FILE, scan_tree  # noqa: E402
 from realckpt.megatron_fixtures import HF_EXPORTS  # noqa: E402
@@ -269,6 +269,22 @@ def test_manifest_round_trip_on_s3(fsdp_tree, make_backend):
     assert f"policy/model_world_size_2_rank_0.pt: SHA-256 differs from {MANIFEST_FILE} (contents changed)" \
         in doc["targets"][1]["problems"]
     assert doc["targets"][1]["path"] == backend.join(url, "global_step_4")
+
+
+def test_export_with_a_leftover_marker_is_sound_with_a_note(hf_export, make_backend):
+    """A SIGKILL between config.json's upload and the marker's removal leaves a complete export
+    beside the in-progress marker: sound (config.json is written last), and verify says why the
+    marker is there."""
+    backend = make_backend("s3")
+    url = backend.new_root()
+    backend.upload_dir(str(hf_export["sharded"].path), url)
+    assert run_json(url)["targets"][0]["notes"] == []
+    backend.put(backend.join(url, INCOMPLETE_MARKER), b'{"tool": "ckptctl", "pid": 1}')
+    doc = run_json(url)
+    assert doc["ok"] and doc["targets"][0]["backend"] == "hf"
+    assert [n for n in doc["targets"][0]["notes"] if n.startswith(f"{INCOMPLETE_MARKER} is left over")]
+    code, out, _ = run(url)
+    assert code == 0 and f"{INCOMPLETE_MARKER} is left over" in " ".join(out.split())
 
 
 def test_overwrite_judge_tolerates_the_manifest(hf_export, tmp_path):

@@ -39,6 +39,7 @@ from ckptctl.formats.manifest import (BLOCK, ByteCounter, hash_files, manifest_d
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.formats.torchzip import RangedFile, RecordCrc, check_archive, is_legacy_torch_save, read_zip_directory
 from ckptctl.ops.export import COMPONENT, STEP, TREE, locate
+from ckptctl.output_dir import INCOMPLETE_MARKER
 from ckptctl.storage import FileEntry, Store, natural_key, open_store
 from ckptctl.tree import FSDP, FSDP_SINGLE, HF, MANIFEST_FILE, MEGATRON, POINTER_FILE, UNKNOWN, Component, Step
 
@@ -174,6 +175,11 @@ def _verify_component(parent: Store, comp: Component, full: bool, write_manifest
     target.files, target.bytes = len(files), sum(f.size for f in files)
     target.problems += comp.problems
     target.problems += _component_structure(where, comp, named_in=_named_files(comp.problems))
+    if comp.backend == HF and any(f.path == INCOMPLETE_MARKER for f in comp.files):
+        # export-hf writes config.json last: the marker outlived a process killed after it
+        target.notes.append(f"{INCOMPLETE_MARKER} is left over: the export finished (config.json is written last) "
+                            "but its process stopped before removing the marker; delete it, or rerun export-hf "
+                            "with --overwrite")
     if full:
         target.checks.append("crc")
         bad = _named_files(target.problems)
