@@ -285,6 +285,9 @@ def test_export_with_a_leftover_marker_is_sound_with_a_note(hf_export, make_back
     assert [n for n in doc["targets"][0]["notes"] if n.startswith(f"{INCOMPLETE_MARKER} is left over")]
     code, out, _ = run(url)
     assert code == 0 and f"{INCOMPLETE_MARKER} is left over" in " ".join(out.split())
+    open_store(url).delete_many(["config.json"])  # killed before config.json: incomplete, no such note
+    doc = run_json(url, expect=1)
+    assert not [n for t in doc["targets"] for n in t["notes"] if "is left over" in n]
 
 
 def test_overwrite_judge_tolerates_the_manifest(hf_export, tmp_path):

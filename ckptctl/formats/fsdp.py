@@ -168,6 +168,11 @@ def _shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
     return tuple(offsets), tuple(sizes)
 
 
+def _is_sharded(value: Any) -> bool:
+    """An FSDP2 DTensor or an FSDP1 ShardedTensor (both kept as data by safe_load)."""
+    return safe_load.is_dtensor(value) or isinstance(value, safe_load.TensorStandIn)
+
+
 def _lookup(obj: Any, path: tuple) -> Any:
     for key in path:
         obj = obj[key]
@@ -295,7 +300,7 @@ class FsdpReader(CheckpointReader):
             raise CorruptCheckpointError(f"{zf.name}: holds a {type(sd).__name__}, not a state dict")
         entries: dict[str, _Entry] = {}
         seen_storage: dict[tuple, str] = {}
-        sharded = any(safe_load.is_dtensor(v) or isinstance(v, safe_load.TensorStandIn) for v in sd.values())
+        sharded = any(_is_sharded(v) for v in sd.values())
         for name, value in sd.items():
             if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                 continue
@@ -319,8 +324,7 @@ class FsdpReader(CheckpointReader):
                     entry.tied_to = seen_storage[ident]
                 else:
                     seen_storage[ident] = name
-            entry.is_param = (safe_load.is_dtensor(value) or isinstance(value, safe_load.TensorStandIn)) \
-                and entry.tied_to is None
+            entry.is_param = _is_sharded(value) and entry.tied_to is None
             entries[name] = entry
         if not sharded:  # plain tensors only: a first guess, refined with the optimizer's shapes
             for entry in entries.values():

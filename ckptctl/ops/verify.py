@@ -175,7 +175,8 @@ def _verify_component(parent: Store, comp: Component, full: bool, write_manifest
     target.files, target.bytes = len(files), sum(f.size for f in files)
     target.problems += comp.problems
     target.problems += _component_structure(where, comp, named_in=_named_files(comp.problems))
-    if comp.backend == HF and any(f.path == INCOMPLETE_MARKER for f in comp.files):
+    names = {f.path for f in comp.files}
+    if comp.backend == HF and INCOMPLETE_MARKER in names and "config.json" in names:
         # export-hf writes config.json last: the marker outlived a process killed after it
         target.notes.append(f"{INCOMPLETE_MARKER} is left over: the export finished (config.json is written last) "
                             "but its process stopped before removing the marker; delete it, or rerun export-hf "
