@@ -283,7 +283,8 @@ def render_export(console: Console, summary) -> None:
     dtypes = ", ".join(f"{d} x{n}" for d, n in summary.dtypes_written.items())
     console.print(f"  architecture: {', '.join(summary.architecture) or '-'}", highlight=False)
     console.print(f"  tensors: {summary.tensors}  shards: {summary.shards}  size: {human_bytes(summary.bytes)}  "
-                  f"dtype: {dtypes} ({'source dtype' if summary.dtype == 'source' else 'cast to ' + summary.dtype})",
+                  f"dtype: {dtypes} ({'source dtype' if summary.dtype == 'source' else 'cast to ' + summary.dtype}"
+                  f"{', copied as bytes' if getattr(summary, 'byte_copy', False) else ''})",
                   highlight=False)
     console.print(f"  files: {', '.join(summary.files)}", highlight=False)
     if summary.lora:

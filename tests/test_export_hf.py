@@ -396,7 +396,8 @@ def test_failed_verification_commits_nothing(fsdp_ckpts, tmp_path, monkeypatch):
 def test_export_runs_with_one_intra_op_thread(fsdp_ckpts, tmp_path, monkeypatch):
     """The export streams through its own threads; torch's OpenMP workers would spin between
     its copies and take their cores. One intra-op thread while it runs, the caller's setting
-    back afterwards (after a failure too), and an OMP_NUM_THREADS the user set is kept."""
+    back afterwards (after a failure too), and an OMP_NUM_THREADS the user set is kept. (A cast:
+    an export that converts nothing copies bytes without torch.)"""
     import torch
 
     before = torch.get_num_threads()
@@ -404,7 +405,7 @@ def test_export_runs_with_one_intra_op_thread(fsdp_ckpts, tmp_path, monkeypatch)
     torch.set_num_threads(2)
     try:
         seen = set()
-        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "a"), progress=lambda d, t: seen.add(torch.get_num_threads()))
+        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "a"), dtype="bf16", progress=lambda d, t: seen.add(torch.get_num_threads()))
         assert seen == {1}
         assert torch.get_num_threads() == 2
 
@@ -412,12 +413,12 @@ def test_export_runs_with_one_intra_op_thread(fsdp_ckpts, tmp_path, monkeypatch)
             raise RuntimeError("stop")
 
         with pytest.raises(RuntimeError):
-            export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "b"), progress=fail)
+            export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "b"), dtype="bf16", progress=fail)
         assert torch.get_num_threads() == 2
 
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         seen.clear()
-        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "c"), progress=lambda d, t: seen.add(torch.get_num_threads()))
+        export_hf(str(fsdp_ckpts["w2"].path), str(tmp_path / "c"), dtype="bf16", progress=lambda d, t: seen.add(torch.get_num_threads()))
         assert seen == {2}
     finally:
         torch.set_num_threads(before)
@@ -642,8 +643,8 @@ def _fail_after(monkeypatch, cls, n: int) -> list:
 
 @pytest.mark.parametrize("kind", ["fsdp", "megatron"])
 def test_crash_mid_export_leaves_nothing_and_rerun_succeeds(fsdp_ckpts, megatron_ckpts, tmp_path, monkeypatch, kind):
-    if kind == "fsdp":
-        from ckptctl.formats.fsdp import FsdpReader as reader_cls
+    if kind == "fsdp":  # an FSDP2 export that converts nothing copies bytes (fsdp_bytes)
+        from ckptctl.formats.fsdp_bytes import ByteCopyReader as reader_cls
 
         src = fsdp_ckpts["w2"].path
     else:
@@ -663,13 +664,17 @@ def test_crash_mid_export_leaves_nothing_and_rerun_succeeds(fsdp_ckpts, megatron
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from ckptctl.formats.fsdp import FsdpReader
-    real, calls = FsdpReader.read_tensor, []
-    def read_tensor(self, *a, **k):
-        calls.append(1)
-        if len(calls) > int(os.environ["KILL_AFTER"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind
-        return real(self, *a, **k)
-    FsdpReader.read_tensor = read_tensor
+    from ckptctl.formats.fsdp_bytes import ByteCopyReader
+    calls = []
+    def killing(real):
+        def read_tensor(self, *a, **k):
+            calls.append(1)
+            if len(calls) > int(os.environ["KILL_AFTER"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind
+            return real(self, *a, **k)
+        return read_tensor
+    FsdpReader.read_tensor = killing(FsdpReader.read_tensor)  # what converts (casts, LoRA, ...)
+    ByteCopyReader.read_tensor = killing(ByteCopyReader.read_tensor)  # what only copies bytes
     from ckptctl.cli import app
     app(["export-hf", *sys.argv[1:]])
 """)

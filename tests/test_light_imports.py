@@ -125,23 +125,26 @@ sys.stderr.write("LOADED=" + json.dumps(loaded) + "\\n")
 """
 
 
-@pytest.mark.parametrize("command", ["inspect", "export-hf"])
+@pytest.mark.parametrize("command", ["inspect", "export-hf-cast", "export-hf"])
 def test_fsdp2_dtensors_are_read_without_torch_distributed_tensor(command, fsdp_ckpts, tmp_path):
     """An FSDP2 checkpoint's DTensors are read as data (safe_load.DTensorData): reading one
     imports torch, not torch.distributed.tensor (nor the sympy it pulls in: ~0.8 s of every
-    inspect, export and reshard start). The command still reads the sharded tensors."""
+    inspect, export and reshard start). The command still reads the sharded tensors. An export
+    that converts nothing copies their bytes (formats/fsdp_bytes) and imports no torch at all."""
     src = str(fsdp_ckpts["w3_tied"].path)
     args = (["inspect", src, "--tensors", "--json"] if command == "inspect" else
-            ["export-hf", src, "--out", str(tmp_path / "out"), "--json"])
+            ["export-hf", src, "--out", str(tmp_path / "out"), "--json"]
+            + (["--dtype", "bf16"] if command == "export-hf-cast" else []))
     done = subprocess.run([sys.executable, "-c", DTENSOR_PROBE, json.dumps(args)], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     line = [ln for ln in done.stderr.splitlines() if ln.startswith("LOADED=")]
     assert line, done.stderr[-2000:]
-    assert json.loads(line[-1][len("LOADED="):]) == ["torch"]
+    assert json.loads(line[-1][len("LOADED="):]) == ([] if command == "export-hf" else ["torch"])
+    doc = json.loads(done.stdout)
     if command == "inspect":
-        doc = json.loads(done.stdout)
         text = json.dumps(doc)
         assert '"Shard(dim=0)"' in text and '"dtensor"' in text
     else:
+        assert doc["verified"] and doc["byte_copy"] is (command == "export-hf")
         assert (tmp_path / "out" / "config.json").is_file()

@@ -89,6 +89,16 @@ class TensorInfo(TensorSize):
         }
 
 
+@dataclass
+class RawTensor:
+    """A tensor as bytes (C order, little-endian), for writers that only copy them: what a
+    torch-free reader (:mod:`ckptctl.formats.fsdp_bytes`) hands an export."""
+
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name
+    data: bytearray
+
+
 _DTYPE_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "complex64": 8, "complex128": 16,

@@ -124,7 +124,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Mapping
 
 from ckptctl.errors import CkptctlError, NotFoundError, UsageError
-from ckptctl.formats.base import TensorSize
+from ckptctl.formats.base import RawTensor, TensorSize
 from ckptctl.formats.hf import SAFETENSORS_DTYPES, SafetensorsHeader, parse_safetensors_header
 # INCOMPLETE_MARKER (object-store marker of an export in progress), TMP_INFIX and RUN_INFO (the
 # local temp sibling) are those of the shared output protocol.
@@ -359,12 +359,15 @@ class HfWriteSummary:
 # ---------------------------------------------------------------------------------------------
 # tensor bytes
 # ---------------------------------------------------------------------------------------------
-def _tensor_bytes(tensor: "torch.Tensor") -> memoryview:
-    """The tensor's little-endian bytes, without a copy for a contiguous CPU tensor."""
-    import torch
-
+def _tensor_bytes(tensor: "torch.Tensor | RawTensor") -> memoryview:
+    """The tensor's little-endian bytes, without a copy for a contiguous CPU tensor (or a
+    :class:`RawTensor`'s own)."""
     if sys.byteorder != "little":  # pragma: no cover
         raise CkptctlError("writing safetensors on a big-endian host is not supported")
+    if isinstance(tensor, RawTensor):
+        return memoryview(tensor.data)
+    import torch
+
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -1028,8 +1031,9 @@ class HfModelWriter:
         elif self._state != "writing":
             raise UsageError(f"writer for {self.dest} is {self._state}; start a new one")
 
-    def add(self, name: str, tensor: "torch.Tensor") -> None:
-        """Stream one tensor into its shard; it must be the next one of the plan."""
+    def add(self, name: str, tensor: "torch.Tensor | RawTensor") -> None:
+        """Stream one tensor (or its bytes, a :class:`RawTensor`) into its shard; it must be the
+        next one of the plan."""
         if self._state not in ("new", "writing"):
             raise UsageError(f"writer for {self.dest} is {self._state}; start a new one")
         if self._next >= len(self._order):

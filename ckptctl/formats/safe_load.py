@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import pickle
 import re
 import struct
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from ckptctl.errors import CkptctlError
@@ -595,3 +597,142 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# without torch: the common FSDP2 state dict, for an export that only copies bytes
+# ---------------------------------------------------------------------------------------------
+class NeedsTorch(Exception):
+    """The pickle holds something :func:`load_without_torch` does not build: read it with torch
+    (:func:`unpickling`), which also gives the proper error if the file is unsafe or damaged."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a ``torch.save`` archive, unpickled without torch: where its elements are in
+    storage ``storage_key`` (``dtype``: a torch dtype name), nothing read."""
+
+    storage_key: str
+    dtype: str
+    storage_offset: int  # in elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in reversed(list(zip(self.shape, self.stride))):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+class StoredDTensor(DTensorData):
+    """A DTensor unpickled without torch: its global ``shape`` and ``dtype`` (a name) and the
+    pickled state (its ``_local_tensor`` a :class:`StoredTensor`, the spec kept as data)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.shape = shape
+        self.dtype = dtype
+        self.state = None
+
+    def __setstate__(self, state):  # record only
+        self.state = state
+
+
+class _StateDict(dict):
+    """An ``OrderedDict`` state dict: a dict that takes the ``_metadata`` attribute torch pickles."""
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+# torch's typed storage classes, by the dtype they hold (``torch.UntypedStorage``: bytes)
+_STORAGE_DTYPES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+                   "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+                   "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+                   "UntypedStorage": "uint8"}
+_TORCH_FREE_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+                      "bool", "float8_e4m3fn", "float8_e5m2")
+_MESH_PARTS = ("torch.distributed.device_mesh.DeviceMesh", "torch.distributed._mesh_layout._MeshLayout",
+               "torch.distributed._mesh_layout._FlatLayout", "torch.device")
+
+
+def _rebuild_wrapper_subclass(*args):  # only ever an argument of _rebuild_from_type_v2
+    raise NeedsTorch("a tensor subclass other than DTensor")
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func is not _rebuild_wrapper_subclass or new_type is not StoredDTensor or len(args) < 3 \
+            or args[0] is not StoredDTensor or not isinstance(args[1], str):
+        raise NeedsTorch("a tensor subclass other than DTensor")
+    obj = StoredDTensor(tuple(int(s) for s in args[2]), args[1])
+    obj.__setstate__(state)
+    return obj
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    if not isinstance(storage, tuple) or len(storage) != 2:
+        raise NeedsTorch("a tensor without a storage record")
+    key, dtype = storage
+    return StoredTensor(key, dtype, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _torch_free_globals() -> dict[str, Any]:
+    allowed: dict[str, Any] = {
+        "collections.OrderedDict": _StateDict,
+        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+        "torch._utils._rebuild_wrapper_subclass": _rebuild_wrapper_subclass,
+        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+        "torch.serialization._get_layout": str,
+        "torch.Size": tuple,
+        DTENSOR: StoredDTensor,
+    }
+    allowed.update({f"torch.{name}": _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()})
+    allowed.update({f"torch.{dtype}": dtype for dtype in _TORCH_FREE_DTYPES})
+    allowed.update({q: _STAND_IN_CLASSES[q] for q in DTENSOR_PARTS})
+    allowed.update({q: stand_in(q) for q in _MESH_PARTS})
+    return allowed
+
+
+class _TorchFreeUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, storage: Any):
+        super().__init__(file, encoding="utf-8")
+        self._allowed = _torch_free_globals()
+        self._storage = storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._allowed.get(f"{module}.{name}")
+        if found is None:
+            raise NeedsTorch(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage") \
+                or not isinstance(pid[1], _StorageType):
+            raise NeedsTorch("an unexpected persistent id")
+        _, storage_type, key, location, numel = pid
+        key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+        self._storage(key, storage_type.dtype, int(numel))
+        return key, storage_type.dtype
+
+
+def load_without_torch(data: bytes, storage: Any) -> Any:
+    """Unpickle a ``data.pkl`` record WITHOUT torch when it holds only what an FSDP2 model state
+    dict holds (plain and DTensor tensors, their mesh and placements, containers): tensors become
+    :class:`StoredTensor` / :class:`StoredDTensor`; ``storage(key, dtype, numel)`` is called for
+    each storage. Like every ckptctl unpickling it only builds data (``find_class`` hands out
+    ckptctl's own record-only classes and functions); anything else raises :class:`NeedsTorch`,
+    and the caller reads the file with torch instead, whose errors then stand."""
+    try:
+        return _TorchFreeUnpickler(io.BytesIO(data), storage).load()
+    except NeedsTorch:
+        raise
+    except Exception as exc:  # damaged, or a form this reader does not know: torch's turn
+        raise NeedsTorch(f"{type(exc).__name__}: {exc}") from exc

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ckptctl.errors import CkptctlError
 from ckptctl.formats import safe_load
+from ckptctl.formats.base import dtype_size
 from ckptctl.formats.safe_load import CorruptCheckpointError
 from ckptctl.heavy import import_torch
 
@@ -351,7 +352,7 @@ class StorageRecord:
     """Where one storage's bytes are: the ``<archive>/data/<key>`` record."""
 
     key: str
-    dtype: "torch.dtype"
+    dtype: str  # a torch dtype name ("float32")
     nbytes: int
     location: str  # the device it was saved from ("cpu", "cuda:0")
     member: str
@@ -432,6 +433,7 @@ class TorchZipFile:
         self.storages: dict[str, StorageRecord] = {}
         self._by_cdata: dict[int, str] = {}
         self._typed: dict[str, Any] = {}  # key -> the meta TypedStorage handed to the unpickler
+        self._plain: Any = None  # metadata_without_torch()'s tree
         self.byteorder = "little"
         self.alignment = 64
         self._checked_records: set[str] = set()
@@ -560,7 +562,7 @@ class TorchZipFile:
         if self._loaded:
             return self._obj
         try:
-            self._open()
+            data = self._pickle()
         except _Legacy:
             self._obj = safe_load.load_pt(self.store.read_bytes(self.rel), name=self.name,
                                           extra_stand_ins=self._extra_stand_ins)
@@ -568,6 +570,30 @@ class TorchZipFile:
             self._extra_bytes += self.size
             self._loaded = True
             return self._obj
+        self._obj = self._unpickle(data)
+        self._loaded = True
+        return self._obj
+
+    def metadata_without_torch(self) -> Any:
+        """The object tree unpickled without importing torch, its tensors
+        :class:`~ckptctl.formats.safe_load.StoredTensor` / ``StoredDTensor`` (read them with
+        :meth:`read_stored`), when the file holds only what an FSDP2 model state dict holds;
+        raises :class:`~ckptctl.formats.safe_load.NeedsTorch` otherwise (a legacy file, other
+        globals, a big-endian file, damage): :meth:`metadata` then reads it, and reports."""
+        if self._plain is None:
+            try:
+                data = self._pickle()
+            except _Legacy:
+                raise safe_load.NeedsTorch("a legacy torch.save file") from None
+            if self.byteorder != "little":
+                raise safe_load.NeedsTorch("a big-endian file")
+            self._plain = safe_load.load_without_torch(
+                data, lambda key, dtype, numel: self._note_storage(key, dtype, numel * dtype_size(dtype)))
+        return self._plain
+
+    def _pickle(self) -> bytes:
+        """The ``data.pkl`` record, the byte order and alignment records read (cached by zipfile's reads)."""
+        self._open()
         try:
             self._prefetch(["data.pkl", "byteorder", ".format_version", ".storage_alignment"])
         except EOFError as exc:
@@ -581,10 +607,7 @@ class TorchZipFile:
                 self.alignment = int(self._record(".storage_alignment"))
             except ValueError as exc:
                 raise self._corrupt("bad .storage_alignment record", exc) from exc
-        data = self._record("data.pkl")
-        self._obj = self._unpickle(data)
-        self._loaded = True
-        return self._obj
+        return self._record("data.pkl")
 
     def _unpickle(self, data: bytes) -> Any:
         torch = import_torch()
@@ -609,6 +632,23 @@ class TorchZipFile:
                         if isinstance(exc, pickle.UnpicklingError) else [])
             raise safe_load.explain_load_error(exc, self.name, culprits) from exc
 
+    def _note_storage(self, key: str, dtype: str, nbytes: int, location: str = "cpu") -> StorageRecord:
+        """The record of storage ``key`` (``nbytes`` bytes of ``dtype``, a torch dtype name),
+        checked against the zip directory the first time it is named."""
+        record = self.storages.get(key)
+        if record is None:
+            info = self._info(f"data/{key}")
+            if info is None:
+                raise self._corrupt(f"missing record data/{key}")
+            if info.file_size < nbytes:
+                raise self._corrupt(f"record data/{key} holds {info.file_size} bytes, the pickle needs {nbytes}")
+            data_offset = _predicted_data_offset(info.header_offset, len(_raw_name(info)), info.file_size,
+                                                 self.alignment)
+            record = StorageRecord(key, dtype, nbytes, location, info.filename, info.header_offset, data_offset,
+                                   info.file_size, info.CRC, info.compress_type == zipfile.ZIP_STORED)
+            self.storages[key] = record
+        return record
+
     def _meta_storage(self, saved_id: Any):
         import torch
 
@@ -622,19 +662,8 @@ class TorchZipFile:
         key = key.decode("ascii") if isinstance(key, bytes) else str(key)
         location = location.decode("ascii") if isinstance(location, bytes) else str(location)
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        record = self.storages.get(key)
-        if record is None:
-            nbytes = int(numel) * torch._utils._element_size(dtype)
-            info = self._info(f"data/{key}")
-            if info is None:
-                raise self._corrupt(f"missing record data/{key}")
-            if info.file_size < nbytes:
-                raise self._corrupt(f"record data/{key} holds {info.file_size} bytes, the pickle needs {nbytes}")
-            data_offset = _predicted_data_offset(info.header_offset, len(_raw_name(info)), info.file_size,
-                                                 self.alignment)
-            record = StorageRecord(key, dtype, nbytes, location, info.filename, info.header_offset, data_offset,
-                                   info.file_size, info.CRC, info.compress_type == zipfile.ZIP_STORED)
-            self.storages[key] = record
+        record = self._note_storage(key, str(dtype).replace("torch.", ""),
+                                    int(numel) * torch._utils._element_size(dtype), location)
         typed = self._typed.get(key)
         if typed is None:  # one storage per key, as torch.load does (tied weights, views)
             storage = torch.UntypedStorage(record.nbytes, device="meta")
@@ -650,10 +679,18 @@ class TorchZipFile:
         key = self._by_cdata.get(storage._cdata)
         if key is None:
             raise ValueError(f"tensor is not from {self.name}")
-        record = self.storages[key]
-        item = tensor.element_size()
-        shape, stride = tuple(tensor.shape), tuple(tensor.stride())
-        offset = tensor.storage_offset()
+        return self._span(self.storages[key], tensor.element_size(), tensor.storage_offset(), tuple(tensor.shape),
+                          tuple(tensor.stride()))
+
+    def stored_location(self, tensor: safe_load.StoredTensor) -> TensorLocation:
+        """Where the bytes of ``tensor`` (from :meth:`metadata_without_torch`) are."""
+        record = self.storages.get(tensor.storage_key)
+        if record is None:
+            raise ValueError(f"tensor is not from {self.name}")
+        return self._span(record, dtype_size(tensor.dtype), tensor.storage_offset, tensor.shape, tensor.stride)
+
+    def _span(self, record: StorageRecord, item: int, offset: int, shape: tuple[int, ...],
+              stride: tuple[int, ...]) -> TensorLocation:
         if any(s == 0 for s in shape):
             start = end = offset * item
         else:
@@ -662,7 +699,7 @@ class TorchZipFile:
             last = offset + sum((s - 1) * st for s, st in zip(shape, stride))
             start, end = offset * item, (last + 1) * item
         if end > record.nbytes:
-            raise self._corrupt(f"a tensor spans bytes {start}..{end} of data/{key}, which holds {record.nbytes}")
+            raise self._corrupt(f"a tensor spans bytes {start}..{end} of data/{record.key}, which holds {record.nbytes}")
         return TensorLocation(record, offset, shape, stride, start, end)
 
     def read_storage_bytes(self, key: str, start: int = 0, end: int | None = None, *,
@@ -671,7 +708,8 @@ class TorchZipFile:
         read-only view of the bytes read: one ranged read (two for a record whose layout differs
         from torch's alignment rule). The bytes are added to the record's CRC check (``tensor``
         names it in an error)."""
-        self.metadata()
+        if self._plain is None:  # the records are known from either reading of the pickle
+            self.metadata()
         if self._legacy:
             raise ValueError("a legacy-format file has no storage records")
         record = self.storages[key]
@@ -756,6 +794,21 @@ class TorchZipFile:
             return self._zip.read(record.member)
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
             raise self._corrupt(f"bad record {record.member}", exc) from exc
+
+    def read_stored(self, tensor: safe_load.StoredTensor, *, name: str | None = None) -> bytes | memoryview:
+        """The bytes of ``tensor`` (a contiguous one from :meth:`metadata_without_torch`), read
+        and CRC-checked as :meth:`materialize_into` reads a meta tensor's (the whole record, the
+        first time); little-endian, as :meth:`metadata_without_torch` only takes such files."""
+        if not tensor.is_contiguous():
+            raise ValueError("read_stored reads contiguous tensors")
+        loc = self.stored_location(tensor)
+        if loc.byte_end == loc.byte_start:
+            return b""
+        key = loc.storage.key
+        if self.crc_checked(key) or not CHECK_CRC:
+            return self.read_storage_bytes(key, loc.byte_start, loc.byte_end, tensor=name)
+        data = memoryview(self.read_storage_bytes(key, 0, self.storages[key].record_size, tensor=name))
+        return data[loc.byte_start:loc.byte_end]
 
     def materialize(self, tensor: "torch.Tensor", *, name: str | None = None) -> "torch.Tensor":
         """The real (CPU) tensor for a meta tensor from :meth:`metadata` (a new, contiguous one);

@@ -9,6 +9,12 @@ locally; weights first, ``config.json`` last on object stores) means a run kille
 moment leaves nothing that looks like a complete model, and a rerun succeeds; the output is
 re-read and checked before that commit.
 
+When nothing needs converting -- an FSDP2 checkpoint of plain and ``Shard(0)`` tensors exported
+in its own dtype, without LoRA or a transformers-5 expert split -- the tensors are copied as
+bytes (:mod:`ckptctl.formats.fsdp_bytes`: a global tensor is its ranks' pieces one after the
+other) and torch is never imported: its import was most of an export's start on an object store.
+Anything else is read and converted with torch as before; the output is the same either way.
+
 On object stores the transfers hide behind the conversion (:class:`Transfer`, ``--concurrency``
 and ``--max-memory``): the ranged reads of the next tensors' pieces (FSDP) or chunks (Megatron,
 in the order the conversion steps read them) are planned from the metadata and fetched ahead
@@ -33,6 +39,7 @@ from __future__ import annotations
 import math
 import posixpath
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -80,6 +87,7 @@ class ExportSummary:
     manifest_checked: bool = False  # the source's files matched its ckptctl-manifest.json
     replaced: str | None = None  # what --overwrite replaced at the destination, in words
     processes: int = 1  # processes that shared the work (torchrun, --workers)
+    byte_copy: bool = False  # nothing needed converting: tensors copied as bytes, torch never imported
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -253,6 +261,8 @@ class HfTensors:
     #: reader's ``planned_reads`` takes it (FSDP: tensor names; Megatron: tensors, layers of
     #: stacked tensors and regions): the plan of a read-ahead; None: not known
     sources: Callable[[list[str]], list[Any]] | None = None
+    #: the reader the tensors come from, when not the component's FsdpReader (a byte copy's)
+    reader: Any = None
 
 
 def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary: ExportSummary, *,
@@ -281,6 +291,28 @@ def hf_tensors(reader, comp: Component, comp_store: Store, config: dict, summary
             yield name, reader.read_tensor(name)
 
     return HfTensors(specs, stream, reader.read_tensor)
+
+
+def _byte_copy_tensors(reader, comp: Component, config: dict, summary: ExportSummary, *, dtype: str,
+                       merge_lora: bool) -> HfTensors | None:
+    """An FSDP2 component's HF tensors as bytes, read without torch
+    (:mod:`ckptctl.formats.fsdp_bytes`), when exporting it converts nothing: no cast, no LoRA,
+    no transformers-5 expert split; else None (the tensors are read with torch). Same names,
+    order, shards and bytes as :func:`hf_tensors` gives."""
+    from ckptctl.formats.fsdp_bytes import byte_copy_reader
+
+    if comp.backend != FSDP or merge_lora or converts_on_save(config):
+        return None
+    raw = byte_copy_reader(reader)
+    if raw is None:
+        return None
+    infos = {_strip_wrappers(t.name): t for t in raw.tensors()}
+    target = DTYPES[dtype]
+    if is_peft_state(infos) or (target and any(_is_floating(i.dtype) and i.dtype != target for i in infos.values())):
+        return None
+    found = _fsdp_outputs(raw, infos, config, summary, None)
+    found.reader = raw
+    return found
 
 
 def _fsdp_outputs(reader, infos: dict[str, TensorInfo], config: dict, summary: ExportSummary,
@@ -612,11 +644,10 @@ def _export_process(src: str, out: str, *, component: str | None, dtype: str, ma
     manifest = ManifestCheck.start(parent, comp) if verify and (share is None or share.rank == 0) else None
     try:
         summary.manifest_checked = manifest is not None
-        with one_intra_op_thread():
-            return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
-                           max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora,
-                           verify=verify, manifest=manifest, progress=progress, started=started,
-                           transfer=transfer, share=share)
+        return _export(parent, comp, comp_store, config, extra_files, summary, dst_store, dtype=dtype,
+                       max_shard_size=max_shard_size, overwrite=overwrite, merge_lora=merge_lora,
+                       verify=verify, manifest=manifest, progress=progress, started=started,
+                       transfer=transfer, share=share)
     finally:
         if manifest is not None:
             manifest.cancel()
@@ -631,8 +662,14 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
 
     transfer = transfer or Transfer.make()
     read_budget, upload_budget = transfer.budgets(not parent.is_local, not dst_store.is_local)
-    with open_component_reader(parent, comp) as reader, ReadAheadScope() as read_ahead:
-        found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
+    with open_component_reader(parent, comp) as reader, ReadAheadScope() as read_ahead, ExitStack() as torch_scope:
+        found = _byte_copy_tensors(reader, comp, config, summary, dtype=dtype, merge_lora=merge_lora)
+        if found is not None:
+            reader = found.reader  # its planned_reads: the same bytes
+            summary.byte_copy = True
+        else:
+            torch_scope.enter_context(one_intra_op_thread())
+            found = hf_tensors(reader, comp, comp_store, config, summary, merge_lora=merge_lora)
         specs, stream, lora = found.specs, found.stream, found.lora
         if comp.has_lora and not merge_lora:
             # In a subdirectory: an adapter_config.json at the top would make transformers load the
@@ -667,8 +704,6 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
                 writer = HfModelWriter.attach(dst_store.url, writer_specs, staging=share.opened(), shards=mine,
                                               **options)
         with writer:
-            import torch
-
             if share is not None and share.rank == 0:
                 share.open(writer.begin())  # the others write into what process 0 opened
             names = writer.tensor_names
@@ -686,9 +721,13 @@ def _export(parent: Store, comp: Component, comp_store: Store, config: dict, ext
                     for name in names:
                         yield name, found.read(name)
 
-            cast_to = getattr(torch, target) if target else None
-
             def prepared() -> Iterator[tuple[str, Any]]:
+                if summary.byte_copy:  # bytes in the planned dtype already
+                    yield from stream()
+                    return
+                import torch
+
+                cast_to = getattr(torch, target) if target else None
                 for name, tensor in stream():
                     if cast_to is not None and tensor.is_floating_point() and tensor.dtype != cast_to:
                         tensor = tensor.to(cast_to)
