@@ -93,7 +93,9 @@ class _Entry:
 
 
 @dataclass(frozen=True)
-class _Mesh:
+class Mesh:
+    """A DTensor's device mesh as its pickle records it (no process group)."""
+
     shape: tuple[int, ...]
     dim_names: tuple[str, ...]
     ranks: tuple[int, ...]  # global ranks, row-major over ``shape``
@@ -118,7 +120,7 @@ class _Mesh:
         return tuple(reversed(out))
 
 
-def _mesh_of(dt) -> _Mesh:
+def _mesh_of(dt) -> Mesh:
     """The mesh of an unpickled DTensor, without a process group and without tensor data."""
     import torch
 
@@ -144,10 +146,10 @@ def _mesh_of(dt) -> _Mesh:
         ranks = None
     if ranks is None or len(ranks) != math.prod(shape):
         ranks = tuple(range(math.prod(shape)))  # init_device_mesh's arange
-    return _Mesh(shape, names, ranks)
+    return Mesh(shape, names, ranks)
 
 
-def _shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
+def shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
                coords: tuple[int, ...], name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of the local shard at mesh ``coords``: ``torch.chunk`` semantics along
     each Shard placement's dim, mesh dims left to right (what DTensor does)."""
@@ -211,7 +213,7 @@ class FsdpReader(CheckpointReader):
         self._entries: dict[str, _Entry] | None = None
         self._optim_loaded = False
         self._param_names: list[str] | None = None
-        self._mesh: _Mesh | None = None
+        self._mesh: Mesh | None = None
         self._placements: set[str] = set()
         self._sharded = False
 
@@ -266,7 +268,8 @@ class FsdpReader(CheckpointReader):
             self._zips[rel] = zf
         return zf
 
-    def _need_file(self, kind: str, rank: int) -> TorchZipFile:
+    def need_file(self, kind: str, rank: int) -> TorchZipFile:
+        """Rank ``rank``'s file of ``kind`` (``MODEL_FILE``, ...); missing: CorruptCheckpointError."""
         zf = self._file(kind, rank)
         if zf is None:
             what = (FSDP_SINGLE_FILES[kind] if self.single_file
@@ -274,7 +277,8 @@ class FsdpReader(CheckpointReader):
             raise CorruptCheckpointError(f"{self.store.url}: missing {what}")
         return zf
 
-    def _file_name(self, kind: str, rank: int) -> str:
+    def file_name(self, kind: str, rank: int) -> str:
+        """The path of rank ``rank``'s file of ``kind``, relative to the component (listed or expected)."""
         self._discover()
         return self._rank_files.get(kind, {}).get(rank) or (
             FSDP_SINGLE_FILES[kind] if self.single_file else f"{kind}_world_size_{self._world_size}_rank_{rank}.pt")
@@ -294,7 +298,7 @@ class FsdpReader(CheckpointReader):
             return self._entries
         import torch
 
-        zf = self._need_file(MODEL_FILE, 0)
+        zf = self.need_file(MODEL_FILE, 0)
         sd = zf.metadata()
         if not isinstance(sd, dict):
             raise CorruptCheckpointError(f"{zf.name}: holds a {type(sd).__name__}, not a state dict")
@@ -349,11 +353,11 @@ class FsdpReader(CheckpointReader):
             coords = mesh.coords(rank)
             if any(coords[i] != 0 for i in replicate_dims):
                 continue  # another replica: identical bytes
-            offsets, sizes = _shard_box(shape, placements, mesh.shape, coords, name)
+            offsets, sizes = shard_box(shape, placements, mesh.shape, coords, name)
             if math.prod(sizes) == 0:
                 continue  # an empty trailing shard
             covered += math.prod(sizes)
-            info.pieces.append(Piece(self._file_name(kind, rank), offsets, sizes, rank=rank))
+            info.pieces.append(Piece(self.file_name(kind, rank), offsets, sizes, rank=rank))
         if covered != math.prod(shape):
             raise CorruptCheckpointError(f"{self.store.url}: {name}: the shards of {shape} over mesh {mesh.shape} "
                                          f"cover {covered} of {math.prod(shape)} elements")
@@ -386,7 +390,7 @@ class FsdpReader(CheckpointReader):
             if math.prod(sizes) == 0:
                 continue
             covered += math.prod(sizes)
-            info.pieces.append(Piece(self._file_name(MODEL_FILE, rank), offsets, sizes, rank=rank))
+            info.pieces.append(Piece(self.file_name(MODEL_FILE, rank), offsets, sizes, rank=rank))
             entry.piece_offsets[rank] = offsets
         if covered != math.prod(shape):
             raise CorruptCheckpointError(f"{zf.name}: {name}: shards cover {covered} of {math.prod(shape)} elements")
@@ -396,7 +400,7 @@ class FsdpReader(CheckpointReader):
                      zf: TorchZipFile) -> _Entry:
         shape = tuple(int(s) for s in t.shape)
         info = TensorInfo(name=name, shape=shape, dtype=_dtype_name(t.dtype), group=group, layout=layout)
-        info.pieces.append(_with_byte_range(Piece(self._file_name(kind, 0), (0,) * len(shape), shape, rank=0), zf, t))
+        info.pieces.append(_with_byte_range(Piece(self.file_name(kind, 0), (0,) * len(shape), shape, rank=0), zf, t))
         return _Entry(info, kind, path)
 
     def _fill_byte_offsets(self, entry: _Entry) -> None:
@@ -461,7 +465,7 @@ class FsdpReader(CheckpointReader):
         """FSDP1 flat-parameter optimizer state: a 1-D tensor per rank, concatenated in rank order."""
         sizes = []
         for rank in ranks:  # sizes differ per rank only in exotic setups: read each rank's metadata
-            local = _lookup(self._need_file(OPTIM_FILE, rank).metadata(), path)
+            local = _lookup(self.need_file(OPTIM_FILE, rank).metadata(), path)
             if not hasattr(local, "shape") or local.dim() != 1:
                 raise CorruptCheckpointError(f"{self.store.url}: {name}: rank {rank} holds no 1-D shard")
             sizes.append(int(local.shape[0]))
@@ -470,7 +474,7 @@ class FsdpReader(CheckpointReader):
         offset = 0
         for rank, size in zip(ranks, sizes):
             if size:
-                info.pieces.append(Piece(self._file_name(OPTIM_FILE, rank), (offset,), (size,), rank=rank))
+                info.pieces.append(Piece(self.file_name(OPTIM_FILE, rank), (offset,), (size,), rank=rank))
             offset += size
         return _Entry(info, OPTIM_FILE, path)
 
@@ -554,7 +558,7 @@ class FsdpReader(CheckpointReader):
         dtype = getattr(torch, info.dtype)
         out = torch.empty(info.shape, dtype=dtype)
         for piece in info.pieces:
-            zf = self._need_file(entry.kind, piece.rank)
+            zf = self.need_file(entry.kind, piece.rank)
             local = self._local_tensor(entry, zf, piece.rank)
             if local is None:
                 raise CorruptCheckpointError(f"{zf.name}: no shard of {name} at {piece.offsets}")

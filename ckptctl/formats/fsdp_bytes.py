@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from ckptctl.errors import NotFoundError
 from ckptctl.formats import safe_load
 from ckptctl.formats.base import MODEL, CheckpointReader, Piece, RawTensor, TensorInfo
-from ckptctl.formats.fsdp import MODEL_FILE, FsdpReader, _Mesh, _shard_box
+from ckptctl.formats.fsdp import MODEL_FILE, FsdpReader, Mesh, shard_box
 from ckptctl.formats.safe_load import CorruptCheckpointError, NeedsTorch, StoredDTensor, StoredTensor
 from ckptctl.formats.torchzip import TorchZipFile
 
@@ -95,7 +95,7 @@ class ByteCopyReader(CheckpointReader):
             elif isinstance(value, StoredTensor):
                 layout = "replicated" if sharded or world > 1 else "plain"
                 info = TensorInfo(name=name, shape=value.shape, dtype=value.dtype, group=MODEL, layout=layout)
-                info.pieces.append(Piece(fsdp._file_name(MODEL_FILE, 0), (0,) * len(value.shape), value.shape, rank=0))
+                info.pieces.append(Piece(fsdp.file_name(MODEL_FILE, 0), (0,) * len(value.shape), value.shape, rank=0))
                 local = value
             else:
                 continue  # not a tensor (FsdpReader skips it too)
@@ -108,7 +108,7 @@ class ByteCopyReader(CheckpointReader):
             self._infos[name] = info
 
     def _model_file(self, rank: int) -> TorchZipFile:
-        return self.fsdp._need_file(MODEL_FILE, rank)
+        return self.fsdp.need_file(MODEL_FILE, rank)
 
     def _dtensor_info(self, name: str, dt: StoredDTensor, world: int) -> TensorInfo:
         ranks, dim_names = _one_dim_mesh_ranks(dt)
@@ -120,16 +120,16 @@ class ByteCopyReader(CheckpointReader):
         local = dt._local_tensor
         if not isinstance(local, StoredTensor) or local.dtype != dt.dtype:
             raise NeedsTorch(f"{name}: an unexpected local tensor")
-        mesh = _Mesh((world,), dim_names, ranks)
+        mesh = Mesh((world,), dim_names, ranks)
         info = TensorInfo(name=name, shape=dt.shape, dtype=dt.dtype, group=MODEL, layout="dtensor",
                           placements=placements, mesh_shape=mesh.shape, mesh_dim_names=mesh.dim_names)
         covered = 0
         for rank in (ranks if placements == (_SHARD0,) else ranks[:1]):
-            offsets, sizes = _shard_box(dt.shape, dt.placements, mesh.shape, mesh.coords(rank), name)
+            offsets, sizes = shard_box(dt.shape, dt.placements, mesh.shape, mesh.coords(rank), name)
             if math.prod(sizes) == 0:
                 continue  # an empty trailing shard
             covered += math.prod(sizes)
-            info.pieces.append(Piece(self.fsdp._file_name(MODEL_FILE, rank), offsets, sizes, rank=rank))
+            info.pieces.append(Piece(self.fsdp.file_name(MODEL_FILE, rank), offsets, sizes, rank=rank))
         if covered != math.prod(dt.shape):
             raise CorruptCheckpointError(f"{self.store.url}: {name}: the shards of {dt.shape} over mesh {mesh.shape} "
                                          f"cover {covered} of {math.prod(dt.shape)} elements")
