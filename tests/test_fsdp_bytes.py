@@ -46,7 +46,7 @@ def test_same_tensors_bytes_and_reads_as_the_torch_reader(fsdp_ckpts, name):
         got = raw.read_tensor(info.name)
         want = torch_reader.read_tensor(info.name).contiguous()
         assert got.shape == tuple(want.shape) and got.dtype == str(want.dtype).removeprefix("torch.")
-        assert bytes(got.data) == want.reshape(-1).view(torch.uint8).numpy().tobytes(), info.name
+        assert b"".join(map(bytes, got.parts)) == want.reshape(-1).view(torch.uint8).numpy().tobytes(), info.name
     names = [t.name for t in model]
     assert raw.planned_reads(names) == torch_reader.planned_reads(names)
 
@@ -141,3 +141,17 @@ def test_an_unsafe_rank_file_is_refused_as_before(fsdp_ckpts, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
         export_hf(str(src), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_tensors_parts_keep_only_their_own_bytes_alive():
+    """A piece read from a read-ahead is a view into a buffer that may hold other tensors' bytes:
+    kept as a view it would keep them all alive while the tensor waits to be written; a view
+    of (nearly) its own buffer, what a local read returns, is kept without a copy."""
+    shared = bytearray(range(256)) * 64  # a read-ahead buffer of 16 KiB holding several records
+    part = fsdp_bytes._owned(memoryview(shared)[100:1100].toreadonly())
+    assert isinstance(part, bytes) and part == bytes(shared[100:1100])
+    record = bytes(range(256)) * 16 + b"\0" * 60  # a whole storage record and its padding
+    view = memoryview(record)[:4096]
+    assert fsdp_bytes._owned(view) is view
+    whole = bytes(8)
+    assert fsdp_bytes._owned(whole) is whole

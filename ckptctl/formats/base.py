@@ -92,11 +92,13 @@ class TensorInfo(TensorSize):
 @dataclass
 class RawTensor:
     """A tensor as bytes (C order, little-endian), for writers that only copy them: what a
-    torch-free reader (:mod:`ckptctl.formats.fsdp_bytes`) hands an export."""
+    torch-free reader (:mod:`ckptctl.formats.fsdp_bytes`) hands an export. ``parts``: bytes-like
+    objects that, one after the other, are the tensor's bytes (its ranks' pieces, never joined:
+    the writer copies each where it goes)."""
 
     shape: tuple[int, ...]
     dtype: str  # torch dtype name
-    data: bytearray
+    parts: list
 
 
 _DTYPE_SIZES = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ckptctl.errors import NotFoundError
@@ -162,23 +163,27 @@ class ByteCopyReader(CheckpointReader):
         info = self._infos.get(name)
         if info is None:
             raise NotFoundError(f"{self.store.url}: no tensor {name!r}")
-        out = bytearray(info.nbytes)
+        parts = []
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-        for piece in info.pieces:
+        size = 0
+        for piece in sorted(info.pieces, key=lambda p: p.offsets):  # Shard(0): whole rows, in order
             zf, local = self._local(info, piece.rank)
             if local.shape != piece.sizes or local.dtype != info.dtype or not local.is_contiguous():
                 raise CorruptCheckpointError(
                     f"{zf.name}: {name}: rank {piece.rank} holds {local.shape} {local.dtype}, "
                     f"expected {piece.sizes} {info.dtype}")
-            data = zf.read_stored(local, name=name)
-            start = piece.offsets[0] * row if piece.offsets else 0  # Shard(0): whole rows, in order
-            out[start:start + len(data)] = data
-            del data
-        return RawTensor(info.shape, info.dtype, out)
+            if (piece.offsets[0] * row if piece.offsets else 0) != size:
+                raise CorruptCheckpointError(f"{self.store.url}: {name}: the pieces do not follow each other")
+            parts.append(_owned(zf.read_stored(local, name=name)))
+            size += len(parts[-1])
+        return RawTensor(info.shape, info.dtype, parts)
 
     def planned_reads(self, names: Iterable[str]) -> list[tuple[str, int, int]]:
         """``(file, start, end)`` of the ranged reads :meth:`read_tensor` makes for ``names``, in
-        order (as :meth:`FsdpReader.planned_reads`)."""
+        order (as :meth:`FsdpReader.planned_reads`). Every rank file's metadata is read first, up to
+        eight at a time (two small ranged reads each: W of them one after the other took W round
+        trips before the first byte of tensor data)."""
+        self._load_rank_metadata()
         plan = []
         for name in names:
             info = self._infos.get(name)
@@ -194,5 +199,26 @@ class ByteCopyReader(CheckpointReader):
                     plan.append((zf.rel, record.header_offset, min(zf.size, record.data_offset + record.record_size)))
         return plan
 
+    def _load_rank_metadata(self) -> None:
+        def load(rank: int) -> None:
+            try:
+                self._model_file(rank).metadata_without_torch()
+            except (NeedsTorch, CorruptCheckpointError):
+                pass  # read_tensor reports it, naming the file
+
+        ranks = range(1, self.fsdp.world_size)
+        if len(ranks) > 1 and not self.store.is_local:
+            with ThreadPoolExecutor(max_workers=min(8, len(ranks)), thread_name_prefix="ckptctl-metadata") as pool:
+                list(pool.map(load, ranks))
+
     def close(self) -> None:
         self.fsdp.close()
+
+
+def _owned(data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, or a copy when it is a view into a much larger buffer (a read-ahead's, holding
+    other tensors' bytes): a tensor's parts must not keep more than its own bytes alive."""
+    base = data.obj if isinstance(data, memoryview) else None
+    if base is not None and len(base) > 2 * len(data) + 4096:
+        return bytes(data)
+    return data

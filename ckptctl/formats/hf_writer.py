@@ -359,13 +359,13 @@ class HfWriteSummary:
 # ---------------------------------------------------------------------------------------------
 # tensor bytes
 # ---------------------------------------------------------------------------------------------
-def _tensor_bytes(tensor: "torch.Tensor | RawTensor") -> memoryview:
-    """The tensor's little-endian bytes, without a copy for a contiguous CPU tensor (or a
-    :class:`RawTensor`'s own)."""
+def _tensor_bytes(tensor: "torch.Tensor | RawTensor") -> list[memoryview]:
+    """The tensor's little-endian bytes, in one or more consecutive parts (a :class:`RawTensor`'s
+    own), without a copy for a contiguous CPU tensor."""
     if sys.byteorder != "little":  # pragma: no cover
         raise CkptctlError("writing safetensors on a big-endian host is not supported")
     if isinstance(tensor, RawTensor):
-        return memoryview(tensor.data)
+        return [memoryview(part).cast("B") for part in tensor.parts if len(part)]
     import torch
 
     t = tensor.detach()
@@ -375,8 +375,8 @@ def _tensor_bytes(tensor: "torch.Tensor | RawTensor") -> memoryview:
         t = t.resolve_conj()
     t = t.resolve_neg().contiguous()
     if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        return []
+    return [memoryview(t.reshape(-1).view(torch.uint8).numpy())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1049,7 +1049,7 @@ class HfModelWriter:
                              f"planned {list(spec.shape)} {spec.dtype}")
         self._start()
         self._state = "broken"
-        data = _tensor_bytes(tensor)
+        parts = _tensor_bytes(tensor)
         f = self._open.get(shard)
         if f is None:
             header = safetensors_header(self.plan.shards[shard])
@@ -1057,10 +1057,12 @@ class HfModelWriter:
             self._open[shard] = f
             self._target.write(f, header)
             self._bytes_written += len(header)
-        held = self._target.write(f, data)
-        self.peak_buffered_bytes = max(self.peak_buffered_bytes, held)
-        self._bytes_written += len(data)
-        del data
+        for data in parts:
+            held = self._target.write(f, data)
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, held)
+            self._bytes_written += data.nbytes
+            del data
+        del parts
         self._remaining[shard] -= 1
         if self._remaining[shard] == 0:
             f = self._open.pop(shard)
