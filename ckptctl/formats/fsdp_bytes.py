@@ -145,9 +145,10 @@ class ByteCopyReader(CheckpointReader):
         """Rank ``rank``'s piece of ``info``, checked against what rank 0's metadata planned."""
         zf = self._model_file(rank)
         try:
-            value = zf.metadata_without_torch().get(info.name)
+            tree = zf.metadata_without_torch()
         except NeedsTorch as exc:
             raise CorruptCheckpointError(f"{zf.name}: not like rank 0's file ({exc})") from None
+        value = tree.get(info.name) if isinstance(tree, dict) else None
         if isinstance(value, StoredDTensor):
             saved = value.device_mesh.fields.get("_coordinate_on_dim") \
                 if isinstance(value.device_mesh, safe_load.PickledObject) else None
