@@ -149,7 +149,7 @@ def _mesh_of(dt) -> Mesh:
     return Mesh(shape, names, ranks)
 
 
-def shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
+def _shard_box(shape: tuple[int, ...], placements, mesh_shape: tuple[int, ...],
                coords: tuple[int, ...], name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of the local shard at mesh ``coords``: ``torch.chunk`` semantics along
     each Shard placement's dim, mesh dims left to right (what DTensor does)."""
@@ -347,21 +347,28 @@ class FsdpReader(CheckpointReader):
                           placements=tuple(repr(p) for p in placements), mesh_shape=mesh.shape,
                           mesh_dim_names=mesh.dim_names)
         self._placements.update(info.placements)
+        info.pieces.extend(self.dtensor_pieces(name, shape, placements, mesh, kind))
+        return _Entry(info, kind, path)
+
+    def dtensor_pieces(self, name: str, shape: tuple[int, ...], placements: tuple, mesh: Mesh,
+                       kind: str) -> list[Piece]:
+        """The pieces of a DTensor of global ``shape`` over ``mesh`` in ``kind``'s rank files:
+        one replica's shards, empty ones left out; CorruptCheckpointError unless they cover it."""
         replicate_dims = [i for i, p in enumerate(placements) if safe_load.placement_kind(p) == "Replicate"]
-        covered = 0
+        pieces, covered = [], 0
         for rank in mesh.ranks:
             coords = mesh.coords(rank)
             if any(coords[i] != 0 for i in replicate_dims):
                 continue  # another replica: identical bytes
-            offsets, sizes = shard_box(shape, placements, mesh.shape, coords, name)
+            offsets, sizes = _shard_box(shape, placements, mesh.shape, coords, name)
             if math.prod(sizes) == 0:
                 continue  # an empty trailing shard
             covered += math.prod(sizes)
-            info.pieces.append(Piece(self.file_name(kind, rank), offsets, sizes, rank=rank))
+            pieces.append(Piece(self.file_name(kind, rank), offsets, sizes, rank=rank))
         if covered != math.prod(shape):
             raise CorruptCheckpointError(f"{self.store.url}: {name}: the shards of {shape} over mesh {mesh.shape} "
                                          f"cover {covered} of {math.prod(shape)} elements")
-        return _Entry(info, kind, path)
+        return pieces
 
     def _sharded_tensor_entry(self, name: str, st, zf: TorchZipFile) -> _Entry:
         state = st.state if isinstance(st.state, tuple) else ()

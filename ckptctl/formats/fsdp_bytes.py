@@ -17,19 +17,15 @@ shapes, pieces), its reads the same ranged reads, CRC-checked the same way.
 from __future__ import annotations
 
 import dataclasses
-import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from ckptctl.errors import NotFoundError
 from ckptctl.formats import safe_load
 from ckptctl.formats.base import MODEL, CheckpointReader, Piece, RawTensor, TensorInfo
-from ckptctl.formats.fsdp import MODEL_FILE, FsdpReader, Mesh, shard_box
+from ckptctl.formats.fsdp import MODEL_FILE, FsdpReader, Mesh
 from ckptctl.formats.safe_load import CorruptCheckpointError, NeedsTorch, StoredDTensor, StoredTensor
 from ckptctl.formats.torchzip import TorchZipFile
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ckptctl.storage import Store
 
 _SHARD0, _REPLICATE = "Shard(dim=0)", "Replicate()"
 
@@ -124,16 +120,7 @@ class ByteCopyReader(CheckpointReader):
         mesh = Mesh((world,), dim_names, ranks)
         info = TensorInfo(name=name, shape=dt.shape, dtype=dt.dtype, group=MODEL, layout="dtensor",
                           placements=placements, mesh_shape=mesh.shape, mesh_dim_names=mesh.dim_names)
-        covered = 0
-        for rank in (ranks if placements == (_SHARD0,) else ranks[:1]):
-            offsets, sizes = shard_box(dt.shape, dt.placements, mesh.shape, mesh.coords(rank), name)
-            if math.prod(sizes) == 0:
-                continue  # an empty trailing shard
-            covered += math.prod(sizes)
-            info.pieces.append(Piece(self.fsdp.file_name(MODEL_FILE, rank), offsets, sizes, rank=rank))
-        if covered != math.prod(dt.shape):
-            raise CorruptCheckpointError(f"{self.store.url}: {name}: the shards of {dt.shape} over mesh {mesh.shape} "
-                                         f"cover {covered} of {math.prod(dt.shape)} elements")
+        info.pieces.extend(self.fsdp.dtensor_pieces(name, dt.shape, dt.placements, mesh, MODEL_FILE))
         return info
 
     # -- reading -------------------------------------------------------------------------
@@ -193,11 +180,11 @@ class ByteCopyReader(CheckpointReader):
             for piece in info.pieces:
                 try:
                     zf, local = self._local(info, piece.rank)
-                    record = zf.stored_location(local).storage
+                    span = zf.planned_read_stored(local)
                 except (CorruptCheckpointError, ValueError):
-                    continue  # read_tensor reports it
-                if local.numel() and record.stored:
-                    plan.append((zf.rel, record.header_offset, min(zf.size, record.data_offset + record.record_size)))
+                    span = None  # read_tensor reports it
+                if span is not None:
+                    plan.append((zf.rel, *span))
         return plan
 
     def _load_rank_metadata(self) -> None:

@@ -475,7 +475,14 @@ class TorchZipFile:
         an empty tensor. What a read-ahead fetches early (:class:`ckptctl.storage.ReadAhead`)."""
         if tensor.device.type != "meta" or not tensor.numel():
             return None
-        record = self.location(tensor).storage
+        return self._record_read(self.location(tensor).storage)
+
+    def planned_read_stored(self, tensor: safe_load.StoredTensor) -> tuple[int, int] | None:
+        """:meth:`planned_read` of a tensor from :meth:`metadata_without_torch` (:meth:`read_stored` reads it)."""
+        return self._record_read(self.stored_location(tensor).storage) if tensor.numel() else None
+
+    def _record_read(self, record: StorageRecord) -> tuple[int, int] | None:
+        """The file bytes of ``record`` with its local header (None when re-zipped compressed)."""
         if not record.stored:
             return None
         return record.header_offset, min(self.size, record.data_offset + record.record_size)
@@ -802,13 +809,17 @@ class TorchZipFile:
         if not tensor.is_contiguous():
             raise ValueError("read_stored reads contiguous tensors")
         loc = self.stored_location(tensor)
-        if loc.byte_end == loc.byte_start:
-            return b""
+        return self._read_span(loc, name) if loc.byte_end > loc.byte_start else b""
+
+    def _read_span(self, loc: TensorLocation, name: str | None, partial: bool = False) -> bytes | memoryview:
+        """The bytes ``loc`` spans, CRC-checked: by default with its whole storage record (usually
+        exactly the tensor; a record checked before is not read again beyond the tensor), only the
+        span with ``partial`` (see :meth:`materialize_into`)."""
         key = loc.storage.key
-        if self.crc_checked(key) or not CHECK_CRC:
+        if partial or self.crc_checked(key) or not CHECK_CRC:
             return self.read_storage_bytes(key, loc.byte_start, loc.byte_end, tensor=name)
         data = memoryview(self.read_storage_bytes(key, 0, self.storages[key].record_size, tensor=name))
-        return data[loc.byte_start:loc.byte_end]
+        return data[loc.byte_start:loc.byte_end]  # a view: no copy
 
     def materialize(self, tensor: "torch.Tensor", *, name: str | None = None) -> "torch.Tensor":
         """The real (CPU) tensor for a meta tensor from :meth:`metadata` (a new, contiguous one);
@@ -842,12 +853,7 @@ class TorchZipFile:
         loc = self.location(tensor)
         if loc.byte_end == loc.byte_start:
             return
-        key = loc.storage.key
-        if partial or self.crc_checked(key) or not CHECK_CRC:
-            data = self.read_storage_bytes(key, loc.byte_start, loc.byte_end, tensor=name)
-        else:  # the whole record: its CRC is checked now (the rest is padding, if anything)
-            data = memoryview(self.read_storage_bytes(key, 0, self.storages[key].record_size, tensor=name))
-            data = data[loc.byte_start:loc.byte_end]  # a view: no copy
+        data = self._read_span(loc, name, partial)
         with warnings.catch_warnings():
             # a read-only view of ``data``: only ever read from (copied into ``out``)
             warnings.simplefilter("ignore", UserWarning)
